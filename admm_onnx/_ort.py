@@ -1,0 +1,58 @@
+"""Torch-free access to the ONNX Runtime training API.
+
+``import onnxruntime.training`` runs ``onnxruntime/training/__init__.py``, which imports
+``amp`` and ``optim`` and through them PyTorch (microsoft/onnxruntime issue 22070). The parts we
+use -- ``artifacts``, ``onnxblock`` and ``api`` -- need no torch. This module registers a bare
+package object for ``onnxruntime.training`` (its ``__path__`` set, its ``__init__`` not run)
+and imports just those three submodules.
+
+If ``onnxruntime.training`` is already imported (for example by a user who has torch), that
+module is used as it is.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+
+from .errors import AdmmOnnxError
+
+_PKG = "onnxruntime.training"
+
+
+def _training_package() -> types.ModuleType:
+    if _PKG in sys.modules:
+        return sys.modules[_PKG]
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise AdmmOnnxError(
+            f"onnxruntime is not importable: {exc}",
+            hint="pip install onnxruntime-training-cpu==1.19.2",
+        ) from exc
+    path = os.path.join(os.path.dirname(onnxruntime.__file__), "training")
+    if not os.path.isfile(os.path.join(path, "artifacts.py")):
+        raise AdmmOnnxError(
+            "the installed onnxruntime has no training API (plain onnxruntime is installed)",
+            hint="pip uninstall onnxruntime && pip install onnxruntime-training-cpu==1.19.2",
+        )
+    pkg = types.ModuleType(_PKG)
+    pkg.__path__ = [path]
+    pkg.__package__ = _PKG
+    pkg.__file__ = os.path.join(path, "__init__.py")
+    sys.modules[_PKG] = pkg
+    onnxruntime.training = pkg
+    return pkg
+
+
+def _load(name: str):
+    _training_package()
+    return importlib.import_module(f"{_PKG}.{name}")
+
+
+artifacts = _load("artifacts")
+onnxblock = _load("onnxblock")
+api = _load("api")
+
+__all__ = ["artifacts", "onnxblock", "api"]

@@ -51,8 +51,36 @@ def _load(name: str):
     return importlib.import_module(f"{_PKG}.{name}")
 
 
+def _quiet_ort() -> None:
+    """ORT logs every graph transformer at INFO during gradient builds; keep warnings and up."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+
+_quiet_ort()
 artifacts = _load("artifacts")
 onnxblock = _load("onnxblock")
 api = _load("api")
+
+
+def _quiet_gradient_builder() -> None:
+    """The gradient build makes its own SessionOptions, whose logger prints every graph
+    transformer at INFO on stderr. Give it options that log warnings and up only."""
+    utils = importlib.import_module(f"{_PKG}.onnxblock._training_graph_utils")
+    make_options = utils.SessionOptions
+    if getattr(make_options, "_admm_quiet", False):
+        return
+
+    def quiet_options():
+        options = make_options()
+        options.log_severity_level = 3
+        return options
+
+    quiet_options._admm_quiet = True
+    utils.SessionOptions = quiet_options
+
+
+_quiet_gradient_builder()
 
 __all__ = ["artifacts", "onnxblock", "api"]

@@ -1,0 +1,300 @@
+"""Typed pruning configuration, validated at construction.
+
+A configuration is a list of :class:`Rule` s in the spirit of NNI's ``config_list`` plus the
+ADMM schedule. Rules apply in order; a later rule overrides an earlier one for the weights it
+selects. A rule selects by op type (``op_types``), by weight name or glob (``names``), or both
+(a weight must then match both); with neither it selects every prunable weight.
+
+The same schema loads from TOML or JSON (:func:`load_config`)::
+
+    admm_iters = 10
+    rho = 1e-3
+    [[rules]]
+    op_types = ["Conv"]
+    sparsity = 0.8
+    [[rules]]
+    names = ["fc1.weight"]
+    sparsity = 0.99
+    rho = 5e-3
+    [[rules]]
+    names = ["fc2.*"]
+    exclude = true
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import ConfigError
+from .graph.analysis import PRUNABLE_OPS, GraphInfo
+from .losses import LOSSES
+from .projection import STRUCTURES
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _check_sparsity(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: sparsity must be a number in [0, 1), got {value!r}")
+    if not (0.0 <= float(value) < 1.0):
+        raise ConfigError(f"{where}: sparsity must be in [0, 1), got {value}", hint="0.9 zeroes 90% of the weights")
+    return float(value)
+
+
+def _check_positive(value: Any, where: str, allow_zero: bool = False, integer: bool = False):
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a {'whole number' if integer else 'number'}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def _strings(value: Any, where: str) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Select weights and say how to prune them."""
+
+    sparsity: Optional[float] = None
+    op_types: Tuple[str, ...] = ()
+    names: Tuple[str, ...] = ()
+    rho: Optional[float] = None
+    structure: str = "element"
+    exclude: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "op_types", _strings(self.op_types, "rule op_types"))
+        object.__setattr__(self, "names", _strings(self.names, "rule names"))
+        for op in self.op_types:
+            if op not in PRUNABLE_OPS:
+                raise ConfigError(f"rule op_types: {op!r} is not prunable; choose from {', '.join(PRUNABLE_OPS)}")
+        if self.exclude is not True and self.exclude is not False:
+            raise ConfigError(f"rule exclude must be true or false, got {self.exclude!r}")
+        if self.exclude and (self.sparsity is not None or self.rho is not None):
+            raise ConfigError("a rule with exclude = true cannot also set sparsity or rho")
+        if not self.exclude:
+            if self.sparsity is None:
+                raise ConfigError("every rule needs a sparsity (or exclude = true)")
+            object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, "rule"))
+        if self.rho is not None:
+            _check_positive(self.rho, "rule rho")
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"rule structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+
+    def describe(self) -> str:
+        parts = []
+        if self.op_types:
+            parts.append("op_types=" + ",".join(self.op_types))
+        if self.names:
+            parts.append("names=" + ",".join(self.names))
+        return " ".join(parts) or "all weights"
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """What happens to one prunable weight."""
+
+    name: str
+    sparsity: float
+    rho: float
+    structure: str
+    out_axis: int
+    in_axis: int
+    shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything a pruning run needs besides the model and the data."""
+
+    rules: Tuple[Rule, ...] = ()
+    admm_iters: int = 10
+    epochs_per_iter: int = 1
+    retrain_epochs: int = 4
+    rho: float = 1e-3
+    rho_growth: float = 1.3
+    lr: float = 1e-3
+    retrain_lr: Optional[float] = None
+    batch_size: int = 64
+    seed: int = 0
+    loss: str = "cross_entropy"
+    optimizer: str = "adamw"
+    output: Optional[str] = None
+
+    def __post_init__(self):
+        rules = tuple(r if isinstance(r, Rule) else _rule_from_dict(r, i) for i, r in enumerate(self.rules, 1))
+        object.__setattr__(self, "rules", rules)
+        _check_positive(self.admm_iters, "admm_iters", allow_zero=True, integer=True)
+        _check_positive(self.epochs_per_iter, "epochs_per_iter", integer=True)
+        _check_positive(self.retrain_epochs, "retrain_epochs", allow_zero=True, integer=True)
+        _check_positive(self.rho, "rho")
+        _check_positive(self.rho_growth, "rho_growth")
+        _check_positive(self.lr, "lr")
+        if self.retrain_lr is not None:
+            _check_positive(self.retrain_lr, "retrain_lr")
+        _check_positive(self.batch_size, "batch_size", integer=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.output is not None and not isinstance(self.output, str):
+            raise ConfigError(f"output must be a tensor name, got {self.output!r}")
+
+    def replace(self, **changes) -> "PruneConfig":
+        """A copy with ``changes`` applied (``None`` values are ignored), validated again."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def with_sparsity(self, sparsity: float) -> "PruneConfig":
+        """Prepend a rule pruning every prunable weight to ``sparsity`` (file rules still override)."""
+        return dataclasses.replace(self, rules=(Rule(sparsity=sparsity),) + self.rules)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def plan(self, info: GraphInfo) -> Dict[str, WeightPlan]:
+        """Resolve the rules against a model's prunable weights (see :func:`resolve_rules`)."""
+        return resolve_rules(self, info)
+
+
+_CONFIG_KEYS = {f.name for f in dataclasses.fields(PruneConfig)}
+_RULE_KEYS = {f.name for f in dataclasses.fields(Rule)}
+
+
+def _rule_from_dict(data: Any, index: int) -> Rule:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"rule {index} must be a table/object, got {type(data).__name__}")
+    unknown = set(data) - _RULE_KEYS
+    if unknown:
+        raise ConfigError(f"rule {index}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_RULE_KEYS))}")
+    try:
+        return Rule(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"rule {index}: {exc}") from None
+
+
+def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
+    """Build a :class:`PruneConfig` from plain data (parsed TOML/JSON)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("the configuration must be a table/object at the top level")
+    data = dict(data)
+    unknown = set(data) - _CONFIG_KEYS - {"sparsity"}
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_CONFIG_KEYS | {'sparsity'}))}")
+    sparsity = data.pop("sparsity", None)
+    rules = data.pop("rules", [])
+    if not isinstance(rules, (list, tuple)):
+        raise ConfigError("rules must be a list of tables")
+    config = PruneConfig(rules=tuple(_rule_from_dict(r, i) for i, r in enumerate(rules, 1)), **data)
+    if sparsity is not None:
+        config = config.with_sparsity(_check_sparsity(sparsity, "config"))
+    return config
+
+
+def load_config(path) -> PruneConfig:
+    """Load a configuration from a ``.toml`` or ``.json`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}: invalid JSON: {exc}") from exc
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    try:
+        return config_from_dict(data)
+    except TypeError as exc:
+        raise ConfigError(f"{p}: {exc}") from exc
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def resolve_rules(config: PruneConfig, info: GraphInfo) -> Dict[str, WeightPlan]:
+    """Map every selected prunable weight to its :class:`WeightPlan`.
+
+    Errors: a rule naming a weight that does not exist or is not prunable (with the reason and
+    close matches), a rule selecting nothing, two rules naming the same weight explicitly with
+    different settings, and a plan that prunes nothing.
+    """
+    if not info.prunable:
+        raise ConfigError("the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+    if not config.rules:
+        raise ConfigError("nothing to prune: give a sparsity (--sparsity S) or rules in a config file")
+    chosen: Dict[str, Tuple[Rule, int]] = {}
+    excluded: set = set()
+    explicit: Dict[str, Tuple[Rule, int]] = {}
+    for index, rule in enumerate(config.rules, 1):
+        for pattern in rule.names:
+            if not _is_glob(pattern) and pattern not in info.prunable:
+                if pattern in info.not_prunable:
+                    raise ConfigError(f"rule {index}: {pattern!r} is not prunable: {info.not_prunable[pattern]}")
+                close = difflib.get_close_matches(pattern, list(info.prunable), n=3)
+                hint = f"did you mean {', '.join(close)}?" if close else "run 'admm-onnx inspect MODEL' to list prunable weights"
+                raise ConfigError(f"rule {index}: no prunable weight named {pattern!r}", hint=hint)
+        selected = [
+            w
+            for w in info.prunable.values()
+            if (not rule.op_types or set(rule.op_types) & set(w.op_types))
+            and (not rule.names or any(fnmatch.fnmatchcase(w.name, p) for p in rule.names))
+        ]
+        if not selected:
+            raise ConfigError(f"rule {index} ({rule.describe()}) selects no prunable weight")
+        for w in selected:
+            if w.name in rule.names:
+                if w.name in explicit and explicit[w.name][0] != rule:
+                    raise ConfigError(
+                        f"rules {explicit[w.name][1]} and {index} both name {w.name!r} with different settings"
+                    )
+                explicit[w.name] = (rule, index)
+            if rule.exclude:
+                excluded.add(w.name)
+                chosen.pop(w.name, None)
+            else:
+                excluded.discard(w.name)
+                chosen[w.name] = (rule, index)
+    plan = {}
+    for name, (rule, _) in chosen.items():
+        w = info.prunable[name]
+        plan[name] = WeightPlan(
+            name=name,
+            sparsity=rule.sparsity,
+            rho=rule.rho if rule.rho is not None else config.rho,
+            structure=rule.structure,
+            out_axis=w.out_axis,
+            in_axis=w.in_axis,
+            shape=w.shape,
+        )
+    if not plan:
+        raise ConfigError("the rules exclude every prunable weight: nothing to prune")
+    # Keep the graph's order for stable reports.
+    return {n: plan[n] for n in info.prunable if n in plan}

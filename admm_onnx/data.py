@@ -1,0 +1,305 @@
+"""Data sets and readers.
+
+Readers follow ONNX Runtime's ``CalibrationDataReader`` shape: ``get_next()`` returns a feed
+dict (input name -> array) or ``None`` when the pass is over, and ``rewind()`` starts a new
+pass. Training readers add the labels under :data:`LABELS`.
+
+Data set specs understood by :func:`load_dataset` (and the CLI's ``-d``):
+
+- ``digits``: the 8x8 handwritten digits bundled with scikit-learn (1,797 images; works
+  offline right after ``pip install "admm-onnx[demo]"``). Split 80/20 with a fixed seed.
+- ``mnist:DIR``: the four standard IDX ``.gz`` files (MNIST, Fashion-MNIST) in DIR.
+- ``FILE.npz``: arrays ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test``; or ``x``
+  and ``y`` (then 10% is held out for evaluation, with a fixed seed).
+
+Images stored as uint8 are scaled to [0, 1] float32.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Name of the labels feed in training graphs.
+LABELS = "admm_labels"
+
+
+@dataclass
+class Dataset:
+    """Arrays for training and evaluation. ``x_*`` float32, ``y_*`` int64 class indices."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    name: str = "data"
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) == 0:
+                raise DataError(f"{self.name}: the {split} split is empty")
+            if len(x) != len(y):
+                raise DataError(f"{self.name}: {len(x)} {split} inputs but {len(y)} labels")
+            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+                raise DataError(f"{self.name}: the {split} inputs contain NaN or Inf")
+            if not np.issubdtype(y.dtype, np.integer):
+                if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+                    setattr(self, f"y_{split}", y.astype(np.int64))
+                else:
+                    raise DataError(f"{self.name}: {split} labels must be integer class indices, got {y.dtype}")
+            if getattr(self, f"y_{split}").ndim != 1:
+                raise DataError(f"{self.name}: {split} labels must be a 1-D array of class indices")
+            if getattr(self, f"y_{split}").min() < 0:
+                raise DataError(f"{self.name}: {split} labels contain negative class indices")
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    if np.issubdtype(x.dtype, np.number):
+        return x.astype(np.float32, copy=False)
+    raise DataError(f"inputs must be numeric arrays, got dtype {x.dtype}")
+
+
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int = 0):
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = max(1, int(round(len(x) * fraction)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits, scaled to [0, 1], shaped (N, 1, 8, 8)."""
+    try:
+        from sklearn.datasets import load_digits as _sk_digits
+    except ImportError:
+        raise DataError(
+            "the embedded 'digits' data set needs scikit-learn",
+            hint='pip install "admm-onnx[demo]"',
+        ) from None
+    bunch = _sk_digits()
+    x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    return Dataset(*_split(x, y, 0.2), name="digits")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(raw) < 8:
+        raise DataError(f"not an IDX file (too short): {path}")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"not an unsigned-byte IDX file: {path}")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"IDX file {path} is truncated: header says {dims}")
+    return data.reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"{directory}: missing {stem}.gz (expected the four standard MNIST IDX files)")
+
+
+def load_idx_dir(directory) -> Dataset:
+    """MNIST-style IDX files (train/t10k images and labels, gzipped or not) in ``directory``."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"data directory not found: {d}")
+    x_tr = _read_idx(_find(d, "train-images-idx3-ubyte"))
+    y_tr = _read_idx(_find(d, "train-labels-idx1-ubyte"))
+    x_te = _read_idx(_find(d, "t10k-images-idx3-ubyte"))
+    y_te = _read_idx(_find(d, "t10k-labels-idx1-ubyte"))
+    return Dataset(
+        _as_float(x_tr)[:, None], y_tr.astype(np.int64), _as_float(x_te)[:, None], y_te.astype(np.int64), name=d.name
+    )
+
+
+def load_npz(path) -> Dataset:
+    """Arrays from a ``.npz``: ``x_train``/``y_train`` (+ ``x_test``/``y_test``) or ``x``/``y``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {p} as a NumPy .npz file: {exc}") from exc
+    keys = set(arrays)
+    if {"x_train", "y_train"} <= keys:
+        x_tr, y_tr = _as_float(arrays["x_train"]), arrays["y_train"]
+        if {"x_test", "y_test"} <= keys:
+            x_te, y_te = _as_float(arrays["x_test"]), arrays["y_test"]
+        else:
+            x_tr, y_tr, x_te, y_te = _split(x_tr, y_tr, 0.1)
+    elif {"x", "y"} <= keys:
+        x_tr, y_tr, x_te, y_te = _split(_as_float(arrays["x"]), arrays["y"], 0.1)
+    else:
+        raise DataError(
+            f"{p} has arrays {sorted(keys) or 'none'}; expected x_train and y_train (optionally x_test, y_test) or x and y"
+        )
+    return Dataset(x_tr, y_tr, x_te, y_te, name=p.stem)
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a data set from a spec string (see the module docstring)."""
+    if spec == "digits":
+        return load_digits()
+    if spec.startswith("mnist:"):
+        return load_idx_dir(spec[len("mnist:") :])
+    if spec.endswith(".npz"):
+        return load_npz(spec)
+    if os.path.isdir(spec):
+        return load_idx_dir(spec)
+    raise DataError(f"unknown data spec {spec!r}; use 'digits', 'mnist:DIR' or FILE.npz")
+
+
+class DataReader:
+    """Base class: ``get_next()`` returns a feed dict or ``None``; ``rewind()`` restarts."""
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def rewind(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        self.rewind()
+        while True:
+            feed = self.get_next()
+            if feed is None:
+                return
+            yield feed
+
+    def __len__(self) -> int:  # number of batches per pass, when known
+        raise TypeError(f"{type(self).__name__} has no known length")
+
+
+class ArrayReader(DataReader):
+    """Batches of in-memory arrays.
+
+    Each pass visits every sample once; with ``shuffle`` the order is a fresh permutation per
+    pass from a generator seeded with ``seed`` (so passes are reproducible). With ``drop_last``
+    a final partial batch is skipped; with ``pad_last`` it is padded to ``batch_size`` by
+    repeating its first row and the feed carries ``"__valid__"``: the number of real rows.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: Optional[np.ndarray] = None,
+        batch_size: int = 64,
+        input_name: str = "input",
+        label_name: str = LABELS,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        pad_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if len(x) == 0:
+            raise DataError("no samples to read")
+        self.x, self.y = x, y
+        self.batch_size, self.input_name, self.label_name = batch_size, input_name, label_name
+        self.shuffle, self.drop_last, self.pad_last = shuffle, drop_last, pad_last
+        self._rng = np.random.default_rng(seed)
+        self._order = np.arange(len(x))
+        self._pos = 0
+        if drop_last and len(x) < batch_size:
+            raise DataError(f"only {len(x)} samples, fewer than one batch of {batch_size}")
+        self.rewind()
+
+    def rewind(self) -> None:
+        self._pos = 0
+        if self.shuffle:
+            self._order = self._rng.permutation(len(self.x))
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        n = len(self.x)
+        if self._pos >= n or (self.drop_last and self._pos + self.batch_size > n):
+            return None
+        idx = self._order[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        valid = len(idx)
+        if self.pad_last and valid < self.batch_size:
+            idx = np.concatenate([idx, np.full(self.batch_size - valid, idx[0])])
+        feed = {self.input_name: self.x[idx]}
+        if self.y is not None:
+            feed[self.label_name] = self.y[idx]
+        if self.pad_last:
+            feed["__valid__"] = np.int64(valid)
+        return feed
+
+
+class IterableReader(DataReader):
+    """Wrap any re-iterable of ``(inputs, labels)`` pairs (inputs: array or feed dict)."""
+
+    def __init__(self, iterable: Iterable[Tuple[object, np.ndarray]], input_name: str = "input", label_name: str = LABELS):
+        self.iterable, self.input_name, self.label_name = iterable, input_name, label_name
+        self._it = None
+
+    def rewind(self) -> None:
+        self._it = iter(self.iterable)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self._it is None:
+            self.rewind()
+        try:
+            inputs, labels = next(self._it)
+        except StopIteration:
+            return None
+        feed = dict(inputs) if isinstance(inputs, dict) else {self.input_name: np.asarray(inputs)}
+        feed[self.label_name] = np.asarray(labels)
+        return feed
+
+
+def fit_to_input(x: np.ndarray, shape: Sequence, name: str = "input") -> np.ndarray:
+    """Reshape per-sample data to the model input's shape (batch axis first) when sizes agree.
+
+    ``shape`` is the model input shape with ``None``/strings for symbolic dims. Raises a
+    :class:`DataError` naming both shapes when the data cannot fit.
+    """
+    sample = list(shape[1:])
+    if all(isinstance(d, int) and d > 0 for d in sample):
+        want = int(np.prod(sample)) if sample else 1
+        have = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
+        if have != want:
+            raise DataError(
+                f"data samples have shape {tuple(x.shape[1:])} ({have} values) but model input "
+                f"{name!r} takes {tuple(shape[1:])} ({want} values)"
+            )
+        return x.reshape((x.shape[0], *sample))
+    if x.ndim != len(shape):
+        raise DataError(f"data has {x.ndim} dimensions but model input {name!r} has {len(shape)}: {list(shape)}")
+    for got, want in zip(x.shape[1:], shape[1:]):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise DataError(f"data samples have shape {tuple(x.shape[1:])}, model input {name!r} wants {list(shape)}")
+    return x

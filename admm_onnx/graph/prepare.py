@@ -1,0 +1,35 @@
+"""The rewrites that make a user's graph trainable by ORT training 1.19.2, in order.
+
+Each rewrite lives in its own module, mutates the training copy in place, runs the checker,
+and returns how many nodes it changed. The user's own graph is never rewritten: the pruned
+model is written from the original with new weights.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Tuple
+
+import onnx
+
+from .batchnorm_frozen import freeze_batchnorm
+from .layernorm_outputs import add_layernorm_outputs
+from .sum_to_add import sum_to_add
+
+log = logging.getLogger(__name__)
+
+#: (description, rewrite) in the order they run.
+REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
+    ("Sum -> chain of Add", sum_to_add),
+    ("LayerNormalization given its optional outputs", add_layernorm_outputs),
+    ("BatchNormalization with frozen running statistics", freeze_batchnorm),
+]
+
+
+def prepare_for_training(model: onnx.ModelProto) -> Dict[str, int]:
+    """Apply every rewrite to ``model`` in place; returns description -> nodes changed."""
+    counts = {}
+    for what, rewrite in REWRITES:
+        counts[what] = rewrite(model)
+        if counts[what]:
+            log.info("training graph: %s (%d node(s))", what, counts[what])
+    return counts

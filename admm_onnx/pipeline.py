@@ -1,0 +1,402 @@
+"""Orchestration: dense training, ADMM pruning with masked retraining, evaluation.
+
+:func:`prune` mirrors ONNX Runtime's ``quantize_static(model_input, model_output,
+data_reader, ...)``: a model in, a model out, data readers for training and evaluation.
+
+Phases of :func:`prune`:
+1. prepare a training copy of the model (graph rewrites for ORT training), resolve the rules;
+2. ADMM: ``admm_iters`` x ``epochs_per_iter`` epochs on base loss + penalty, Z/U updates
+   between iterations (admm.py), rho growing by ``rho_growth``;
+3. hard prune: each weight projected onto its sparsity set;
+4. masked retraining, ``retrain_epochs`` epochs with a fresh optimizer, W * M in the graph;
+5. the original graph written back with the trained weights, pruned ones exactly zero.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .admm import AdmmState
+from .config import PruneConfig, WeightPlan
+from .data import LABELS, ArrayReader, Dataset, DataReader, fit_to_input
+from .errors import ConfigError, DataError, ModelError
+from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
+from .graph.masks import insert_masks, mask_name
+from .graph.penalty import AdmmPenalty
+from .graph.prepare import prepare_for_training
+from .io import check_output_path, load_model, save_model, uses_external_data
+from .losses import ClassifierLoss
+from .report import PruneReport, layer_rows
+from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts
+
+log = logging.getLogger(__name__)
+
+ModelInput = Union[str, Path, onnx.ModelProto]
+
+
+# -- model preparation -----------------------------------------------------------------
+@dataclass
+class PreparedModel:
+    """The user's model, and a copy rewritten so ORT training can differentiate it."""
+
+    original: onnx.ModelProto
+    training: onnx.ModelProto
+    info: GraphInfo
+    output_name: str
+    input_name: str
+    input_shape: List[object]
+    used_external_data: bool = False
+    source: Optional[str] = None
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        first = self.input_shape[0] if self.input_shape else None
+        return first if isinstance(first, int) and first > 0 else None
+
+
+def prepare_model(model_input: "ModelInput | PreparedModel", output: Optional[str] = None) -> PreparedModel:
+    """Load (if a path) and prepare ``model_input`` for training (a PreparedModel passes through)."""
+    if isinstance(model_input, PreparedModel):
+        if output is not None and output != model_input.output_name:
+            return prepare_model(model_input.original, output)
+        return model_input
+    if isinstance(model_input, onnx.ModelProto):
+        original, external = model_input, False
+    else:
+        original = load_model(model_input)
+        external = _file_used_external_data(model_input)
+    training = onnx.ModelProto()
+    training.CopyFrom(original)
+    prepare_for_training(training)
+    info = analyse(training)
+    inputs = graph_inputs(training)
+    float_inputs = [i for i in inputs if i.type.tensor_type.elem_type != onnx.TensorProto.INT64]
+    if not inputs:
+        raise ModelError("the model has no inputs")
+    if len(inputs) > 1:
+        raise ModelError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); only single-input models are supported"
+        )
+    outputs = [o.name for o in training.graph.output]
+    if output is None:
+        output = outputs[0]
+    elif output not in outputs:
+        raise ConfigError(f"--output {output!r} is not a model output; outputs: {', '.join(outputs)}")
+    del float_inputs
+    return PreparedModel(
+        original=original,
+        training=training,
+        info=info,
+        output_name=output,
+        input_name=inputs[0].name,
+        input_shape=value_shape(inputs[0]),
+        used_external_data=external,
+        source=None if isinstance(model_input, onnx.ModelProto) else str(model_input),
+    )
+
+
+def _file_used_external_data(path) -> bool:
+    return uses_external_data(onnx.load(str(path), load_external_data=False))
+
+
+def with_weights(model: onnx.ModelProto, weights: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``weights`` hold the given values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, tensor in enumerate(out.graph.initializer):
+        if tensor.name in weights:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            value = np.asarray(weights[tensor.name], dtype=dtype).reshape(tuple(tensor.dims))
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, tensor.name))
+    return out
+
+
+# -- readers -----------------------------------------------------------------------------
+def make_readers(
+    prepared: PreparedModel, data: Dataset, batch_size: int, seed: int = 0
+) -> Tuple[ArrayReader, ArrayReader, int]:
+    """Training and evaluation readers fitted to the model's input; returns the batch size used.
+
+    A model whose batch dimension is fixed (zoo models often have 1 baked in) is trained and
+    evaluated at that batch size whatever was asked, and the log says so.
+    """
+    x_train = fit_to_input(data.x_train, prepared.input_shape, prepared.input_name)
+    x_test = fit_to_input(data.x_test, prepared.input_shape, prepared.input_name)
+    classes = _num_classes(prepared)
+    if classes is not None and data.num_classes > classes:
+        raise DataError(
+            f"labels go up to {data.num_classes - 1} but the model output {prepared.output_name!r} has {classes} classes"
+        )
+    if prepared.fixed_batch and prepared.fixed_batch != batch_size:
+        log.warning(
+            "model input %r has a fixed batch size of %d; training and evaluating with batch %d instead of %d",
+            prepared.input_name, prepared.fixed_batch, prepared.fixed_batch, batch_size,
+        )
+        batch_size = prepared.fixed_batch
+    train = ArrayReader(x_train, data.y_train, batch_size, prepared.input_name, shuffle=True, seed=seed, drop_last=True)
+    evaluate = ArrayReader(
+        x_test, data.y_test, batch_size, prepared.input_name, pad_last=prepared.fixed_batch is not None
+    )
+    return train, evaluate, batch_size
+
+
+def _num_classes(prepared: PreparedModel) -> Optional[int]:
+    for o in prepared.training.graph.output:
+        if o.name == prepared.output_name:
+            shape = value_shape(o)
+            return shape[-1] if shape and isinstance(shape[-1], int) else None
+    return None
+
+
+# -- phases --------------------------------------------------------------------------------
+@contextmanager
+def _workdir(path: Optional[Path]) -> Iterator[Path]:
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="admm-onnx-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trainer(
+    prepared: PreparedModel,
+    model: onnx.ModelProto,
+    directory: Path,
+    config: PruneConfig,
+    loss,
+    frozen: Sequence[str],
+    lr: float,
+) -> Trainer:
+    build_artifacts(model, directory, prepared.info.trainable, loss, prepared.output_name, frozen, config.optimizer)
+    return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared))
+
+
+def _epochs(
+    trainer: Trainer,
+    reader: DataReader,
+    eval_reader: Optional[DataReader],
+    n: int,
+    label: str,
+    progress: Progress,
+    report: PruneReport,
+) -> Optional[EpochStats]:
+    last = None
+    for e in range(n):
+        stats = trainer.train_epoch(reader, progress, f"{label} epoch {e + 1}/{n}")
+        report.samples_seen += stats.samples
+        ev = trainer.evaluate(eval_reader) if eval_reader is not None else None
+        report.epochs.append(
+            {
+                "phase": label,
+                "epoch": e + 1,
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "samples_per_s": stats.samples_per_s,
+                "eval_loss": ev.loss if ev else None,
+                "eval_accuracy": ev.accuracy if ev else None,
+            }
+        )
+        log.info(
+            "%s epoch %d/%d: loss %.4f, train acc %.2f%%%s, %.0f samples/s",
+            label, e + 1, n, stats.loss, 100 * stats.accuracy,
+            f", eval acc {100 * ev.accuracy:.2f}%" if ev else "", stats.samples_per_s,
+        )
+        last = ev
+    return last
+
+
+def train(
+    model_input: ModelInput,
+    model_output,
+    train_reader: DataReader,
+    epochs: int,
+    eval_reader: Optional[DataReader] = None,
+    config: Optional[PruneConfig] = None,
+    progress: Progress = NO_PROGRESS,
+) -> PruneReport:
+    """Dense training (no pruning) of all trainable parameters; writes ``model_output``."""
+    config = config or PruneConfig()
+    prepared = prepare_model(model_input, config.output)
+    out = check_output_path(model_output, prepared.source)
+    report = PruneReport(config=config.to_dict())
+    with _workdir(None) as work:
+        trainer = _trainer(prepared, prepared.training, work / "dense", config, ClassifierLoss(config.loss), (), config.lr)
+        if eval_reader is not None:
+            before = trainer.evaluate(eval_reader)
+            report.accuracy_before, report.loss_before = before.accuracy, before.loss
+        t0 = time.perf_counter()
+        last = _epochs(trainer, train_reader, eval_reader, epochs, "train", progress, report)
+        report.phase_seconds["train"] = time.perf_counter() - t0
+        weights = {n: trainer.get(n) for n in prepared.info.trainable}
+    if last is not None:
+        report.accuracy_after, report.loss_after = last.accuracy, last.loss
+    final = with_weights(prepared.original, weights)
+    save_model(final, out, external_data=prepared.used_external_data or None)
+    report.output = str(out)
+    report.layers = layer_rows({n: weights[n] for n in prepared.info.prunable})
+    return report
+
+
+def prune(
+    model_input: ModelInput,
+    model_output,
+    train_reader: DataReader,
+    config: PruneConfig,
+    eval_reader: Optional[DataReader] = None,
+    progress: Progress = NO_PROGRESS,
+    workdir: Optional[Path] = None,
+) -> PruneReport:
+    """ADMM-prune ``model_input`` and write the pruned model to ``model_output``.
+
+    ``train_reader`` yields feed dicts with the model input and :data:`~admm_onnx.data.LABELS`;
+    ``eval_reader`` (optional) the same for evaluation. Returns a :class:`PruneReport`.
+    """
+    prepared = prepare_model(model_input, config.output)
+    out = check_output_path(model_output, prepared.source)
+    plan = config.plan(prepared.info)
+    report = PruneReport(config=config.to_dict())
+    for p in plan.values():
+        log.info("will prune %s %s to %.2f%% zeros (rho %.2e, %s)", p.name, p.shape, 100 * p.sparsity, p.rho, p.structure)
+
+    with _workdir(workdir) as work:
+        # Phase 2: ADMM.
+        penalty = AdmmPenalty(ClassifierLoss(config.loss), list(plan))
+        trainer = _trainer(prepared, prepared.training, work / "admm", config, penalty, penalty.frozen_params, config.lr)
+        state = AdmmState(plan, rho_growth=config.rho_growth)
+        state.initialize(state.read_weights(trainer))
+        if eval_reader is not None:
+            before = trainer.evaluate(eval_reader)  # rho = 0 still: the plain model
+            report.accuracy_before, report.loss_before = before.accuracy, before.loss
+            log.info("before pruning: top-1 %.2f%%, loss %.4f", 100 * before.accuracy, before.loss)
+        state.write(trainer)
+        t0 = time.perf_counter()
+        for it in range(config.admm_iters):
+            _epochs(trainer, train_reader, None, config.epochs_per_iter, f"ADMM {it + 1}/{config.admm_iters}", progress, report)
+            residuals = state.update(trainer)
+            report.residuals.append({n: {"primal": r.primal, "dual": r.dual} for n, r in residuals.items()})
+            for n, r in residuals.items():
+                log.info("ADMM %d/%d %s: primal %.4f, dual %.4f, rho %.2e", it + 1, config.admm_iters, n, r.primal, r.dual, state.rho[n])
+            if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
+                from .errors import TrainingError
+
+                raise TrainingError("ADMM residuals exploded", hint="lower --rho or --rho-growth")
+        report.phase_seconds["admm"] = time.perf_counter() - t0
+        state.disable(trainer)
+        if eval_reader is not None and config.admm_iters:
+            report.accuracy_after_admm = trainer.evaluate(eval_reader).accuracy
+
+        # Phase 3: hard prune.
+        masks = state.hard_prune(trainer)
+        if eval_reader is not None:
+            report.accuracy_hard_pruned = trainer.evaluate(eval_reader).accuracy
+            log.info("hard-pruned: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
+        weights = {n: trainer.get(n) for n in prepared.info.trainable}
+        probe = _first_batch(eval_reader if eval_reader is not None else train_reader)
+        reference = trainer.logits(probe)
+        del trainer
+
+        # Phase 4: masked retraining with a fresh optimizer.
+        if config.retrain_epochs:
+            retrain_model = with_weights(prepared.training, weights)
+            insert_masks(retrain_model, masks)
+            t0 = time.perf_counter()
+            trainer = _trainer(
+                prepared, retrain_model, work / "retrain", config, ClassifierLoss(config.loss),
+                [mask_name(n) for n in masks], config.retrain_lr or config.lr,
+            )
+            _epochs(trainer, train_reader, eval_reader, config.retrain_epochs, "retrain", progress, report)
+            report.phase_seconds["retrain"] = time.perf_counter() - t0
+            weights = {n: trainer.get(n) for n in prepared.info.trainable}
+            for n, m in masks.items():
+                weights[n] = np.where(m, weights[n], np.zeros_like(weights[n]))
+            reference = trainer.logits(probe)
+            del trainer
+
+    # Phase 5: the original graph with the new weights.
+    final = with_weights(prepared.original, weights)
+    save_model(final, out, external_data=prepared.used_external_data or None)
+    report.output = str(out)
+    report.layers = layer_rows({n: weights[n] for n in plan}, {n: p.sparsity for n, p in plan.items()})
+    sess = _session(out)
+    (written,) = sess.run([prepared.output_name], _model_feed(sess, probe))
+    report.max_output_diff = float(np.max(np.abs(written.astype(np.float64) - reference)))
+    log.info("written model vs trained model on one batch: max |output difference| %.3g", report.max_output_diff)
+    if report.max_output_diff > 1e-3 * max(1.0, float(np.max(np.abs(reference)))):
+        log.warning("the written model's outputs differ from the trained model's by %.3g", report.max_output_diff)
+    if eval_reader is not None:
+        after = evaluate(final, eval_reader, prepared.output_name)
+        report.accuracy_after, report.loss_after = after.accuracy, after.loss
+        log.info("after pruning: top-1 %.2f%%, loss %.4f", 100 * after.accuracy, after.loss)
+    return report
+
+
+def _session(model_input: ModelInput):
+    """An ORT InferenceSession for a path or a ModelProto, with one-line errors."""
+    import onnxruntime as ort
+
+    if isinstance(model_input, onnx.ModelProto):
+        if model_input.ByteSize() >= 2**31 - 1:
+            raise ModelError("models over 2 GB must be evaluated from a file path")
+        source = model_input.SerializeToString()
+    else:
+        load_model(model_input, load_external_data=False)  # one-line errors for bad files
+        source = str(model_input)
+    try:
+        return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[-1]}") from exc
+
+
+def _model_feed(sess, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    name = sess.get_inputs()[0].name
+    if name in feed:
+        return {name: feed[name]}
+    return {name: next(v for k, v in feed.items() if k not in (LABELS, "__valid__"))}
+
+
+def _first_batch(reader: DataReader) -> Dict[str, np.ndarray]:
+    reader.rewind()
+    feed = reader.get_next()
+    reader.rewind()
+    if feed is None:
+        raise DataError("the data reader yielded no batch")
+    return feed
+
+
+def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[str] = None) -> EpochStats:
+    """Top-1 accuracy and cross-entropy of an inference model in an ORT ``InferenceSession``."""
+    from .training import cross_entropy
+
+    sess = _session(model_input)
+    output_name = output_name or sess.get_outputs()[0].name
+    t0 = time.perf_counter()
+    correct, seen, nll = 0, 0, 0.0
+    reader.rewind()
+    while True:
+        feed = reader.get_next()
+        if feed is None:
+            break
+        (logits,) = sess.run([output_name], _model_feed(sess, feed))
+        valid = int(feed.get("__valid__", len(logits)))
+        logits, labels = logits[:valid], np.asarray(feed[LABELS])[:valid]
+        correct += int((np.argmax(logits, axis=-1) == labels).sum())
+        nll += cross_entropy(logits, labels) * valid
+        seen += valid
+    if seen == 0:
+        raise DataError("no evaluation data")
+    return EpochStats(nll / seen, correct / seen, seen, time.perf_counter() - t0)

@@ -1,0 +1,235 @@
+"""One ORT training session: artifacts in a directory, a checkpoint, a module, an optimizer.
+
+:class:`Trainer` wraps ``generate_artifacts`` + ``CheckpointState`` + ``Module`` +
+``Optimizer`` for a classifier. It runs epochs from a :class:`~admm_onnx.data.DataReader`,
+evaluates top-1 accuracy and loss from the logits, and exposes the checkpoint parameters by
+name (read with :meth:`get`, write with :meth:`set`: a write is seen by the next step).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from ._ort import api, artifacts, onnxblock
+from .data import LABELS, DataReader
+from .errors import TrainingError
+from .graph.ir_version import normalise_ir_file
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}
+
+
+class Progress:
+    """Progress hook: the library reports, a front end (the CLI) draws."""
+
+    def start(self, total: int, label: str) -> None:  # pragma: no cover - interface
+        pass
+
+    def advance(self, n: int = 1, **info) -> None:  # pragma: no cover - interface
+        pass
+
+    def finish(self) -> None:  # pragma: no cover - interface
+        pass
+
+
+NO_PROGRESS = Progress()
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+def build_artifacts(
+    model: onnx.ModelProto,
+    directory: Path,
+    trainable: Sequence[str],
+    loss: onnxblock.Block,
+    output_name: str,
+    frozen: Sequence[str] = (),
+    optimizer: str = "adamw",
+) -> Path:
+    """Write training/eval/optimizer models and a checkpoint for ``model`` into ``directory``.
+
+    Every artifact's IR version is normalised for ORT 1.19.2 (see graph/ir_version.py).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # generate_artifacts logs at INFO through the root logger; keep it out of ours.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        artifacts.generate_artifacts(
+            model,
+            requires_grad=list(trainable),
+            frozen_params=list(frozen),
+            loss=loss,
+            optimizer=OPTIMIZERS[optimizer],
+            artifact_directory=str(directory),
+            additional_output_names=[output_name],
+            loss_input_names=[output_name],
+        )
+    except RuntimeError as exc:
+        raise TrainingError(f"ONNX Runtime could not build the training graph: {_first_line(exc)}") from exc
+    finally:
+        root.setLevel(level)
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        normalise_ir_file(directory / name)
+    return directory
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+class Trainer:
+    """Training session over artifacts in ``directory`` (see :func:`build_artifacts`).
+
+    ``checkpoint`` defaults to the one generated with the artifacts; pass another path to
+    resume from a saved state.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        lr: float = 1e-3,
+        loss_kind: str = "cross_entropy",
+        num_classes: Optional[int] = None,
+        checkpoint: Optional[Path] = None,
+    ):
+        self.directory = Path(directory)
+        self.loss_kind = loss_kind
+        self.num_classes = num_classes
+        ckpt = Path(checkpoint) if checkpoint else self.directory / "checkpoint"
+        try:
+            self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+            self.module = api.Module(
+                str(self.directory / "training_model.onnx"), self.state, str(self.directory / "eval_model.onnx")
+            )
+            self.optimizer = api.Optimizer(str(self.directory / "optimizer_model.onnx"), self.module)
+        except Exception as exc:  # ORT raises its own exception types
+            raise TrainingError(f"ONNX Runtime could not load the training artifacts: {_first_line(exc)}") from exc
+        self.optimizer.set_learning_rate(lr)
+        self.input_names: List[str] = list(self.module.input_names())
+
+    # -- parameters ---------------------------------------------------------------------
+    def get(self, name: str) -> np.ndarray:
+        return np.array(self.state.parameters[name].data)
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        current = self.state.parameters[name].data
+        self.state.parameters[name].data = np.asarray(value, dtype=current.dtype).reshape(current.shape)
+
+    def parameter_names(self) -> List[str]:
+        return [name for name, _ in self.state.parameters]
+
+    def save_checkpoint(self, path: Path) -> None:
+        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr)
+
+    # -- steps ---------------------------------------------------------------------------
+    def _inputs(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        labels = np.asarray(feed[LABELS])
+        if self.loss_kind == "mse":
+            onehot = np.zeros((labels.shape[0], self.num_classes), np.float32)
+            onehot[np.arange(labels.shape[0]), labels] = 1.0
+            labels = onehot
+        else:
+            labels = labels.astype(np.int64, copy=False)
+        out = []
+        for name in self.input_names:
+            out.append(labels if name == LABELS else feed[name])
+        return out
+
+    def train_epoch(self, reader: DataReader, progress: Progress = NO_PROGRESS, label: str = "train") -> EpochStats:
+        """One pass over ``reader`` with an optimizer step per batch."""
+        self.module.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        try:
+            total = len(reader)
+        except TypeError:
+            total = 0
+        progress.start(total, label)
+        reader.rewind()
+        t0 = time.perf_counter()
+        try:
+            while True:
+                feed = reader.get_next()
+                if feed is None:
+                    break
+                loss, logits = self.module(*self._inputs(feed))
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"training diverged: the loss became {loss} at sample {seen}",
+                        hint="lower --lr or --rho",
+                    )
+                self.optimizer.step()
+                self.module.lazy_reset_grad()
+                n = len(logits)
+                total_loss += loss * n
+                correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
+                seen += n
+                progress.advance(1, loss=loss)
+        finally:
+            progress.finish()
+        dt = time.perf_counter() - t0
+        if seen == 0:
+            raise TrainingError("the training reader yielded no batch")
+        return EpochStats(total_loss / seen, correct / seen, seen, dt)
+
+    def logits(self, feed: Dict[str, np.ndarray]) -> np.ndarray:
+        """Eval-mode model output for one feed dict."""
+        self.module.eval()
+        _, logits = self.module(*self._inputs(feed))
+        return logits
+
+    def predict(self, reader: DataReader) -> Iterable[np.ndarray]:
+        """Logits for every batch of ``reader`` (eval mode), trimmed of padding rows."""
+        reader.rewind()
+        while True:
+            feed = reader.get_next()
+            if feed is None:
+                return
+            logits = self.logits(feed)
+            yield feed, logits[: int(feed.get("__valid__", len(logits)))]
+
+    def evaluate(self, reader: DataReader) -> EpochStats:
+        """Top-1 accuracy and mean cross-entropy of the logits over ``reader``."""
+        t0 = time.perf_counter()
+        correct, seen, nll = 0, 0, 0.0
+        for feed, logits in self.predict(reader):
+            labels = np.asarray(feed[LABELS])[: len(logits)]
+            correct += int((np.argmax(logits, axis=-1) == labels).sum())
+            nll += float(cross_entropy(logits, labels)) * len(labels)
+            seen += len(labels)
+        if seen == 0:
+            raise TrainingError("the evaluation reader yielded no batch")
+        return EpochStats(nll / seen, correct / seen, seen, time.perf_counter() - t0)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean softmax cross-entropy, computed stably in float64."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())

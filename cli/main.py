@@ -1,0 +1,258 @@
+"""The ``admm-onnx`` command line: a thin layer over the library.
+
+Every :class:`~admm_onnx.errors.AdmmOnnxError` becomes one line on stderr and exit code 2
+(``--debug`` shows the traceback); Ctrl-C exits with code 130.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from admm_onnx.errors import AdmmOnnxError, OutputError
+from admm_onnx.training import Progress
+
+log = logging.getLogger("admm_onnx.cli")
+
+
+class ClickProgress(Progress):
+    """Progress bars with ETA on stderr (nothing when quiet or not a terminal-less pipe)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bar = None
+        self._ctx = None
+
+    def start(self, total: int, label: str) -> None:
+        if not self.enabled or not total:
+            return
+        self._ctx = click.progressbar(
+            length=total, label=label.ljust(24), file=sys.stderr, show_eta=True, show_percent=True, width=30
+        )
+        self._bar = self._ctx.__enter__()
+
+    def advance(self, n: int = 1, **info) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def finish(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+        self._ctx = self._bar = None
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("admm_onnx")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _write_json(path: Optional[str], data) -> None:
+    if not path:
+        return
+    from admm_onnx.io import atomic_path, check_output_path
+
+    out = check_output_path(path)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="admm-onnx")
+@click.pass_context
+def cli(ctx, debug):
+    """ADMM weight pruning for ONNX models, with sparse ONNX export."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _common_training_options(f):
+    f = click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz")(f)
+    f = click.option("--lr", type=float, default=None, help="Learning rate (AdamW). [1e-3]")(f)
+    f = click.option("--batch-size", type=int, default=None, help="Mini-batch size. [64]")(f)
+    f = click.option("--seed", type=int, default=None, help="Seed for data order. [0]")(f)
+    f = click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default=None, help="Base loss. [cross_entropy]")(f)
+    f = click.option("--output", "output_name", default=None, help="Model output the loss uses. [first output]")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bars or logs.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Pruned model path.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Rules and schedule (TOML or JSON).")
+@click.option("--sparsity", type=float, default=None, help="Fraction of weights zeroed in every prunable layer.")
+@click.option("--admm-iters", type=int, default=None, help="ADMM iterations. [10]")
+@click.option("--epochs-per-iter", type=int, default=None, help="Training epochs per ADMM iteration. [1]")
+@click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed). [4]")
+@click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho. [1e-3]")
+@click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration. [1.3]")
+@click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining. [--lr]")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@_common_training_options
+@click.pass_context
+def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
+          retrain_lr, report_path, data, lr, batch_size, seed, loss, output_name, quiet):
+    """ADMM-prune MODEL on DATA and write the pruned model to OUT."""
+    from admm_onnx.config import PruneConfig, load_config
+    from admm_onnx.data import load_dataset
+    from admm_onnx.io import check_output_path
+    from admm_onnx.pipeline import make_readers, prepare_model, prune as run_prune
+
+    _setup_logging(quiet, ctx.obj["debug"])
+    config = load_config(config_path) if config_path else PruneConfig()
+    if sparsity is not None:
+        config = config.with_sparsity(sparsity)
+    config = config.replace(
+        admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, retrain_epochs=retrain_epochs, rho=rho,
+        rho_growth=rho_growth, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
+        output=output_name,
+    )
+    check_output_path(out, model)
+    if report_path:
+        check_output_path(report_path, model)
+    prepared = prepare_model(model, config.output)
+    config.plan(prepared.info)  # fail on bad rules before loading data
+    dataset = load_dataset(data)
+    train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
+    t0 = time.perf_counter()
+    report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet))
+    report.phase_seconds["total"] = time.perf_counter() - t0
+    click.echo(report.table())
+    click.echo(f"Wrote {out} in {report.phase_seconds['total']:.1f} s")
+    _write_json(report_path, report.to_dict())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Trained model path.")
+@click.option("--epochs", type=int, required=True, help="Training epochs.")
+@_common_training_options
+@click.pass_context
+def train(ctx, model, out, epochs, data, lr, batch_size, seed, loss, output_name, quiet):
+    """Dense training of MODEL on DATA (e.g. from scratch) before pruning."""
+    from admm_onnx.config import PruneConfig
+    from admm_onnx.data import load_dataset
+    from admm_onnx.io import check_output_path
+    from admm_onnx.pipeline import make_readers, prepare_model, train as run_train
+
+    _setup_logging(quiet, ctx.obj["debug"])
+    if epochs < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--epochs")
+    config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name)
+    check_output_path(out, model)
+    prepared = prepare_model(model, config.output)
+    train_reader, eval_reader, _ = make_readers(prepared, load_dataset(data), config.batch_size, config.seed)
+    report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet))
+    click.echo(f"Top-1 {100 * report.accuracy_after:.2f}% (loss {report.loss_after:.4f}) after {epochs} epoch(s); wrote {out}")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--output", "output_name", default=None, help="Model output holding the logits. [first output]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_cmd(model, data, batch_size, output_name, as_json):
+    """Top-1 accuracy and loss of MODEL on the evaluation split of DATA."""
+    from admm_onnx.data import load_dataset
+    from admm_onnx.pipeline import evaluate, make_readers, prepare_model
+
+    prepared = prepare_model(model, output_name)
+    _, eval_reader, _ = make_readers(prepared, load_dataset(data), batch_size)
+    stats = evaluate(model, eval_reader, prepared.output_name)
+    if as_json:
+        click.echo(json.dumps({"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples}))
+    else:
+        click.echo(f"Top-1 {100 * stats.accuracy:.2f}%  loss {stats.loss:.4f}  ({stats.samples} samples)")
+
+
+@cli.group()
+def models():
+    """Reference models (LeNet-5, LeNet-300-100)."""
+
+
+@models.command("build")
+@click.argument("name")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("--input-shape", default="1x28x28", show_default=True, help="C x H x W.")
+@click.option("--classes", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def models_build(name, out, input_shape, classes, seed):
+    """Build reference model NAME (lenet5, lenet300-100) with random weights."""
+    from admm_onnx.errors import ConfigError
+    from admm_onnx.io import check_output_path, save_model
+    from admm_onnx.models import build
+
+    try:
+        shape = tuple(int(v) for v in input_shape.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--input-shape must look like 1x28x28, got {input_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape must be C x H x W with positive sizes, got {input_shape!r}")
+    check_output_path(out)
+    save_model(build(name, input_shape=shape, num_classes=classes, seed=seed), out)
+    click.echo(f"Wrote {out}")
+
+
+@cli.command()
+@click.option("--out-dir", default="admm-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+def demo(ctx, out_dir, quiet):
+    """Build LeNet-5, train it, ADMM-prune it and retrain it, on the embedded digits data."""
+    from admm_onnx.demo import run_demo
+
+    _setup_logging(quiet, ctx.obj["debug"])
+    run_demo(Path(out_dir), ClickProgress(not quiet), echo=click.echo)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from . import sparse_commands
+    except ImportError:  # pragma: no cover
+        return
+    for name in ("export", "densify", "inspect"):
+        command = getattr(sparse_commands, name, None) or getattr(sparse_commands, f"{name}_cmd", None)
+        if command is not None:
+            cli.add_command(command, name)
+
+
+_register_optional_commands()
+
+
+def main(argv=None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="admm-onnx", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return 130
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except AdmmOnnxError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc.one_line()}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

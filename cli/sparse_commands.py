@@ -1,0 +1,135 @@
+"""CLI commands for sparse deployment files: ``export``, ``densify`` and ``inspect``.
+
+The commands are plain click commands; the application's group registers them with
+``group.add_command(...)`` (see :data:`COMMANDS`). User errors are raised as
+:class:`admm_onnx.errors.AdmmOnnxError` subclasses for the caller to report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import click
+import onnx
+
+from admm_onnx import io, sparse
+
+
+def _load(path: Path) -> Tuple[onnx.ModelProto, bool]:
+    """Load ``path`` with its external data; also say whether it used external data."""
+    model = io.load_model(path, load_external_data=False)
+    external = io.uses_external_data(model)
+    if external:
+        model = io.load_model(path)
+    return model, external
+
+
+def _footprint(path: Path) -> int:
+    """Bytes on disk of a model file plus the external data files it points to."""
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # the file was just read or written by us; size is best effort
+        return total
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+    for loc in locations:
+        data = path.parent / loc
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.1f}x" if b else "-"
+
+
+def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.WeightRow] = None) -> str:
+    """A plain-text table of weight rows (name, op, shape, count, nonzero, kept, storage, bytes)."""
+    header = ("weight", "op", "shape", "weights", "nonzero", "kept %", "storage", "bytes", "dense bytes")
+    body: List[Tuple[str, ...]] = []
+    for r in list(rows) + ([totals] if totals is not None else []):
+        body.append((
+            r.name, r.op, "x".join(str(d) for d in r.shape), f"{r.count:,}", f"{r.nonzero:,}",
+            f"{r.kept_pct:.2f}", r.storage, f"{r.stored_bytes:,}", f"{r.dense_bytes:,}",
+        ))
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    left = {0, 1, 2, 6}
+
+    def line(cells: Iterable[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(header), line("-" * w for w in widths)]
+    out += [line(b) for b in body[: len(rows)]]
+    if totals is not None:
+        out.append(line("-" * w for w in widths))
+        out.append(line(body[-1]))
+    return "\n".join(out)
+
+
+@click.command("export")
+@click.argument("model_path", metavar="PRUNED.onnx", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Sparse ONNX file to write.")
+@click.option("--format", "fmt", type=click.Choice(sparse.FORMATS), default="csr", show_default=True,
+              help="csr: CSR arrays + decode function (smallest); coo: standard sparse_initializer.")
+@click.option("--min-sparsity", type=float, default=0.5, show_default=True,
+              help="Encode a weight only if at least this fraction of it is zero.")
+@click.option("--values", type=click.Choice(sparse.VALUE_TYPES), default="fp32", show_default=True,
+              help="Value precision for csr; fp16 is lossy.")
+def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str) -> None:
+    """Store the sparse weights of PRUNED.onnx compactly in a new ONNX file."""
+    model, external = _load(model_path)
+    io.check_output_path(output, model_path)
+    result, report = sparse.export_sparse(model, fmt=fmt, min_sparsity=min_sparsity, values=values)
+    io.save_model(result, output, external_data=True if external else None)
+    rows = report.rows
+    click.echo(format_table(rows, rows.totals))
+    for name, reason in report.skipped.items():
+        click.echo(f"kept dense: {name} ({reason})")
+    before, after = _footprint(model_path), _footprint(output)
+    click.echo(
+        f"wrote {output}: {len(report.encoded)} weight(s) as {fmt}"
+        f"{'-' + values if fmt == 'csr' else ''}; weights {report.total_dense_bytes:,} -> "
+        f"{report.total_stored_bytes:,} bytes ({_ratio(report.total_dense_bytes, report.total_stored_bytes)}); "
+        f"file {before:,} -> {after:,} bytes ({_ratio(before, after)})"
+    )
+
+
+@click.command("densify")
+@click.argument("model_path", metavar="SPARSE.onnx", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Dense ONNX file to write.")
+def densify_cmd(model_path: Path, output: Path) -> None:
+    """Turn a sparse ONNX file (csr or coo) back into plain dense weights."""
+    model, external = _load(model_path)
+    io.check_output_path(output, model_path)
+    dense = sparse.densify(model)
+    io.save_model(dense, output, external_data=True if external else None)
+    click.echo(f"wrote {output}: {_footprint(model_path):,} -> {_footprint(output):,} bytes")
+
+
+@click.command("inspect")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cmd(model_path: Path, as_json: bool) -> None:
+    """Show each weight's sparsity and storage (dense, csr or coo)."""
+    model, _ = _load(model_path)
+    table = sparse.inspect_model(model)
+    totals = table.totals
+    file_bytes = _footprint(model_path)
+    if as_json:
+        doc = {"model": str(model_path), "file_bytes": file_bytes, **table.to_dict()}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(format_table(table, totals))
+    click.echo(
+        f"{model_path}: {file_bytes:,} bytes on disk; weights {totals.nonzero:,} of {totals.count:,} nonzero "
+        f"({totals.kept_pct:.2f}% kept), stored {totals.stored_bytes:,} of {totals.dense_bytes:,} dense bytes "
+        f"({_ratio(totals.dense_bytes, totals.stored_bytes)})"
+    )
+
+
+#: The commands to register on the application's click group.
+COMMANDS = (export_cmd, densify_cmd, inspect_cmd)

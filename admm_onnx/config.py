@@ -128,6 +128,8 @@ class PruneConfig:
     rho_growth: float = 1.3
     lr: float = 1e-3
     retrain_lr: Optional[float] = None
+    #: "constant" or "cosine" (decay to 0 over the retraining phase) for masked retraining.
+    retrain_schedule: str = "cosine"
     batch_size: int = 64
     seed: int = 0
     loss: str = "cross_entropy"
@@ -145,6 +147,8 @@ class PruneConfig:
         _check_positive(self.lr, "lr")
         if self.retrain_lr is not None:
             _check_positive(self.retrain_lr, "retrain_lr")
+        if self.retrain_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"retrain_schedule must be 'constant' or 'cosine', got {self.retrain_schedule!r}")
         _check_positive(self.batch_size, "batch_size", integer=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")

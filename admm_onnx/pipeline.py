@@ -38,7 +38,7 @@ from .graph.prepare import prepare_for_training
 from .io import check_output_path, load_model, save_model, uses_external_data
 from .losses import ClassifierLoss
 from .report import PruneReport, layer_rows
-from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts
+from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts, cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,13 @@ def prune(
                 prepared, retrain_model, work / "retrain", config, ClassifierLoss(config.loss),
                 [mask_name(n) for n in masks], config.retrain_lr or config.lr,
             )
+            if config.retrain_schedule == "cosine":
+                try:
+                    steps = len(train_reader) * config.retrain_epochs
+                except TypeError:
+                    steps = 0
+                if steps:
+                    trainer.schedule = cosine_schedule(config.retrain_lr or config.lr, steps)
             _epochs(trainer, train_reader, eval_reader, config.retrain_epochs, "retrain", progress, report)
             report.phase_seconds["retrain"] = time.perf_counter() - t0
             weights = {n: trainer.get(n) for n in prepared.info.trainable}

@@ -128,6 +128,9 @@ class Trainer:
             raise TrainingError(f"ONNX Runtime could not load the training artifacts: {_first_line(exc)}") from exc
         self.optimizer.set_learning_rate(lr)
         self.input_names: List[str] = list(self.module.input_names())
+        #: Optional per-step learning rate: ``schedule(step) -> lr``, step counted over epochs.
+        self.schedule: Optional[Callable[[int], float]] = None
+        self.step = 0
 
     # -- parameters ---------------------------------------------------------------------
     def get(self, name: str) -> np.ndarray:
@@ -176,6 +179,8 @@ class Trainer:
                 feed = reader.get_next()
                 if feed is None:
                     break
+                if self.schedule is not None:
+                    self.optimizer.set_learning_rate(self.schedule(self.step))
                 loss, logits = self.module(*self._inputs(feed))
                 loss = float(loss)
                 if not math.isfinite(loss):
@@ -185,6 +190,7 @@ class Trainer:
                     )
                 self.optimizer.step()
                 self.module.lazy_reset_grad()
+                self.step += 1
                 n = len(logits)
                 total_loss += loss * n
                 correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
@@ -225,6 +231,16 @@ class Trainer:
         if seen == 0:
             raise TrainingError("the evaluation reader yielded no batch")
         return EpochStats(nll / seen, correct / seen, seen, time.perf_counter() - t0)
+
+
+def cosine_schedule(lr: float, total_steps: int, floor: float = 0.0) -> Callable[[int], float]:
+    """lr * (floor + (1 - floor) * (1 + cos(pi * step / total)) / 2): from lr down to lr * floor."""
+
+    def schedule(step: int) -> float:
+        t = min(step, total_steps) / max(1, total_steps)
+        return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+    return schedule
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -34,6 +34,7 @@ from .errors import ConfigError, DataError, ModelError
 from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
+from .graph.batchnorm_frozen import freeze_batchnorm
 from .graph.prepare import prepare_for_training
 from .io import check_output_path, load_model, save_model, uses_external_data
 from .losses import ClassifierLoss
@@ -120,6 +121,24 @@ def with_weights(model: onnx.ModelProto, weights: Dict[str, np.ndarray]) -> onnx
             value = np.asarray(weights[tensor.name], dtype=dtype).reshape(tuple(tensor.dims))
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, tensor.name))
     return out
+
+
+def output_model(prepared: PreparedModel, weights: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The user's graph with the trained ``weights``.
+
+    One deliberate change: BatchNormalization nodes exported in training mode (batch
+    statistics) are written in inference mode, the way they were trained (see
+    graph/batchnorm_frozen.py); otherwise the written model would not compute what was
+    trained and evaluated.
+    """
+    final = with_weights(prepared.original, weights)
+    changed = freeze_batchnorm(final)
+    if changed:
+        log.warning(
+            "%d BatchNormalization node(s) were exported in training mode; written in inference mode "
+            "(running statistics), as they were trained", changed,
+        )
+    return final
 
 
 # -- readers -----------------------------------------------------------------------------
@@ -245,7 +264,7 @@ def train(
         weights = {n: trainer.get(n) for n in prepared.info.trainable}
     if last is not None:
         report.accuracy_after, report.loss_after = last.accuracy, last.loss
-    final = with_weights(prepared.original, weights)
+    final = output_model(prepared, weights)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     report.layers = layer_rows({n: weights[n] for n in prepared.info.prunable})
@@ -335,7 +354,7 @@ def prune(
             del trainer
 
     # Phase 5: the original graph with the new weights.
-    final = with_weights(prepared.original, weights)
+    final = output_model(prepared, weights)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     report.layers = layer_rows({n: weights[n] for n in plan}, {n: p.sparsity for n, p in plan.items()})

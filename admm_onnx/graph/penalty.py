@@ -8,6 +8,8 @@ checkpoint: the ADMM engine rewrites them once per ADMM iteration through
 rho = 0, so a freshly built graph trains exactly as the base loss until the engine writes them.
 
 The per-weight terms are chained with binary ``Add`` (ORT training has no ``Sum`` gradient).
+The base loss must hold a single value (scalar or one-element tensor); it is reshaped to a
+scalar before the penalty is added.
 """
 from __future__ import annotations
 
@@ -80,5 +82,11 @@ class AdmmPenalty(onnxblock.Block):
             acc = f"admm/penalty/acc{i}"
         graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "admm/penalty/half"))
         graph.node.append(helper.make_node("Mul", [acc, "admm/penalty/half"], ["admm/penalty/total"], name="admm/penalty/Half"))
-        graph.node.append(helper.make_node("Add", [base_loss, "admm/penalty/total"], ["admm/loss"], name="admm/loss/Add"))
+        # The base loss may be a scalar or a one-element tensor (a user's Block): make it a
+        # scalar so the Add needs no broadcasting (ORT's Add gradient mishandles [1] + []).
+        graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.int64), "admm/loss/scalar_shape"))
+        graph.node.append(
+            helper.make_node("Reshape", [base_loss, "admm/loss/scalar_shape"], ["admm/loss/base"], name="admm/loss/Reshape")
+        )
+        graph.node.append(helper.make_node("Add", ["admm/loss/base", "admm/penalty/total"], ["admm/loss"], name="admm/loss/Add"))
         return "admm/loss"

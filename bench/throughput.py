@@ -1,0 +1,303 @@
+"""Training throughput of LeNet-5: plain step vs ADMM step in ORT, and PyTorch eager for reference.
+
+Measures samples/s of
+  (a) a plain dense training step: admm_onnx Trainer, base loss (softmax cross-entropy), AdamW;
+  (b) our ADMM training step: the same with AdmmPenalty on the 4 weights (targets and rho set
+      to nonzero values, as during an ADMM iteration);
+  (c) optionally the same LeNet-5 ADMM step (and a plain step) in PyTorch eager, 2 threads,
+      run as a subprocess with another python (a venv holding torch; the main env is torch-free).
+All on MNIST-size inputs (1x28x28, random data unless --mnist DIR is given), batch 64.
+
+The measurements are interleaved: for each of --rounds rounds, every variant runs --steps steps
+in turn (the torch subprocess stays alive and is driven over a pipe), so machine noise hits all
+variants alike. Reported: median over rounds (and min/max), plus ratios of the medians.
+
+Usage: python bench/throughput.py [--batch 64] [--rounds 7] [--steps 200] [--threads 2]
+                                  [--torch-python /tmp/torchbench/bin/python | --no-torch]
+                                  [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TORCH_PYTHON = "/tmp/torchbench/bin/python"
+WEIGHTS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
+KEEP = {"conv1.weight": 0.20, "conv2.weight": 0.08, "fc1.weight": 0.009, "fc2.weight": 0.07}
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+    }
+
+
+# -- ORT side ------------------------------------------------------------------------------------
+def make_trainers(work: Path, batch: int, seed: int):
+    from admm_onnx.admm import AdmmState
+    from admm_onnx.config import PruneConfig, Rule
+    from admm_onnx.graph.penalty import AdmmPenalty
+    from admm_onnx.losses import ClassifierLoss
+    from admm_onnx.models import build
+    from admm_onnx.pipeline import prepare_model
+    from admm_onnx.training import Trainer, build_artifacts
+
+    prepared = prepare_model(build("lenet5", seed=seed))
+    trainable = prepared.info.trainable
+    build_artifacts(prepared.training, work / "plain", trainable, ClassifierLoss(), prepared.output_name)
+    plain = Trainer(work / "plain", lr=1e-3, num_classes=10)
+    penalty = AdmmPenalty(ClassifierLoss(), list(WEIGHTS))
+    build_artifacts(prepared.training, work / "admm", trainable, penalty, prepared.output_name, penalty.frozen_params)
+    admm = Trainer(work / "admm", lr=1e-3, num_classes=10)
+    # Put the ADMM graph in an ADMM-iteration state: T = Proj(W), rho > 0.
+    config = PruneConfig(rules=tuple(Rule(sparsity=1 - k, names=(n,)) for n, k in KEEP.items()), rho=1.5e-3)
+    state = AdmmState(config.plan(prepared.info), rho_growth=1.0)
+    state.initialize(state.read_weights(admm))
+    state.write(admm)
+    return plain, admm
+
+
+class OrtRunner:
+    def __init__(self, trainer, xs, ys):
+        self.trainer, self.xs, self.ys = trainer, xs, ys
+        self.i = 0
+
+    def run(self, steps: int) -> float:
+        from admm_onnx.data import LABELS
+
+        t = self.trainer
+        t.module.train()
+        n = len(self.xs)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            j = self.i % n
+            self.i += 1
+            loss, logits = t.module(*t._inputs({t.input_names[0]: self.xs[j], LABELS: self.ys[j]}))
+            t.optimizer.step()
+            t.module.lazy_reset_grad()
+        return time.perf_counter() - t0
+
+
+# -- torch side (runs in the subprocess) -------------------------------------------------------------
+TORCH_WORKER = r'''
+import json, sys, time
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+threads, batch, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+torch.manual_seed(seed)
+
+class LeNet5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(800, 500)
+        self.fc2 = nn.Linear(500, 10)
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+KEEP = {"conv1": 0.20, "conv2": 0.08, "fc1": 0.009, "fc2": 0.07}
+
+def make(admm):
+    model = LeNet5()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # ORT's AdamW defaults: wd 0.01
+    targets = {}
+    if admm:
+        with torch.no_grad():
+            for name, k in KEEP.items():
+                w = getattr(model, name).weight
+                flat = w.abs().flatten()
+                kk = max(1, int(round(k * flat.numel())))
+                thr = flat.topk(kk).values[-1]
+                targets[name] = (w * (w.abs() >= thr)).detach().clone()
+    rho = 1.5e-3
+    def step(x, y):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if admm:
+            pen = 0.0
+            for name, t in targets.items():
+                pen = pen + (getattr(model, name).weight - t).pow(2).sum() * rho
+            loss = loss + 0.5 * pen
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+rng = np.random.default_rng(seed)
+xs = [torch.from_numpy(rng.random((batch, 1, 28, 28), dtype=np.float32)) for _ in range(16)]
+ys = [torch.from_numpy(rng.integers(0, 10, batch).astype(np.int64)) for _ in range(16)]
+steps = {"torch_plain": make(False), "torch_admm": make(True)}
+counter = {k: 0 for k in steps}
+print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    name, n = cmd["variant"], cmd["steps"]
+    step = steps[name]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        j = counter[name] % len(xs)
+        counter[name] += 1
+        step(xs[j], ys[j])
+    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+'''
+
+
+class TorchRunner:
+    """Drives a long-lived torch worker subprocess over stdin/stdout."""
+
+    def __init__(self, python: str, threads: int, batch: int, seed: int, variant: str, proc=None):
+        self.variant = variant
+        if proc is None:
+            self.script = tempfile.NamedTemporaryFile("w", suffix="_torch_worker.py", delete=False)
+            self.script.write(TORCH_WORKER)
+            self.script.close()
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            proc = subprocess.Popen(
+                [python, self.script.name, str(threads), str(batch), str(seed)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            )
+            hello = proc.stdout.readline()
+            if not hello:
+                raise RuntimeError(f"the torch worker ({python}) did not start")
+            self.info = json.loads(hello)
+        self.proc = proc
+
+    def sibling(self, variant: str) -> "TorchRunner":
+        other = TorchRunner.__new__(TorchRunner)
+        other.variant, other.proc, other.info = variant, self.proc, self.info
+        return other
+
+    def run(self, steps: int) -> float:
+        self.proc.stdin.write(json.dumps({"variant": self.variant, "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["seconds"]
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        finally:
+            os.unlink(self.script.name)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=200, help="steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mnist", help="use real MNIST training images from this IDX dir (default: random data)")
+    ap.add_argument("--torch-python", default=None, help=f"python with torch (default {DEFAULT_TORCH_PYTHON} if it exists)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    info = machine_info()
+    print(f"Date {info['date']}; machine: {info['nproc']} CPUs, {info['cpu']}, {info['platform']}, Python {info['python']}")
+    import onnxruntime
+
+    rng = np.random.default_rng(args.seed)
+    if args.mnist:
+        from admm_onnx.data import load_idx_dir
+
+        data = load_idx_dir(args.mnist)
+        idx = rng.permutation(len(data.x_train))[: 16 * args.batch].reshape(16, args.batch)
+        xs = [np.ascontiguousarray(data.x_train[i]) for i in idx]
+        ys = [data.y_train[i] for i in idx]
+    else:
+        xs = [rng.random((args.batch, 1, 28, 28), dtype=np.float32) for _ in range(16)]
+        ys = [rng.integers(0, 10, args.batch).astype(np.int64) for _ in range(16)]
+
+    with tempfile.TemporaryDirectory(prefix="admm-throughput-") as tmp:
+        plain, admm = make_trainers(Path(tmp), args.batch, args.seed)
+        runners = {"ort_plain": OrtRunner(plain, xs, ys), "ort_admm": OrtRunner(admm, xs, ys)}
+        torch_python = None if args.no_torch else (args.torch_python or (DEFAULT_TORCH_PYTHON if Path(DEFAULT_TORCH_PYTHON).exists() else None))
+        torch_info = None
+        tr = None
+        if torch_python:
+            tr = TorchRunner(torch_python, args.threads, args.batch, args.seed, "torch_plain")
+            torch_info = tr.info
+            runners["torch_plain"] = tr
+            runners["torch_admm"] = tr.sibling("torch_admm")
+        print(f"onnxruntime {onnxruntime.__version__}" + (f"; torch {torch_info['torch']} ({torch_info['threads']} threads) via {torch_python}" if torch_info else "; torch: not run"))
+        print(f"LeNet-5, batch {args.batch}, {'MNIST' if args.mnist else 'random'} inputs 1x28x28, AdamW lr 1e-3; "
+              f"{args.rounds} rounds x {args.steps} steps per variant, interleaved")
+        try:
+            for r in runners.values():
+                r.run(args.warmup)
+            seconds = {k: [] for k in runners}
+            for _ in range(args.rounds):
+                for k, r in runners.items():
+                    seconds[k].append(r.run(args.steps))
+        finally:
+            if tr is not None:
+                tr.close()
+
+    rates = {k: [args.steps * args.batch / s for s in v] for k, v in seconds.items()}
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print()
+    print("| variant | samples/s (median) | min | max | ms/step |")
+    print("|---|---:|---:|---:|---:|")
+    names = {"ort_plain": "(a) ORT plain step", "ort_admm": "(b) ORT ADMM step",
+             "torch_plain": "    PyTorch eager plain step", "torch_admm": "(c) PyTorch eager ADMM step"}
+    for k in runners:
+        print(f"| {names[k]} | {med[k]:,.0f} | {min(rates[k]):,.0f} | {max(rates[k]):,.0f} | {1000 * args.batch / med[k]:.2f} |")
+    ratios = {"admm_overhead_vs_plain_pct": 100.0 * (med["ort_plain"] / med["ort_admm"] - 1.0)}
+    # Paired per-round ratios (same time window) are less noisy than a ratio of medians.
+    paired = [a / p for a, p in zip(rates["ort_admm"], rates["ort_plain"])]
+    ratios["ort_admm_over_ort_plain_paired_median"] = statistics.median(paired)
+    print()
+    print(f"ADMM step cost vs plain step: {ratios['admm_overhead_vs_plain_pct']:+.1f}% time "
+          f"(ADMM/plain throughput, median of per-round ratios: {ratios['ort_admm_over_ort_plain_paired_median']:.3f}; target: ADMM <= +10%)")
+    if "torch_admm" in med:
+        ratios["ort_admm_over_torch_admm"] = med["ort_admm"] / med["torch_admm"]
+        ratios["ort_admm_over_torch_admm_paired_median"] = statistics.median(
+            a / t for a, t in zip(rates["ort_admm"], rates["torch_admm"]))
+        ratios["ort_plain_over_torch_plain"] = med["ort_plain"] / med["torch_plain"]
+        print(f"ORT ADMM / PyTorch eager ADMM throughput: {ratios['ort_admm_over_torch_admm']:.2f}x "
+              f"(paired per-round median {ratios['ort_admm_over_torch_admm_paired_median']:.2f}x; target >= 1.0)")
+        print(f"ORT plain / PyTorch eager plain throughput: {ratios['ort_plain_over_torch_plain']:.2f}x")
+    result = {"machine": info, "onnxruntime": onnxruntime.__version__, "torch": torch_info, "args": vars(args),
+              "samples_per_s": rates, "median_samples_per_s": med, "ratios": ratios}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

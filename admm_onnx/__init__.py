@@ -1,0 +1,45 @@
+"""admm-onnx: ADMM weight pruning for any ONNX model, with sparse ONNX export.
+
+High level (the shape of ONNX Runtime's ``quantize_static``)::
+
+    import admm_onnx
+    result = admm_onnx.prune("model.onnx", "pruned.onnx", train_reader,
+                             admm_onnx.PruneConfig().with_sparsity(0.9), eval_reader)
+    print(result.table())
+
+Low level, for your own ORT training loop: :class:`AdmmPenalty` (an onnxblock Block wrapping
+your loss), :class:`AdmmState` (Z, U, rho; reads and writes a ``CheckpointState``),
+:func:`insert_masks` (masked retraining graph) and :func:`export_pruned` (the inference model).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .admm import AdmmState, Residual
+from .config import PruneConfig, Rule, WeightPlan, config_from_dict, load_config
+from .data import (
+    LABELS,
+    ArrayReader,
+    DataReader,
+    Dataset,
+    IdxReader,
+    IterableReader,
+    NpzReader,
+    load_dataset,
+)
+from .errors import AdmmOnnxError, ConfigError, DataError, ModelError, OutputError, TrainingError
+from .graph.analysis import GraphInfo, WeightInfo, analyse
+from .graph.masks import insert_masks, mask_name
+from .graph.penalty import AdmmPenalty, rho_name, target_name
+from .pipeline import evaluate, export_pruned, make_readers, prepare_model, prune, train
+from .projection import project, projection_mask
+from .report import PruneReport
+
+__all__ = [
+    "AdmmOnnxError", "AdmmPenalty", "AdmmState", "ArrayReader", "ConfigError", "DataError", "DataReader",
+    "Dataset", "GraphInfo", "IdxReader", "IterableReader", "LABELS", "ModelError", "NpzReader", "OutputError",
+    "PruneConfig", "PruneReport", "Residual", "Rule", "TrainingError", "WeightInfo", "WeightPlan", "analyse",
+    "config_from_dict", "evaluate", "export_pruned", "insert_masks", "load_config", "load_dataset",
+    "make_readers", "mask_name", "prepare_model", "project", "projection_mask", "prune", "rho_name",
+    "target_name", "train",
+]

@@ -226,6 +226,7 @@ class ArrayReader(DataReader):
         self.x, self.y = x, y
         self.batch_size, self.input_name, self.label_name = batch_size, input_name, label_name
         self.shuffle, self.drop_last, self.pad_last = shuffle, drop_last, pad_last
+        self.seed = seed
         self._rng = np.random.default_rng(seed)
         self._order = np.arange(len(x))
         self._pos = 0
@@ -237,6 +238,10 @@ class ArrayReader(DataReader):
         self._pos = 0
         if self.shuffle:
             self._order = self._rng.permutation(len(self.x))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next passes' shuffles depend only on (seed, epoch): resumed runs match."""
+        self._rng = np.random.default_rng([self.seed, epoch])
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -257,6 +262,26 @@ class ArrayReader(DataReader):
         if self.pad_last:
             feed["__valid__"] = np.int64(valid)
         return feed
+
+
+def _split_arrays(data: Dataset, split: str):
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    return getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+
+
+class NpzReader(ArrayReader):
+    """Batches from a ``.npz`` file (see :func:`load_npz`); ``split`` is "train" or "test"."""
+
+    def __init__(self, path, split: str = "train", batch_size: int = 64, **kwargs):
+        super().__init__(*_split_arrays(load_npz(path), split), batch_size=batch_size, **kwargs)
+
+
+class IdxReader(ArrayReader):
+    """Batches from an MNIST-style IDX directory; ``split`` is "train" or "test"."""
+
+    def __init__(self, directory, split: str = "train", batch_size: int = 64, **kwargs):
+        super().__init__(*_split_arrays(load_idx_dir(directory), split), batch_size=batch_size, **kwargs)
 
 
 class IterableReader(DataReader):

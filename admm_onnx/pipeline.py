@@ -36,7 +36,9 @@ from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
 from .graph.prepare import prepare_for_training
+from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
+from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import ClassifierLoss
 from .report import PruneReport, layer_rows
 from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts, cosine_schedule
@@ -141,6 +143,32 @@ def output_model(prepared: PreparedModel, weights: Dict[str, np.ndarray]) -> onn
     return final
 
 
+def export_pruned(
+    model_input: "ModelInput | PreparedModel",
+    model_output,
+    weights,
+    masks: Optional[Dict[str, np.ndarray]] = None,
+) -> Path:
+    """Write the user's graph with new weights: the inference model of a pruning run.
+
+    ``weights``: a dict name -> array, or an ORT ``CheckpointState`` (or anything holding one
+    as ``.state``), from which every parameter that is an initializer of the model is taken.
+    ``masks`` (name -> 0/1 array) zero the pruned entries exactly. External data is kept if
+    the input used it. Returns the output path.
+    """
+    prepared = prepare_model(model_input)
+    out = check_output_path(model_output, prepared.source)
+    if not isinstance(weights, dict):
+        params = getattr(weights, "state", weights).parameters
+        names = {t.name for t in prepared.original.graph.initializer}
+        weights = {name: np.array(p.data) for name, p in params if name in names}
+    weights = dict(weights)
+    for name, m in (masks or {}).items():
+        weights[name] = np.where(np.asarray(m, dtype=bool), weights[name], np.zeros_like(weights[name]))
+    save_model(output_model(prepared, weights), out, external_data=prepared.used_external_data or None)
+    return out
+
+
 # -- readers -----------------------------------------------------------------------------
 def make_readers(
     prepared: PreparedModel, data: Dataset, batch_size: int, seed: int = 0
@@ -205,38 +233,34 @@ def _trainer(
     return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared))
 
 
-def _epochs(
+def _epoch(
     trainer: Trainer,
     reader: DataReader,
     eval_reader: Optional[DataReader],
-    n: int,
     label: str,
     progress: Progress,
     report: PruneReport,
 ) -> Optional[EpochStats]:
-    last = None
-    for e in range(n):
-        stats = trainer.train_epoch(reader, progress, f"{label} epoch {e + 1}/{n}")
-        report.samples_seen += stats.samples
-        ev = trainer.evaluate(eval_reader) if eval_reader is not None else None
-        report.epochs.append(
-            {
-                "phase": label,
-                "epoch": e + 1,
-                "train_loss": stats.loss,
-                "train_accuracy": stats.accuracy,
-                "samples_per_s": stats.samples_per_s,
-                "eval_loss": ev.loss if ev else None,
-                "eval_accuracy": ev.accuracy if ev else None,
-            }
-        )
-        log.info(
-            "%s epoch %d/%d: loss %.4f, train acc %.2f%%%s, %.0f samples/s",
-            label, e + 1, n, stats.loss, 100 * stats.accuracy,
-            f", eval acc {100 * ev.accuracy:.2f}%" if ev else "", stats.samples_per_s,
-        )
-        last = ev
-    return last
+    """One training epoch (+ evaluation if a reader is given), logged and recorded in ``report``."""
+    stats = trainer.train_epoch(reader, progress, label)
+    report.samples_seen += stats.samples
+    ev = trainer.evaluate(eval_reader) if eval_reader is not None else None
+    report.epochs.append(
+        {
+            "phase": label,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "samples_per_s": stats.samples_per_s,
+            "seconds": stats.seconds,
+            "eval_loss": ev.loss if ev else None,
+            "eval_accuracy": ev.accuracy if ev else None,
+        }
+    )
+    log.info(
+        "%s: loss %.4f, train acc %.2f%%%s, %.0f samples/s",
+        label, stats.loss, 100 * stats.accuracy, f", eval acc {100 * ev.accuracy:.2f}%" if ev else "", stats.samples_per_s,
+    )
+    return ev
 
 
 def train(
@@ -259,7 +283,10 @@ def train(
             before = trainer.evaluate(eval_reader)
             report.accuracy_before, report.loss_before = before.accuracy, before.loss
         t0 = time.perf_counter()
-        last = _epochs(trainer, train_reader, eval_reader, epochs, "train", progress, report)
+        last = None
+        for e in range(epochs):
+            _set_epoch(train_reader, e)
+            last = _epoch(trainer, train_reader, eval_reader, f"train {e + 1}/{epochs}", progress, report)
         report.phase_seconds["train"] = time.perf_counter() - t0
         weights = {n: trainer.get(n) for n in prepared.info.trainable}
     if last is not None:
@@ -271,89 +298,86 @@ def train(
     return report
 
 
+def _model_fingerprint(prepared: PreparedModel) -> str:
+    if prepared.source is not None:
+        return fingerprint_file(prepared.source)
+    try:
+        return fingerprint_bytes(prepared.original.SerializeToString())
+    except ValueError:  # > 2 GB in memory: fall back on the graph alone
+        return fingerprint_bytes(prepared.original.graph.name.encode())
+
+
+def _plan_identity(plan: Dict[str, WeightPlan]) -> Dict[str, object]:
+    return {n: [p.sparsity, p.structure] for n, p in plan.items()}
+
+
+def _set_epoch(reader: DataReader, epoch: int) -> None:
+    if hasattr(reader, "set_epoch"):
+        reader.set_epoch(epoch)
+
+
+def _as_config(config) -> PruneConfig:
+    from .config import config_from_dict, load_config
+
+    if isinstance(config, PruneConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    raise ConfigError(f"config must be a PruneConfig, a dict or a TOML/JSON path, not {type(config).__name__}")
+
+
 def prune(
     model_input: ModelInput,
     model_output,
     train_reader: DataReader,
-    config: PruneConfig,
+    config: Union[PruneConfig, dict, str, Path],
     eval_reader: Optional[DataReader] = None,
     progress: Progress = NO_PROGRESS,
     workdir: Optional[Path] = None,
+    resume: bool = False,
 ) -> PruneReport:
     """ADMM-prune ``model_input`` and write the pruned model to ``model_output``.
 
-    ``train_reader`` yields feed dicts with the model input and :data:`~admm_onnx.data.LABELS`;
-    ``eval_reader`` (optional) the same for evaluation. Returns a :class:`PruneReport`.
+    ``model_input``: a path, a ``ModelProto`` or a :class:`PreparedModel`. ``train_reader``
+    yields feed dicts with the model input and :data:`~admm_onnx.data.LABELS`; ``eval_reader``
+    (optional) the same for evaluation. ``config``: a :class:`PruneConfig`, a dict or a
+    TOML/JSON path. With ``workdir`` the run saves its state there after every ADMM iteration
+    and retraining epoch, and ``resume=True`` continues from the last completed step.
+    Returns a :class:`PruneReport`.
     """
+    config = _as_config(config)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
     plan = config.plan(prepared.info)
-    report = PruneReport(config=config.to_dict())
-    for p in plan.values():
-        log.info("will prune %s %s to %.2f%% zeros (rho %.2e, %s)", p.name, p.shape, 100 * p.sparsity, p.rho, p.structure)
+    if resume and workdir is None:
+        raise ConfigError("resume needs the work directory of the interrupted run")
+    with _workdir(workdir) as path:
+        work = WorkDir(path)
+        identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": config.to_dict()}
+        if resume:
+            work.check_identity(identity)
+            saved = work.read_progress()
+            report = PruneReport.from_dict(saved["report"])
+            log.info("resuming %s: %s", path, saved["phase"] if saved["phase"] != "admm" else f"ADMM iteration {saved['step'] + 1}")
+        else:
+            if work.has_progress():
+                raise ConfigError(
+                    f"{path} holds an unfinished run", hint="add --resume to continue it, or delete the directory"
+                )
+            work.start(identity)
+            saved = {"phase": "admm", "step": 0}
+            report = PruneReport(config=config.to_dict())
+            for p in plan.values():
+                log.info("will prune %s %s to %.2f%% zeros (rho %.2e, %s)", p.name, p.shape, 100 * p.sparsity, p.rho, p.structure)
+        run = _PruneRun(prepared, plan, config, work, report, train_reader, eval_reader, progress)
+        if saved["phase"] == "admm":
+            run.admm(start=saved["step"])
+            saved = {"phase": "retrain", "step": 0}
+        weights, reference, probe = run.retrain(start=saved["step"])
 
-    with _workdir(workdir) as work:
-        # Phase 2: ADMM.
-        penalty = AdmmPenalty(ClassifierLoss(config.loss), list(plan))
-        trainer = _trainer(prepared, prepared.training, work / "admm", config, penalty, penalty.frozen_params, config.lr)
-        state = AdmmState(plan, rho_growth=config.rho_growth)
-        state.initialize(state.read_weights(trainer))
-        if eval_reader is not None:
-            before = trainer.evaluate(eval_reader)  # rho = 0 still: the plain model
-            report.accuracy_before, report.loss_before = before.accuracy, before.loss
-            log.info("before pruning: top-1 %.2f%%, loss %.4f", 100 * before.accuracy, before.loss)
-        state.write(trainer)
-        t0 = time.perf_counter()
-        for it in range(config.admm_iters):
-            _epochs(trainer, train_reader, None, config.epochs_per_iter, f"ADMM {it + 1}/{config.admm_iters}", progress, report)
-            residuals = state.update(trainer)
-            report.residuals.append({n: {"primal": r.primal, "dual": r.dual} for n, r in residuals.items()})
-            for n, r in residuals.items():
-                log.info("ADMM %d/%d %s: primal %.4f, dual %.4f, rho %.2e", it + 1, config.admm_iters, n, r.primal, r.dual, state.rho[n])
-            if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
-                from .errors import TrainingError
-
-                raise TrainingError("ADMM residuals exploded", hint="lower --rho or --rho-growth")
-        report.phase_seconds["admm"] = time.perf_counter() - t0
-        state.disable(trainer)
-        if eval_reader is not None and config.admm_iters:
-            report.accuracy_after_admm = trainer.evaluate(eval_reader).accuracy
-
-        # Phase 3: hard prune.
-        masks = state.hard_prune(trainer)
-        if eval_reader is not None:
-            report.accuracy_hard_pruned = trainer.evaluate(eval_reader).accuracy
-            log.info("hard-pruned: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
-        weights = {n: trainer.get(n) for n in prepared.info.trainable}
-        probe = _first_batch(eval_reader if eval_reader is not None else train_reader)
-        reference = trainer.logits(probe)
-        del trainer
-
-        # Phase 4: masked retraining with a fresh optimizer.
-        if config.retrain_epochs:
-            retrain_model = with_weights(prepared.training, weights)
-            insert_masks(retrain_model, masks)
-            t0 = time.perf_counter()
-            trainer = _trainer(
-                prepared, retrain_model, work / "retrain", config, ClassifierLoss(config.loss),
-                [mask_name(n) for n in masks], config.retrain_lr or config.lr,
-            )
-            if config.retrain_schedule == "cosine":
-                try:
-                    steps = len(train_reader) * config.retrain_epochs
-                except TypeError:
-                    steps = 0
-                if steps:
-                    trainer.schedule = cosine_schedule(config.retrain_lr or config.lr, steps)
-            _epochs(trainer, train_reader, eval_reader, config.retrain_epochs, "retrain", progress, report)
-            report.phase_seconds["retrain"] = time.perf_counter() - t0
-            weights = {n: trainer.get(n) for n in prepared.info.trainable}
-            for n, m in masks.items():
-                weights[n] = np.where(m, weights[n], np.zeros_like(weights[n]))
-            reference = trainer.logits(probe)
-            del trainer
-
-    # Phase 5: the original graph with the new weights.
+    # The original graph with the new weights.
     final = output_model(prepared, weights)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
@@ -369,6 +393,111 @@ def prune(
         report.accuracy_after, report.loss_after = after.accuracy, after.loss
         log.info("after pruning: top-1 %.2f%%, loss %.4f", 100 * after.accuracy, after.loss)
     return report
+
+
+class _PruneRun:
+    """The two training phases of :func:`prune`, saving their state in the work directory."""
+
+    def __init__(self, prepared, plan, config, work, report, train_reader, eval_reader, progress):
+        self.prepared, self.plan, self.config, self.work = prepared, plan, config, work
+        self.report, self.train_reader, self.eval_reader, self.progress = report, train_reader, eval_reader, progress
+
+    def _commit(self, phase: str, step: int) -> None:
+        self.work.write_progress({"phase": phase, "step": step, "report": self.report.to_dict()})
+
+    def admm(self, start: int) -> None:
+        """ADMM iterations ``start``..``admm_iters``, then the hard prune."""
+        c, work, report = self.config, self.work, self.report
+        penalty = AdmmPenalty(ClassifierLoss(c.loss), list(self.plan))
+        build_artifacts(
+            self.prepared.training, work.path / "admm", self.prepared.info.trainable, penalty,
+            self.prepared.output_name, penalty.frozen_params, c.optimizer,
+        )
+        trainer = Trainer(
+            work.path / "admm", c.lr, c.loss, _num_classes(self.prepared),
+            checkpoint=work.existing_checkpoint("admm") if start else None,
+        )
+        state = AdmmState(self.plan, rho_growth=c.rho_growth)
+        if start:
+            state.load(work.path / "admm_state.npz")
+        else:
+            state.initialize(state.read_weights(trainer))
+            if self.eval_reader is not None:
+                before = trainer.evaluate(self.eval_reader)  # rho = 0 still: the plain model
+                report.accuracy_before, report.loss_before = before.accuracy, before.loss
+                log.info("before pruning: top-1 %.2f%%, loss %.4f", 100 * before.accuracy, before.loss)
+            self._commit("admm", 0)
+        state.write(trainer)
+        for it in range(start, c.admm_iters):
+            t0 = time.perf_counter()
+            label = f"ADMM {it + 1}/{c.admm_iters}"
+            for e in range(c.epochs_per_iter):
+                _set_epoch(self.train_reader, it * c.epochs_per_iter + e)
+                sub = f" epoch {e + 1}/{c.epochs_per_iter}" if c.epochs_per_iter > 1 else ""
+                _epoch(trainer, self.train_reader, None, label + sub, self.progress, report)
+            residuals = state.update(trainer)
+            report.residuals.append({n: {"primal": r.primal, "dual": r.dual} for n, r in residuals.items()})
+            for n, r in residuals.items():
+                log.info("%s %s: primal %.4f, dual %.4f, rho %.2e", label, n, r.primal, r.dual, state.rho[n])
+            if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
+                raise TrainingError(
+                    f"ADMM residuals exploded at iteration {it + 1}; the last good state is in {work.path}",
+                    hint="lower --rho or --rho-growth",
+                )
+            report.phase_seconds["admm"] = report.phase_seconds.get("admm", 0.0) + time.perf_counter() - t0
+            work.save_checkpoint(trainer, "admm")
+            work.save_state(state)
+            self._commit("admm", it + 1)
+
+        state.disable(trainer)
+        if self.eval_reader is not None and c.admm_iters:
+            report.accuracy_after_admm = trainer.evaluate(self.eval_reader).accuracy
+        masks = state.hard_prune(trainer)
+        if self.eval_reader is not None:
+            report.accuracy_hard_pruned = trainer.evaluate(self.eval_reader).accuracy
+            log.info("hard-pruned: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
+        arrays = {f"w/{n}": trainer.get(n) for n in self.prepared.info.trainable}
+        arrays.update({f"m/{n}": m for n, m in masks.items()})
+        work.save_arrays("pruned.npz", arrays)
+        self._commit("retrain", 0)
+
+    def retrain(self, start: int):
+        """Masked retraining epochs ``start``..``retrain_epochs``; returns the final weights."""
+        c, work, report = self.config, self.work, self.report
+        arrays = work.load_arrays("pruned.npz")
+        weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+        masks = {k[2:]: v.astype(bool) for k, v in arrays.items() if k.startswith("m/")}
+        model = with_weights(self.prepared.training, weights)
+        insert_masks(model, masks)
+        build_artifacts(
+            model, work.path / "retrain", self.prepared.info.trainable, ClassifierLoss(c.loss),
+            self.prepared.output_name, [mask_name(n) for n in masks], c.optimizer,
+        )
+        lr = c.retrain_lr or c.lr
+        trainer = Trainer(
+            work.path / "retrain", lr, c.loss, _num_classes(self.prepared),
+            checkpoint=work.existing_checkpoint("retrain") if start else None,
+        )
+        try:
+            steps_per_epoch = len(self.train_reader)
+        except TypeError:
+            steps_per_epoch = 0
+        if c.retrain_schedule == "cosine" and steps_per_epoch:
+            trainer.schedule = cosine_schedule(lr, steps_per_epoch * c.retrain_epochs)
+            trainer.step = steps_per_epoch * start
+        for e in range(start, c.retrain_epochs):
+            t0 = time.perf_counter()
+            _set_epoch(self.train_reader, c.admm_iters * c.epochs_per_iter + e)
+            label = f"retrain {e + 1}/{c.retrain_epochs}"
+            _epoch(trainer, self.train_reader, self.eval_reader, label, self.progress, report)
+            report.phase_seconds["retrain"] = report.phase_seconds.get("retrain", 0.0) + time.perf_counter() - t0
+            work.save_checkpoint(trainer, "retrain")
+            self._commit("retrain", e + 1)
+        weights = {n: trainer.get(n) for n in self.prepared.info.trainable}
+        for n, m in masks.items():
+            weights[n] = np.where(m, weights[n], np.zeros_like(weights[n]))
+        probe = _first_batch(self.eval_reader if self.eval_reader is not None else self.train_reader)
+        return weights, trainer.logits(probe), probe
 
 
 def _session(model_input: ModelInput):

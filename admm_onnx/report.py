@@ -52,6 +52,15 @@ class PruneReport:
         nz = self.total_nonzero
         return self.total_weights / nz if nz else float("inf")
 
+    @classmethod
+    def from_dict(cls, data: Dict[str, object]) -> "PruneReport":
+        """Inverse of :meth:`to_dict` (used to resume a run's partial report)."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["layers"] = [
+            LayerRow(r["layer"], r["weights"], r["nonzero"], r.get("sparsity_target")) for r in data.get("layers", [])
+        ]
+        return cls(**fields)
+
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
         for row, src in zip(d["layers"], self.layers):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,14 @@ from typing import Optional
 
 import click
 
-from admm_onnx.errors import AdmmOnnxError, OutputError
+from admm_onnx.errors import AdmmOnnxError, ConfigError
 from admm_onnx.training import Progress
 
 log = logging.getLogger("admm_onnx.cli")
+
+
+class Interrupted(Exception):
+    """Ctrl-C with a message saying how to go on."""
 
 
 class ClickProgress(Progress):
@@ -99,11 +104,19 @@ def _common_training_options(f):
 @click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration. [1.3]")
 @click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining. [--lr]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the run keeps its state for --resume. [OUT.admm-work]")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
+@click.option("--keep-workdir", is_flag=True, help="Keep the work directory after success.")
 @_common_training_options
 @click.pass_context
 def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
-          retrain_lr, report_path, data, lr, batch_size, seed, loss, output_name, quiet):
-    """ADMM-prune MODEL on DATA and write the pruned model to OUT."""
+          retrain_lr, report_path, workdir, resume, keep_workdir, data, lr, batch_size, seed, loss, output_name, quiet):
+    """ADMM-prune MODEL on DATA and write the pruned model to OUT.
+
+    The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
+    crash or a kill, the same command with --resume continues from the last completed step.
+    """
     from admm_onnx.config import PruneConfig, load_config
     from admm_onnx.data import load_dataset
     from admm_onnx.io import check_output_path
@@ -125,8 +138,18 @@ def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, r
     config.plan(prepared.info)  # fail on bad rules before loading data
     dataset = load_dataset(data)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
+    work = Path(workdir) if workdir else Path(str(out) + ".admm-work")
     t0 = time.perf_counter()
-    report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet))
+    try:
+        report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        raise Interrupted(f"Interrupted. Progress is saved in {work}: run the same command with --resume to continue.")
+    except AdmmOnnxError as exc:
+        if (work / "progress.json").exists() and not isinstance(exc, (ConfigError,)):
+            exc.hint = (exc.hint + "; " if exc.hint else "") + f"progress so far is in {work}, continue with --resume"
+        raise
+    if not keep_workdir:
+        shutil.rmtree(work, ignore_errors=True)
     report.phase_seconds["total"] = time.perf_counter() - t0
     click.echo(report.table())
     click.echo(f"Wrote {out} in {report.phase_seconds['total']:.1f} s")
@@ -235,10 +258,10 @@ def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="admm-onnx", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Interrupted.", err=True)
+    except Interrupted as exc:
+        click.echo(str(exc), err=True)
         return 130
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Interrupted.", err=True)
         return 130
     except click.exceptions.ClickException as exc:

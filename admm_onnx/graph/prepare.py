@@ -12,16 +12,28 @@ from typing import Callable, Dict, List, Tuple
 import onnx
 
 from .batchnorm_frozen import freeze_batchnorm
+from .dropout import enable_dropout
+from .initializer_inputs import drop_initializer_inputs
 from .layernorm_outputs import add_layernorm_outputs
+from .lrn import lrn_to_pool
+from .opset import upgrade_opset
+from .outputs import train_on_logits
 from .sum_to_add import sum_to_add
 
 log = logging.getLogger(__name__)
 
 #: (description, rewrite) in the order they run.
 REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
+    # Versions first: refuses IR > 10 / opset > 21, upgrades opset < 13 (the later rewrites
+    # emit opset-13 forms such as Unsqueeze with an axes input).
+    ("opset/IR upgraded for training", upgrade_opset),
+    ("initializers no longer listed as graph inputs", drop_initializer_inputs),
     ("Sum -> chain of Add", sum_to_add),
+    ("LRN -> Pow/AveragePool/Div", lrn_to_pool),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),
     ("BatchNormalization with frozen running statistics", freeze_batchnorm),
+    ("Dropout active while training", enable_dropout),
+    ("class outputs trained as (N, C) logits", train_on_logits),
 ]
 
 

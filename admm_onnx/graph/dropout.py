@@ -1,0 +1,40 @@
+"""Switch ``Dropout`` on in the training copy (it is an identity at inference).
+
+Contract (decision): a Dropout node stays where the exporter put it and is *active* while
+training, as it was when the model was first trained (AlexNet, VGG and friends rely on it).
+ORT training reads the mode from Dropout's optional third input ``training_mode``:
+``generate_artifacts`` empties that input in the eval model it derives, so evaluation,
+``Trainer.logits`` and the written model all see the identity. This rewrite gives every
+default-domain Dropout (opset >= 12, which :mod:`.opset` guarantees) that has no
+``training_mode`` a constant ``True`` one; the ``ratio`` (input 2, default 0.5) is kept. A
+Dropout whose ``training_mode`` is already wired is left alone.
+
+Forward: the eval graph is unchanged; only the training graph samples masks. The unused mask
+output some exporters write (opset < 12 models) is harmless and kept.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ._util import NameScope, checked, opset_version
+
+
+def enable_dropout(model: onnx.ModelProto) -> int:
+    """Give Dropout nodes ``training_mode = True`` in place; returns how many were changed."""
+    graph = model.graph
+    nodes = [n for n in graph.node if n.op_type == "Dropout" and n.domain in ("", "ai.onnx")]
+    nodes = [n for n in nodes if len(n.input) < 3 or not n.input[2]]
+    if not nodes or opset_version(model) < 12:
+        return 0
+    names = NameScope(graph)
+    flag = names("admm/dropout/training_mode")
+    graph.initializer.append(numpy_helper.from_array(np.array(True), flag))
+    for node in nodes:
+        inputs = list(node.input) + [""] * (3 - len(node.input))
+        inputs[2] = flag
+        del node.input[:]
+        node.input.extend(inputs)
+    checked(model, "enable_dropout")
+    return len(nodes)

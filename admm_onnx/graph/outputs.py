@@ -1,0 +1,166 @@
+"""Train on logits: the training copy's class outputs become (N, C) logits.
+
+Decision: a classifier whose output is ``Softmax(logits)`` is trained on the logits (the
+cross-entropy of probabilities taken as logits has vanishing gradients), and an output of
+shape (N, C, 1, ..., 1) (SqueezeNet, DenseNet: a 1x1 conv head) is trained as (N, C).
+
+Detection (:func:`output_view`, on any graph): walking back from a graph output through
+view-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity), a ``Softmax`` over the class
+axis is found: for opset >= 13 its axis is the last axis or every axis after it has size 1;
+for opset < 13 (which flattens from ``axis`` on) its axis is 1. The chain must keep the
+per-sample element count (the class count C). Its input is the logits tensor.
+``LogSoftmax`` is left alone: cross-entropy on log-probabilities equals cross-entropy on logits.
+
+Rewrite (:func:`train_on_logits`, training copy only, every graph output): the graph output
+keeps its name but is recomputed as ``Flatten(logits, axis=1)`` (or ``Flatten(output)`` for a
+bare (N, C, 1, ..., 1) output), so it holds (N, C) logits; the old producer writes to a renamed
+tensor that stays available to any other consumer. The user's graph is not rewritten: the
+written model still ends in its Softmax and original shape. :class:`OutputView` converts
+between the two (``to_logits`` for evaluating a written model, ``from_logits`` to compare the
+trained model's output with the written one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ._util import NameScope, checked, opset_version
+from .shapes import tensor_shapes
+
+#: Ops that only change the view of a tensor, never its values.
+VIEW_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+@dataclass(frozen=True)
+class OutputView:
+    """How a written model's output relates to the (N, C) logits the training copy outputs."""
+
+    name: str
+    #: The written output is softmax(logits) (over the classes).
+    softmax: bool = False
+    #: The written output has trailing singleton dims the training copy drops.
+    flattened: bool = False
+    #: The logits tensor in the graph this view was made from (None if the output itself).
+    logits: Optional[str] = None
+
+    def to_logits(self, written: np.ndarray) -> np.ndarray:
+        """The written model's output as (N, C) logits: log-probabilities for a softmax output
+        (same argmax, same cross-entropy), trailing singleton dims dropped."""
+        x = np.asarray(written)
+        if x.ndim > 2 and all(d == 1 for d in x.shape[2:]):
+            x = x.reshape(x.shape[0], x.shape[1])
+        if self.softmax:
+            x = np.log(np.maximum(x.astype(np.float64), np.finfo(np.float64).tiny))
+        return x
+
+    def from_logits(self, logits: np.ndarray, like: Optional[np.ndarray] = None) -> np.ndarray:
+        """What the written model outputs for training-copy ``logits`` (reshaped like ``like``)."""
+        x = np.asarray(logits, dtype=np.float64)
+        if self.softmax:
+            z = x - x.max(axis=-1, keepdims=True)
+            e = np.exp(z)
+            x = e / e.sum(axis=-1, keepdims=True)
+        if like is not None and x.size == np.asarray(like).size:
+            x = x.reshape(np.asarray(like).shape)
+        return x
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _per_sample(shape) -> Optional[int]:
+    if not shape or any(not isinstance(d, int) for d in shape[1:]):
+        return None
+    return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+def _softmax_over_classes(node: onnx.NodeProto, opset: int, shape) -> bool:
+    """Does this Softmax normalise over all non-batch elements of its (N, ...) input?"""
+    if opset < 13:
+        return _attr(node, "axis", 1) == 1
+    axis = _attr(node, "axis", -1)
+    if shape is None:
+        return axis == -1
+    rank = len(shape)
+    axis = axis % rank if rank else axis
+    if axis == 0:
+        return False
+    return all(d == 1 for d in shape[1:axis]) and all(d == 1 for d in shape[axis + 1 :])
+
+
+def _find(model: onnx.ModelProto, output: str, shapes: Dict[str, list]) -> Tuple[Optional[onnx.NodeProto], bool]:
+    """(the class Softmax behind ``output`` or None, whether the output needs flattening)."""
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    opset = opset_version(model)
+    out_shape = shapes.get(output)
+    classes = _per_sample(out_shape)
+    flatten = bool(out_shape) and len(out_shape) > 2 and all(d == 1 for d in out_shape[2:])
+    cur = output
+    for _ in range(16):
+        node = producers.get(cur)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            break
+        in_shape = shapes.get(node.input[0]) if node.input else None
+        if classes is not None and _per_sample(in_shape) not in (None, classes):
+            break
+        if node.op_type == "Softmax":
+            if _softmax_over_classes(node, opset, in_shape):
+                return node, flatten or (in_shape is not None and len(in_shape) > 2)
+            break
+        if node.op_type not in VIEW_OPS:
+            break
+        cur = node.input[0]
+    return None, flatten
+
+
+def output_view(model: onnx.ModelProto, output: str, shapes: Optional[Dict[str, list]] = None) -> OutputView:
+    """How ``output`` of ``model`` (the user's graph) maps to training logits."""
+    shapes = shapes if shapes is not None else tensor_shapes(model)
+    softmax, flatten = _find(model, output, shapes)
+    return OutputView(output, softmax is not None, flatten, softmax.input[0] if softmax is not None else None)
+
+
+def train_on_logits(model: onnx.ModelProto) -> int:
+    """Make every class output of the training copy (N, C) logits, in place; returns how many."""
+    graph = model.graph
+    shapes = tensor_shapes(model)
+    names = NameScope(graph)
+    count = 0
+    for out in graph.output:
+        view = output_view(model, out.name, shapes)
+        if not view.softmax and not view.flattened:
+            continue
+        source = view.logits if view.softmax else None
+        renamed = names(f"{out.name}/{'probabilities' if view.softmax else 'unflattened'}")
+        for node in graph.node:
+            for i, o in enumerate(node.output):
+                if o == out.name:
+                    node.output[i] = renamed
+            for i, x in enumerate(node.input):
+                if x == out.name:
+                    node.input[i] = renamed
+        graph.node.append(
+            helper.make_node("Flatten", [source or renamed], [out.name], name=names(f"{out.name}/as_logits"), axis=1)
+        )
+        shape = shapes.get(out.name) or []
+        dims = out.type.tensor_type.shape.dim
+        batch = dims[0] if len(dims) else None
+        classes = _per_sample(shape)
+        new = helper.make_tensor_value_info(
+            out.name, out.type.tensor_type.elem_type,
+            [batch.dim_value if batch is not None and batch.HasField("dim_value") else (batch.dim_param if batch is not None and batch.dim_param else None),
+             classes],
+        )
+        out.CopyFrom(new)
+        count += 1
+    if count:
+        checked(model, "train_on_logits")
+    return count

@@ -31,7 +31,7 @@ from .errors import AdmmOnnxError, ConfigError, DataError, ModelError, OutputErr
 from .graph.analysis import GraphInfo, WeightInfo, analyse
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty, rho_name, target_name
-from .pipeline import evaluate, export_pruned, make_readers, prepare_model, prune, train
+from .pipeline import evaluate, export_pruned, make_readers, masked_model, prepare_model, prune, train
 from .projection import project, projection_mask
 from .report import PruneReport
 
@@ -40,6 +40,6 @@ __all__ = [
     "Dataset", "GraphInfo", "IdxReader", "IterableReader", "LABELS", "ModelError", "NpzReader", "OutputError",
     "PruneConfig", "PruneReport", "Residual", "Rule", "TrainingError", "WeightInfo", "WeightPlan", "analyse",
     "config_from_dict", "evaluate", "export_pruned", "insert_masks", "load_config", "load_dataset",
-    "make_readers", "mask_name", "prepare_model", "project", "projection_mask", "prune", "rho_name",
+    "make_readers", "mask_name", "masked_model", "prepare_model", "project", "projection_mask", "prune", "rho_name",
     "target_name", "train",
 ]

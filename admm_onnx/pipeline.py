@@ -158,15 +158,33 @@ def export_pruned(
     """
     prepared = prepare_model(model_input)
     out = check_output_path(model_output, prepared.source)
-    if not isinstance(weights, dict):
-        params = getattr(weights, "state", weights).parameters
-        names = {t.name for t in prepared.original.graph.initializer}
-        weights = {name: np.array(p.data) for name, p in params if name in names}
-    weights = dict(weights)
+    weights = _weights_for(prepared.original, weights)
     for name, m in (masks or {}).items():
         weights[name] = np.where(np.asarray(m, dtype=bool), weights[name], np.zeros_like(weights[name]))
     save_model(output_model(prepared, weights), out, external_data=prepared.used_external_data or None)
     return out
+
+
+def _weights_for(model: onnx.ModelProto, weights) -> Dict[str, np.ndarray]:
+    """A dict of weights, from a dict or from the parameters of an ORT ``CheckpointState``."""
+    if isinstance(weights, dict):
+        return dict(weights)
+    params = getattr(weights, "state", weights).parameters
+    names = {t.name for t in model.graph.initializer}
+    return {name: np.array(p.data) for name, p in params if name in names}
+
+
+def masked_model(
+    model: onnx.ModelProto, weights, masks: Dict[str, np.ndarray]
+) -> Tuple[onnx.ModelProto, List[str]]:
+    """The model for masked retraining: ``weights`` written in, every masked W read as W * M.
+
+    Returns the model and the mask parameter names to pass as ``frozen_params`` to
+    ``generate_artifacts`` (so the masks live in the checkpoint).
+    """
+    out = with_weights(model, _weights_for(model, weights))
+    insert_masks(out, {n: np.asarray(m) for n, m in masks.items()})
+    return out, [mask_name(n) for n in masks]
 
 
 # -- readers -----------------------------------------------------------------------------
@@ -467,11 +485,10 @@ class _PruneRun:
         arrays = work.load_arrays("pruned.npz")
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
         masks = {k[2:]: v.astype(bool) for k, v in arrays.items() if k.startswith("m/")}
-        model = with_weights(self.prepared.training, weights)
-        insert_masks(model, masks)
+        model, mask_params = masked_model(self.prepared.training, weights, masks)
         build_artifacts(
             model, work.path / "retrain", self.prepared.info.trainable, ClassifierLoss(c.loss),
-            self.prepared.output_name, [mask_name(n) for n in masks], c.optimizer,
+            self.prepared.output_name, mask_params, c.optimizer,
         )
         lr = c.retrain_lr or c.lr
         trainer = Trainer(

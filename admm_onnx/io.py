@@ -24,6 +24,14 @@ from .errors import ModelError, OutputError
 
 PathLike = Union[str, os.PathLike]
 
+def _umask_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_file_mode()
+
 #: protobuf refuses to serialise a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -83,6 +91,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
     try:
         yield tmp_path
         os.replace(tmp_path, target)

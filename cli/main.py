@@ -104,6 +104,8 @@ def _common_training_options(f):
 @click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration. [1.3]")
 @click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining. [--lr]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--sparse-output", type=click.Path(dir_okay=False), default=None,
+              help="Also write a CSR sparse deployment file here (as 'admm-onnx export').")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where the run keeps its state for --resume. [OUT.admm-work]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
@@ -111,7 +113,7 @@ def _common_training_options(f):
 @_common_training_options
 @click.pass_context
 def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
-          retrain_lr, report_path, workdir, resume, keep_workdir, data, lr, batch_size, seed, loss, output_name, quiet):
+          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
@@ -132,8 +134,11 @@ def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, r
         output=output_name,
     )
     check_output_path(out, model)
-    if report_path:
-        check_output_path(report_path, model)
+    for extra in (report_path, sparse_output):
+        if extra:
+            check_output_path(extra, model)
+            if Path(extra).resolve() == Path(out).resolve():
+                raise ConfigError(f"{extra} is also the -o output; choose another path")
     prepared = prepare_model(model, config.output)
     config.plan(prepared.info)  # fail on bad rules before loading data
     dataset = load_dataset(data)
@@ -153,7 +158,22 @@ def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, r
     report.phase_seconds["total"] = time.perf_counter() - t0
     click.echo(report.table())
     click.echo(f"Wrote {out} in {report.phase_seconds['total']:.1f} s")
+    if sparse_output:
+        _write_sparse(out, sparse_output)
     _write_json(report_path, report.to_dict())
+
+
+def _write_sparse(model_path, output) -> None:
+    from admm_onnx import io, sparse
+
+    model = io.load_model(model_path)
+    result, export = sparse.export_sparse(model)
+    io.save_model(result, output, external_data=True if io.uses_external_data(
+        io.load_model(model_path, load_external_data=False)) else None)
+    click.echo(
+        f"Wrote {output}: {len(export.encoded)} weight(s) as CSR, weights {export.total_dense_bytes:,} -> "
+        f"{export.total_stored_bytes:,} bytes"
+    )
 
 
 @cli.command()

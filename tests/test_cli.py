@@ -1,6 +1,7 @@
 """The command line: the happy path, and every bad input ends in one line and exit code 2."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ def _digest(path: Path) -> str:
 
 
 def test_prune_writes_model_report_and_table(lenet5_small, data_npz, tmp_path, capsys):
-    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    out, report, csr = tmp_path / "pruned.onnx", tmp_path / "report.json", tmp_path / "pruned.csr.onnx"
     code = main(["prune", str(lenet5_small), "-d", str(data_npz), "-o", str(out), "--sparsity", "0.75",
-                 "--report", str(report), "--rho", "0.01", "--rho-growth", "1.5", "--lr", "0.002",
+                 "--report", str(report), "--sparse-output", str(csr), "--rho", "0.01", "--rho-growth", "1.5", "--lr", "0.002",
                  "--epochs-per-iter", "1", "--seed", "1", *QUICK])
     printed = capsys.readouterr().out
     assert code == 0
@@ -33,6 +34,11 @@ def test_prune_writes_model_report_and_table(lenet5_small, data_npz, tmp_path, c
     assert data["config"]["rho"] == 0.01 and data["config"]["seed"] == 1
     assert len(data["residuals"]) == 1 and set(data["residuals"][0]["fc1.weight"]) == {"primal", "dual"}
     assert 0.0 <= data["accuracy_after"] <= 1.0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert csr.stat().st_size < out.stat().st_size / 2
+    assert not (tmp_path / "pruned.onnx.admm-work").exists()
 
 
 def test_config_file_rules(lenet5_small, data_npz, tmp_path, capsys):

@@ -67,6 +67,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ConfigError, ModelError
+from .graph.analysis import analyse
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class WeightRow:
     storage: str
     stored_bytes: int
     dense_bytes: int
+    #: "yes" if admm-onnx can prune it, else why not (dense weights only; "" otherwise)
+    prunable: str = ""
 
     @property
     def kept_pct(self) -> float:
@@ -778,7 +781,8 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
 
     Rows (:class:`WeightRow`) cover every float initializer of ndim >= 2, every CSR weight and
     every sparse initializer, in graph order; ``op`` lists the op types reading the weight
-    (decode nodes excluded). ``.totals`` sums them.
+    (decode nodes excluded); ``prunable`` says "yes" or why admm-onnx would not prune a dense
+    weight. ``.totals`` sums them.
     """
     _check_model_arg(model)
     graph = model.graph
@@ -787,6 +791,7 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
     skip = {i for i, nd in enumerate(graph.node) if _is_decode_node(nd, csr)} if csr else set()
     consumers = _consumers(graph, skip)
     csr_names = set().union(*(_decode_tensor_names(n) for n in csr)) if csr else set()
+    info = analyse(model)
     table = WeightTable()
     for tensor in graph.initializer:
         name = tensor.name
@@ -803,8 +808,9 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
         if name in csr_names or tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) < 2:
             continue
         arr = _to_array(tensor)
+        why = "yes" if name in info.prunable else info.not_prunable.get(name, "")
         table.append(WeightRow(name, ",".join(consumers.get(name, [])), tuple(arr.shape), int(arr.size),
-                               int(np.count_nonzero(arr)), "dense", int(arr.nbytes), int(arr.nbytes)))
+                               int(np.count_nonzero(arr)), "dense", int(arr.nbytes), int(arr.nbytes), why))
     for sp in graph.sparse_initializer:
         vals = _to_array(sp.values)
         idx = _to_array(sp.indices)

@@ -35,6 +35,7 @@ from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
+from .graph.outputs import output_view
 from .graph.prepare import prepare_for_training
 from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
@@ -82,9 +83,7 @@ def prepare_model(model_input: "ModelInput | PreparedModel", output: Optional[st
     training = onnx.ModelProto()
     training.CopyFrom(original)
     prepare_for_training(training)
-    info = analyse(training)
     inputs = graph_inputs(training)
-    float_inputs = [i for i in inputs if i.type.tensor_type.elem_type != onnx.TensorProto.INT64]
     if not inputs:
         raise ModelError("the model has no inputs")
     if len(inputs) > 1:
@@ -96,7 +95,7 @@ def prepare_model(model_input: "ModelInput | PreparedModel", output: Optional[st
         output = outputs[0]
     elif output not in outputs:
         raise ConfigError(f"--output {output!r} is not a model output; outputs: {', '.join(outputs)}")
-    del float_inputs
+    info = analyse(training, output)
     return PreparedModel(
         original=original,
         training=training,
@@ -133,7 +132,7 @@ def output_model(prepared: PreparedModel, weights: Dict[str, np.ndarray]) -> onn
     graph/batchnorm_frozen.py); otherwise the written model would not compute what was
     trained and evaluated.
     """
-    final = with_weights(prepared.original, weights)
+    final = with_weights(prepared.original, prepared.info.expand_weights(weights))
     changed = freeze_batchnorm(final)
     if changed:
         log.warning(
@@ -402,9 +401,12 @@ def prune(
     report.layers = layer_rows({n: weights[n] for n in plan}, {n: p.sparsity for n, p in plan.items()})
     sess = _session(out)
     (written,) = sess.run([prepared.output_name], _model_feed(sess, probe))
-    report.max_output_diff = float(np.max(np.abs(written.astype(np.float64) - reference)))
+    # The training copy outputs (N, C) logits; the user's graph may add a Softmax or keep
+    # an (N, C, 1, 1) shape (graph/outputs.py): compare like with like.
+    expected = output_view(prepared.original, prepared.output_name).from_logits(reference, like=written)
+    report.max_output_diff = float(np.max(np.abs(written.astype(np.float64) - expected)))
     log.info("written model vs trained model on one batch: max |output difference| %.3g", report.max_output_diff)
-    if report.max_output_diff > 1e-3 * max(1.0, float(np.max(np.abs(reference)))):
+    if report.max_output_diff > 1e-3 * max(1.0, float(np.max(np.abs(expected)))):
         log.warning("the written model's outputs differ from the trained model's by %.3g", report.max_output_diff)
     if eval_reader is not None:
         after = evaluate(final, eval_reader, prepared.output_name)
@@ -556,6 +558,8 @@ def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[
 
     sess = _session(model_input)
     output_name = output_name or sess.get_outputs()[0].name
+    graph = model_input if isinstance(model_input, onnx.ModelProto) else load_model(model_input, load_external_data=False)
+    view = output_view(graph, output_name)  # Softmax / (N, C, 1, 1) heads -> (N, C) logits
     t0 = time.perf_counter()
     correct, seen, nll = 0, 0, 0.0
     reader.rewind()
@@ -563,7 +567,8 @@ def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[
         feed = reader.get_next()
         if feed is None:
             break
-        (logits,) = sess.run([output_name], _model_feed(sess, feed))
+        (written,) = sess.run([output_name], _model_feed(sess, feed))
+        logits = view.to_logits(written)
         valid = int(feed.get("__valid__", len(logits)))
         logits, labels = logits[:valid], np.asarray(feed[LABELS])[:valid]
         correct += int((np.argmax(logits, axis=-1) == labels).sum())

@@ -34,30 +34,30 @@ def keep_count(size: int, sparsity: float) -> int:
     return size - zero_count(size, sparsity)
 
 
-def _top_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Flat indices of the k largest scores; ties go to the lowest index."""
-    n = scores.size
-    if k >= n:
-        return np.arange(n)
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
+def _top_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Flat boolean mask of the k largest scores; ties at the threshold go to the lowest index.
+
+    One ``np.partition`` finds the k-th largest value (the threshold); everything above it is
+    kept, and the first ``k - #above`` entries equal to it fill up to exactly k.
+    """
     flat = scores.ravel()
-    # Partition on the score, then settle ties at the threshold by index so the result is
-    # deterministic and has exactly k entries.
-    part = np.argpartition(flat, n - k)
-    threshold = flat[part[n - k]]
-    above = np.flatnonzero(flat > threshold)
-    at = np.flatnonzero(flat == threshold)
-    need = k - above.size
-    return np.concatenate([above, at[:need]])
+    n = flat.size
+    if k >= n:
+        return np.ones(n, dtype=bool)
+    if k <= 0:
+        return np.zeros(n, dtype=bool)
+    threshold = np.partition(flat, n - k)[n - k]
+    mask = flat > threshold
+    need = k - int(np.count_nonzero(mask))
+    if need:
+        mask[np.flatnonzero(flat == threshold)[:need]] = True
+    return mask
 
 
 def topk_mask(x: np.ndarray, sparsity: float) -> np.ndarray:
     """Boolean mask of the ``keep_count`` entries of largest magnitude."""
     x = np.asarray(x)
-    mask = np.zeros(x.size, dtype=bool)
-    mask[_top_indices(np.abs(x), keep_count(x.size, sparsity))] = True
-    return mask.reshape(x.shape)
+    return _top_mask(np.abs(x), keep_count(x.size, sparsity)).reshape(x.shape)
 
 
 def slice_mask(x: np.ndarray, sparsity: float, axis: int) -> np.ndarray:
@@ -66,8 +66,7 @@ def slice_mask(x: np.ndarray, sparsity: float, axis: int) -> np.ndarray:
     axis = axis % x.ndim
     moved = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
     norms = np.sqrt(np.einsum("ij,ij->i", moved, moved, dtype=np.float64))
-    keep = np.zeros(x.shape[axis], dtype=bool)
-    keep[_top_indices(norms, keep_count(x.shape[axis], sparsity))] = True
+    keep = _top_mask(norms, keep_count(x.shape[axis], sparsity))
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
     return np.broadcast_to(keep.reshape(shape), x.shape).copy()
@@ -90,5 +89,6 @@ def project(
     x: np.ndarray, sparsity: float, structure: str = "element", out_axis: int = 0, in_axis: int = 1
 ) -> np.ndarray:
     """Euclidean projection of ``x`` onto the sparsity set: x with the pruned entries zeroed."""
-    x = np.asarray(x)
-    return np.where(projection_mask(x, sparsity, structure, out_axis, in_axis), x, np.zeros_like(x))
+    out = np.array(x, copy=True)
+    out[~projection_mask(out, sparsity, structure, out_axis, in_axis)] = 0
+    return out

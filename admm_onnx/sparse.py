@@ -776,6 +776,18 @@ def csr_weights(model: onnx.ModelProto) -> Dict[str, "scipy.sparse.csr_matrix"]:
     return out
 
 
+def _prunability(model: onnx.ModelProto):
+    """What ``prune`` would see: the analysis of the prepared training copy (rewrites and
+    re-ties included); the plain analysis when the model cannot be prepared (a CSR file)."""
+    from .errors import AdmmOnnxError
+    from .pipeline import prepare_model
+
+    try:
+        return prepare_model(model).info
+    except (AdmmOnnxError, onnx.checker.ValidationError, ValueError):
+        return analyse(model)
+
+
 def inspect_model(model: onnx.ModelProto) -> WeightTable:
     """Per-weight sparsity and storage of ``model`` (dense, our CSR, or sparse_initializer).
 
@@ -791,7 +803,7 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
     skip = {i for i, nd in enumerate(graph.node) if _is_decode_node(nd, csr)} if csr else set()
     consumers = _consumers(graph, skip)
     csr_names = set().union(*(_decode_tensor_names(n) for n in csr)) if csr else set()
-    info = analyse(model)
+    info = _prunability(model)
     table = WeightTable()
     for tensor in graph.initializer:
         name = tensor.name

@@ -68,6 +68,9 @@ def build_artifacts(
 
     Every artifact's IR version is normalised for ORT 1.19.2 (see graph/ir_version.py).
     """
+    from .graph.differentiable import check_differentiable, explain_gradient_error
+
+    check_differentiable(model, list(trainable), output_name)  # one-line error naming the op
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # generate_artifacts logs at INFO through the root logger; keep it out of ours.
@@ -86,6 +89,9 @@ def build_artifacts(
             loss_input_names=[output_name],
         )
     except RuntimeError as exc:
+        explained = explain_gradient_error(exc, model)
+        if explained is not None:
+            raise explained from exc
         raise TrainingError(f"ONNX Runtime could not build the training graph: {_first_line(exc)}") from exc
     finally:
         root.setLevel(level)
@@ -143,8 +149,31 @@ class Trainer:
     def parameter_names(self) -> List[str]:
         return [name for name, _ in self.state.parameters]
 
-    def save_checkpoint(self, path: Path) -> None:
-        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
+    #: ORT writes a checkpoint as one flatbuffer, which fails past 2 GB ("ToFile ... errno 34").
+    CHECKPOINT_LIMIT = 1.9e9
+
+    def parameter_bytes(self) -> int:
+        """Bytes of all checkpoint parameters (trainable and frozen), computed once."""
+        if not hasattr(self, "_parameter_bytes"):
+            self._parameter_bytes = sum(p.data.nbytes for _, p in self.state.parameters)
+        return self._parameter_bytes
+
+    def save_checkpoint(self, path: Path) -> bool:
+        """Save parameters, and the optimizer state when it fits; returns whether it did.
+
+        AdamW keeps two moments per trainable parameter: with them a checkpoint is about
+        three times the parameters. Past ORT's 2 GB file limit the optimizer state is left
+        out, and a resumed run restarts the optimizer's moments (logged).
+        """
+        with_optimizer = 3 * self.parameter_bytes() < self.CHECKPOINT_LIMIT
+        if not with_optimizer and not getattr(self, "_warned_checkpoint", False):
+            log.warning(
+                "parameters take %.2f GB: checkpoints leave out the optimizer state (ORT's 2 GB limit); "
+                "a resumed run restarts the optimizer", self.parameter_bytes() / 1e9,
+            )
+            self._warned_checkpoint = True
+        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=with_optimizer)
+        return with_optimizer
 
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)

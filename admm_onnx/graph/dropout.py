@@ -6,11 +6,12 @@ ORT training reads the mode from Dropout's optional third input ``training_mode`
 ``generate_artifacts`` empties that input in the eval model it derives, so evaluation,
 ``Trainer.logits`` and the written model all see the identity. This rewrite gives every
 default-domain Dropout (opset >= 12, which :mod:`.opset` guarantees) that has no
-``training_mode`` a constant ``True`` one; the ``ratio`` (input 2, default 0.5) is kept. A
-Dropout whose ``training_mode`` is already wired is left alone.
+``training_mode`` a constant ``True`` one, and its optional ``mask`` output if missing (ORT's
+Dropout gradient builder reads output 1, like LayerNormalization's; see layernorm_outputs.py).
+The ``ratio`` (input 1, default 0.5) is kept. A Dropout whose ``training_mode`` is already
+wired is left alone.
 
-Forward: the eval graph is unchanged; only the training graph samples masks. The unused mask
-output some exporters write (opset < 12 models) is harmless and kept.
+Forward: the eval graph is unchanged; only the training graph samples masks.
 """
 from __future__ import annotations
 
@@ -36,5 +37,9 @@ def enable_dropout(model: onnx.ModelProto) -> int:
         inputs[2] = flag
         del node.input[:]
         node.input.extend(inputs)
+        if len(node.output) < 2 or not node.output[1]:
+            outputs = [node.output[0], names(f"{node.output[0]}/mask")]
+            del node.output[:]
+            node.output.extend(outputs)
     checked(model, "enable_dropout")
     return len(nodes)

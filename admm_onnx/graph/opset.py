@@ -25,6 +25,7 @@ from onnx import helper, version_converter
 
 from ..errors import ModelError
 from ._util import checked, opset_version
+from .shapes import light_copy
 
 #: Highest IR version ORT training 1.19.2 (and the onnx 1.17 checker) accept.
 MAX_IR_VERSION = 10
@@ -51,6 +52,10 @@ def check_versions(model: onnx.ModelProto) -> None:
         )
 
 
+def _init_names(model: onnx.ModelProto) -> set:
+    return {t.name for t in model.graph.initializer}
+
+
 def _has_default_opset(model: onnx.ModelProto) -> bool:
     return any(op.domain in ("", "ai.onnx") for op in model.opset_import)
 
@@ -61,20 +66,30 @@ def upgrade_opset(model: onnx.ModelProto) -> int:
     changed = 0
     opset = opset_version(model)
     if _has_default_opset(model) and opset < MIN_OPSET:
+        # Convert a copy without the weight data (large initializers as typed inputs: the
+        # adapters only read attributes and small constants), then put the weights back.
+        light = light_copy(model)
+        big = {i.name for i in light.graph.input} - {i.name for i in model.graph.input if i.name not in _init_names(model)}
         try:
-            converted = version_converter.convert_version(model, TARGET_OPSET)
+            converted = version_converter.convert_version(light, TARGET_OPSET)
         except Exception as exc:  # the converter raises assorted errors
             raise ModelError(
                 f"cannot upgrade the model from opset {opset} to {TARGET_OPSET} for training: {str(exc).splitlines()[0]}",
                 hint=f"upgrade it yourself to opset >= {MIN_OPSET}",
             ) from exc
-        lost = {t.name for t in model.graph.initializer} - {t.name for t in converted.graph.initializer}
+        inputs = [i for i in converted.graph.input if i.name not in big]
+        del converted.graph.input[:]
+        converted.graph.input.extend(inputs)
+        converted.graph.initializer.extend(t for t in model.graph.initializer if t.name in big)
+        lost = _init_names(model) - _init_names(converted)
         if lost:
             raise ModelError(
                 f"upgrading opset {opset} to {TARGET_OPSET} renamed initializers ({', '.join(sorted(lost)[:3])})",
                 hint=f"upgrade the model yourself to opset >= {MIN_OPSET}",
             )
+        ir = model.ir_version
         model.CopyFrom(converted)
+        model.ir_version = max(ir, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
         changed = 1
     if model.ir_version < 4:
         model.ir_version = max(4, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))

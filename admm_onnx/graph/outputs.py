@@ -22,7 +22,7 @@ trained model's output with the written one).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -113,7 +113,7 @@ def _find(model: onnx.ModelProto, output: str, shapes: Dict[str, list]) -> Tuple
             break
         if node.op_type == "Softmax":
             if _softmax_over_classes(node, opset, in_shape):
-                return node, flatten or (in_shape is not None and len(in_shape) > 2)
+                return node, flatten
             break
         if node.op_type not in VIEW_OPS:
             break
@@ -150,16 +150,12 @@ def train_on_logits(model: onnx.ModelProto) -> int:
         graph.node.append(
             helper.make_node("Flatten", [source or renamed], [out.name], name=names(f"{out.name}/as_logits"), axis=1)
         )
-        shape = shapes.get(out.name) or []
         dims = out.type.tensor_type.shape.dim
-        batch = dims[0] if len(dims) else None
-        classes = _per_sample(shape)
-        new = helper.make_tensor_value_info(
-            out.name, out.type.tensor_type.elem_type,
-            [batch.dim_value if batch is not None and batch.HasField("dim_value") else (batch.dim_param if batch is not None and batch.dim_param else None),
-             classes],
-        )
-        out.CopyFrom(new)
+        batch = None
+        if len(dims):
+            batch = dims[0].dim_value if dims[0].HasField("dim_value") else (dims[0].dim_param or None)
+        classes = _per_sample(shapes.get(out.name))
+        out.CopyFrom(helper.make_tensor_value_info(out.name, out.type.tensor_type.elem_type, [batch, classes]))
         count += 1
     if count:
         checked(model, "train_on_logits")

@@ -18,6 +18,8 @@ from .layernorm_outputs import add_layernorm_outputs
 from .lrn import lrn_to_pool
 from .opset import upgrade_opset
 from .outputs import train_on_logits
+from .prelu import prelu_to_relu
+from .retie import retie_embeddings
 from .sum_to_add import sum_to_add
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,10 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     # emit opset-13 forms such as Unsqueeze with an axes input).
     ("opset/IR upgraded for training", upgrade_opset),
     ("initializers no longer listed as graph inputs", drop_initializer_inputs),
+    ("embedding and folded head re-tied", retie_embeddings),
     ("Sum -> chain of Add", sum_to_add),
     ("LRN -> Pow/AveragePool/Div", lrn_to_pool),
+    ("PRelu -> Relu(x) - slope * Relu(-x)", prelu_to_relu),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),
     ("BatchNormalization with frozen running statistics", freeze_batchnorm),
     ("Dropout active while training", enable_dropout),

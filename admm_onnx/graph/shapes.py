@@ -3,13 +3,14 @@
 Contract: :func:`tensor_shapes` runs ONNX shape inference (with data propagation, so Reshape
 targets held in small int64 initializers are followed) on a light copy of the model in which
 every initializer of more than :data:`KEEP_ELEMENTS` elements becomes a graph input of the same
-type and shape. The result maps tensor name -> list of dims (int, symbol string or None), and
-is empty for tensors inference could not type. Inference errors are swallowed: callers treat
+type and shape. The result maps tensor name -> list of dims (int, symbol string or None)
+(and, from :func:`tensor_info`, name -> element type); tensors inference could not type are
+missing. Inference errors are swallowed: callers treat
 unknown shapes conservatively. Nothing is mutated.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -53,18 +54,28 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def tensor_shapes(model: onnx.ModelProto) -> Dict[str, List[object]]:
-    """Tensor name -> inferred shape, for graph inputs, outputs, initializers and node outputs."""
+def tensor_info(model: onnx.ModelProto) -> Tuple[Dict[str, List[object]], Dict[str, int]]:
+    """(tensor name -> inferred shape, tensor name -> element type) for graph inputs, outputs,
+    initializers and node outputs that inference could type."""
     light = light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort here
         inferred = light
     shapes: Dict[str, List[object]] = {}
+    types: Dict[str, int] = {}
     for t in model.graph.initializer:
         shapes[t.name] = [int(d) for d in t.dims]
+        types[t.name] = t.data_type
     for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if v.type.tensor_type.elem_type and v.name not in types:
+            types[v.name] = v.type.tensor_type.elem_type
         dims = _dims(v)
         if dims is not None and v.name not in shapes:
             shapes[v.name] = dims
-    return shapes
+    return shapes, types
+
+
+def tensor_shapes(model: onnx.ModelProto) -> Dict[str, List[object]]:
+    """Tensor name -> inferred shape (see :func:`tensor_info`)."""
+    return tensor_info(model)[0]

@@ -839,6 +839,25 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
 # --------------------------------------------------------------------------------------------
 
 
+def sample_feeds(model: onnx.ModelProto, seed: int = 0) -> Dict[str, np.ndarray]:
+    """A random batch for every real input of ``model`` (symbolic dims set to 1): standard
+    normal floats, integers in [0, 10) for integer inputs (token ids)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tt = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            feeds[value.name] = rng.integers(0, 10, shape).astype(dtype)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
 def max_output_change(dense_model: onnx.ModelProto, sparse_model: onnx.ModelProto,
                       feeds: Mapping[str, np.ndarray]) -> float:
     """Largest absolute difference over all outputs of the two models on ``feeds``.

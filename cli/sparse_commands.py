@@ -89,6 +89,9 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     click.echo(format_table(rows, rows.totals))
     for name, reason in report.skipped.items():
         click.echo(f"kept dense: {name} ({reason})")
+    if values == "fp16" and model.ByteSize() < io.PROTOBUF_LIMIT and result.ByteSize() < io.PROTOBUF_LIMIT:
+        change = sparse.max_output_change(model, result, sparse.sample_feeds(model))
+        click.echo(f"fp16 values are lossy: max |output change| {change:.3g} on a random sample batch")
     before, after = _footprint(model_path), _footprint(output)
     click.echo(
         f"wrote {output}: {len(report.encoded)} weight(s) as {fmt}"

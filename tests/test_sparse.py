@@ -361,6 +361,9 @@ def test_cli_export_inspect_densify(pruned_file, tmp_path, feeds):
         res = invoke(export_cmd, pruned_file, "-o", out, *extra)
         assert res.exit_code == 0, res.output
         np.testing.assert_allclose(run_ort(out, feeds)[0], run_ort(pruned_file, feeds)[0], atol=1e-3)
+        if "fp16" in extra:
+            reported = float(res.output.split("max |output change| ")[1].split()[0])
+            assert 0 < reported < 1e-2  # lossy, and said so
 
 
 def test_cli_keeps_external_data(dense, tmp_path, feeds):

@@ -27,9 +27,9 @@ import difflib
 import fnmatch
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 from .graph.analysis import PRUNABLE_OPS, GraphInfo

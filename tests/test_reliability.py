@@ -1,7 +1,6 @@
 """Divergence stops with advice and keeps the last good state; the config parser never crashes."""
 import json
 
-import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -1,7 +1,10 @@
 """Helpers shared by the graph rewrites."""
 from __future__ import annotations
 
+from typing import Callable, List
+
 import onnx
+from onnx import helper
 
 from ..errors import ModelError
 
@@ -44,3 +47,42 @@ def opset_version(model: onnx.ModelProto) -> int:
         if op.domain in ("", "ai.onnx"):
             return op.version
     return 1
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """Value of attribute ``name`` of ``node``, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def is_default_domain(node: onnx.NodeProto, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def replace_nodes(
+    model: onnx.ModelProto,
+    op_type: str,
+    expand: Callable[[onnx.NodeProto, NameScope, onnx.GraphProto], List[onnx.NodeProto]],
+    what: str,
+) -> int:
+    """Replace every default-domain ``op_type`` node of the main graph, in place, by the nodes
+    ``expand(node, names, graph)`` returns (which write the node's outputs), keeping the order;
+    then run the checker. ``expand`` may append initializers to ``graph``. Returns how many."""
+    graph = model.graph
+    if not any(is_default_domain(n, op_type) for n in graph.node):
+        return 0
+    names = NameScope(graph)
+    new_nodes: List[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if is_default_domain(node, op_type):
+            new_nodes.extend(expand(node, names, graph))
+            count += 1
+        else:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    checked(model, what)
+    return count

@@ -65,6 +65,8 @@ _VIEW_OPS = {"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "
 #: Metadata key prefix under which graph/retie.py records derived initializers.
 DERIVED_KEY = "admm_onnx.derived:"
 
+from ._util import attr
+
 
 @dataclass(frozen=True)
 class WeightInfo:
@@ -120,12 +122,6 @@ class _Use:
     axes: Optional[Tuple[Optional[int], ...]]  # node-view axis -> stored axis (None: mixed)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _weight_axes(node: onnx.NodeProto, slot: int, ndim: int) -> Optional[Tuple[int, int]]:
     """(out_axis, in_axis) of the weight at input ``slot`` of ``node``, or None if not a weight."""
@@ -135,7 +131,7 @@ def _weight_axes(node: onnx.NodeProto, slot: int, ndim: int) -> Optional[Tuple[i
     if op == "ConvTranspose" and slot == 1 and ndim >= 3:
         return 1, 0
     if op == "Gemm" and slot == 1 and ndim == 2:
-        return (0, 1) if _attr(node, "transB", 0) else (1, 0)
+        return (0, 1) if attr(node, "transB", 0) else (1, 0)
     if op == "MatMul" and ndim >= 2:
         if slot == 1:  # X @ W, W is (..., in, out)
             return ndim - 1, ndim - 2
@@ -158,7 +154,7 @@ def _constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
             out[t.name] = numpy_helper.to_array(t)
     for n in graph.node:
         if n.op_type == "Constant" and n.output:
-            v = _attr(n, "value")
+            v = attr(n, "value")
             if isinstance(v, onnx.TensorProto) and v.data_type in (TensorProto.INT64, TensorProto.INT32):
                 out[n.output[0]] = numpy_helper.to_array(v)
     return out
@@ -184,27 +180,27 @@ def _view(node: onnx.NodeProto, shape, axes, consts) -> Optional[Tuple[Tuple[int
     """(shape, axis map) after a view-only ``node``, or None if it cannot be followed."""
     op = node.op_type
     if op in ("Identity", "Cast"):
-        if op == "Cast" and _attr(node, "to") not in FLOAT_TYPES:
+        if op == "Cast" and attr(node, "to") not in FLOAT_TYPES:
             return None
         return shape, axes
     if op == "Transpose":
-        perm = _attr(node, "perm") or list(range(len(shape)))[::-1]
+        perm = attr(node, "perm") or list(range(len(shape)))[::-1]
         return tuple(shape[p] for p in perm), tuple(axes[p] for p in perm)
     if op == "Flatten":
-        axis = _attr(node, "axis", 1) % (len(shape) + 1) if shape else 1
+        axis = attr(node, "axis", 1) % (len(shape) + 1) if shape else 1
         new = (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
     elif op == "Reshape":
         if len(node.input) < 2 or node.input[1] not in consts:
             return None
         target = [int(v) for v in consts[node.input[1]].ravel()]
-        if not _attr(node, "allowzero", 0):
+        if not attr(node, "allowzero", 0):
             target = [shape[i] if v == 0 and i < len(shape) else v for i, v in enumerate(target)]
         if target.count(-1) == 1:
             known = int(np.prod([v for v in target if v != -1]))
             target[target.index(-1)] = int(np.prod(shape)) // max(known, 1)
         new = tuple(target)
     elif op in ("Squeeze", "Unsqueeze"):
-        ax = _attr(node, "axes")
+        ax = attr(node, "axes")
         if ax is None and len(node.input) > 1:
             ax = consts.get(node.input[1])
             ax = None if ax is None else [int(v) for v in np.ravel(ax)]

@@ -19,68 +19,53 @@ forward result matches ORT's LRN kernel to float rounding (tested within 1e-5). 
 """
 from __future__ import annotations
 
+from typing import List
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, checked
+from ._util import NameScope, attr, replace_nodes
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+def _as_pool(node: onnx.NodeProto, names: NameScope, graph: onnx.GraphProto) -> List[onnx.NodeProto]:
+    size = int(attr(node, "size", 1))
+    alpha = float(attr(node, "alpha", 1e-4))
+    beta = float(attr(node, "beta", 0.75))
+    bias = float(attr(node, "bias", 1.0))
+    x, y = node.input[0], node.output[0]
+    base = node.name or y
+    n = lambda what: names(f"{base}/{what}")  # noqa: E731
+    consts = {
+        "axes": np.array([1], np.int64),
+        "flat": np.array([0, 0, 0, -1], np.int64),
+        "alpha": np.array(alpha, np.float32),
+        "bias": np.array(bias, np.float32),
+        "beta": np.array(beta, np.float32),
+    }
+    c = {k: n(k) for k in consts}
+    for k, v in consts.items():
+        graph.initializer.append(numpy_helper.from_array(v, c[k]))
+    sq, unsq, flat, avg, shape, back, scaled, denom_in, denom = (
+        n(k) for k in ("sq", "unsq", "flat_sq", "avg", "shape", "avg_nd", "scaled", "base", "denom")
+    )
+    return [
+        helper.make_node("Mul", [x, x], [sq], name=n("Square")),
+        helper.make_node("Unsqueeze", [sq, c["axes"]], [unsq], name=n("Unsqueeze")),
+        helper.make_node("Reshape", [unsq, c["flat"]], [flat], name=n("Flatten")),
+        helper.make_node(
+            "AveragePool", [flat], [avg], name=n("WindowMean"),
+            kernel_shape=[size, 1], pads=[(size - 1) // 2, 0, size // 2, 0], count_include_pad=1,
+        ),
+        helper.make_node("Shape", [x], [shape], name=n("Shape")),
+        helper.make_node("Reshape", [avg, shape], [back], name=n("Restore")),
+        helper.make_node("Mul", [back, c["alpha"]], [scaled], name=n("Alpha")),
+        helper.make_node("Add", [scaled, c["bias"]], [denom_in], name=n("Bias")),
+        helper.make_node("Pow", [denom_in, c["beta"]], [denom], name=n("Pow")),
+        helper.make_node("Div", [x, denom], [y], name=n("Div")),
+    ]
 
 
 def lrn_to_pool(model: onnx.ModelProto) -> int:
     """Rewrite every default-domain ``LRN`` in the main graph in place; returns how many."""
-    graph = model.graph
-    if not any(n.op_type == "LRN" and n.domain in ("", "ai.onnx") for n in graph.node):
-        return 0
-    names = NameScope(graph)
-    new_nodes, count = [], 0
-    for node in graph.node:
-        if node.op_type != "LRN" or node.domain not in ("", "ai.onnx"):
-            new_nodes.append(node)
-            continue
-        count += 1
-        size = int(_attr(node, "size", 1))
-        alpha = float(_attr(node, "alpha", 1e-4))
-        beta = float(_attr(node, "beta", 0.75))
-        bias = float(_attr(node, "bias", 1.0))
-        x, y = node.input[0], node.output[0]
-        base = node.name or y
-        n = lambda what: names(f"{base}/{what}")  # noqa: E731
-        consts = {
-            "axes": np.array([1], np.int64),
-            "flat": np.array([0, 0, 0, -1], np.int64),
-            "alpha": np.array(alpha, np.float32),
-            "bias": np.array(bias, np.float32),
-            "beta": np.array(beta, np.float32),
-        }
-        c = {k: n(k) for k in consts}
-        for k, v in consts.items():
-            graph.initializer.append(numpy_helper.from_array(v, c[k]))
-        sq, unsq, flat, avg, shape, back, scaled, denom_in, denom = (
-            n(k) for k in ("sq", "unsq", "flat_sq", "avg", "shape", "avg_nd", "scaled", "base", "denom")
-        )
-        new_nodes += [
-            helper.make_node("Mul", [x, x], [sq], name=n("Square")),
-            helper.make_node("Unsqueeze", [sq, c["axes"]], [unsq], name=n("Unsqueeze")),
-            helper.make_node("Reshape", [unsq, c["flat"]], [flat], name=n("Flatten")),
-            helper.make_node(
-                "AveragePool", [flat], [avg], name=n("WindowMean"),
-                kernel_shape=[size, 1], pads=[(size - 1) // 2, 0, size // 2, 0], count_include_pad=1,
-            ),
-            helper.make_node("Shape", [x], [shape], name=n("Shape")),
-            helper.make_node("Reshape", [avg, shape], [back], name=n("Restore")),
-            helper.make_node("Mul", [back, c["alpha"]], [scaled], name=n("Alpha")),
-            helper.make_node("Add", [scaled, c["bias"]], [denom_in], name=n("Bias")),
-            helper.make_node("Pow", [denom_in, c["beta"]], [denom], name=n("Pow")),
-            helper.make_node("Div", [x, denom], [y], name=n("Div")),
-        ]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    checked(model, "lrn_to_pool")
-    return count
+    return replace_nodes(model, "LRN", _as_pool, "lrn_to_pool")

@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
-from ._util import checked
+from ._util import attr, checked
 from .analysis import _constants, consumer_map, final_uses
 from .shapes import light_copy
 
@@ -64,12 +64,6 @@ def light_model(name: str, seed: int = 0, size: Optional[Sequence[int]] = None) 
     return materialize_weights(model, seed)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _fan_in(node: onnx.NodeProto, slot: int, shape: Tuple[int, ...]) -> Optional[int]:
     """Fan-in if ``shape`` is the weight operand of ``node`` at ``slot``, else None."""
@@ -77,11 +71,11 @@ def _fan_in(node: onnx.NodeProto, slot: int, shape: Tuple[int, ...]) -> Optional
     if op == "Conv" and slot == 1 and len(shape) >= 3:
         return int(np.prod(shape[1:]))
     if op == "ConvTranspose" and slot == 1 and len(shape) >= 3:
-        return int(shape[0] // max(1, _attr(node, "group", 1)) * np.prod(shape[2:]))
+        return int(shape[0] // max(1, attr(node, "group", 1)) * np.prod(shape[2:]))
     if op == "Gemm" and slot == 1 and len(shape) == 2:
-        return int(shape[1] if _attr(node, "transB", 0) else shape[0])
+        return int(shape[1] if attr(node, "transB", 0) else shape[0])
     if op == "Gemm" and slot == 0 and len(shape) == 2:
-        return int(shape[0] if _attr(node, "transA", 0) else shape[1])
+        return int(shape[0] if attr(node, "transA", 0) else shape[1])
     if op == "MatMul" and len(shape) >= 2:
         return int(shape[-2] if slot == 1 else shape[-1])
     return None
@@ -117,7 +111,7 @@ def materialize_weights(model: onnx.ModelProto, seed: int = 0, calibrate: bool =
             continue
         if not node.input or node.input[0] not in inits:
             continue
-        value = _attr(node, "value")
+        value = attr(node, "value")
         elem = value.data_type if value is not None else TensorProto.FLOAT
         if elem not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
             continue

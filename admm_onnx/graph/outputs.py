@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ._util import NameScope, checked, opset_version
+from ._util import NameScope, attr, checked, opset_version
 from .shapes import tensor_shapes
 
 #: Ops that only change the view of a tensor, never its values.
@@ -69,12 +69,6 @@ class OutputView:
         return x
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _per_sample(shape) -> Optional[int]:
     if not shape or any(not isinstance(d, int) for d in shape[1:]):
@@ -85,8 +79,8 @@ def _per_sample(shape) -> Optional[int]:
 def _softmax_over_classes(node: onnx.NodeProto, opset: int, shape) -> bool:
     """Does this Softmax normalise over all non-batch elements of its (N, ...) input?"""
     if opset < 13:
-        return _attr(node, "axis", 1) == 1
-    axis = _attr(node, "axis", -1)
+        return attr(node, "axis", 1) == 1
+    axis = attr(node, "axis", -1)
     if shape is None:
         return axis == -1
     rank = len(shape)

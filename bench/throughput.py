@@ -53,11 +53,36 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "cpu": cpu,
         "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
     }
 
 
 # -- ORT side ------------------------------------------------------------------------------------
-def make_trainers(work: Path, batch: int, seed: int):
+def pool_before_relu(model):
+    """LeNet-5 with each conv's Relu moved after its MaxPool: the same function (max and ReLU
+    commute, ReLU being monotonic), but Relu and ReluGrad run on 4x fewer elements."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = list(m.graph.node)
+    by_out = {n.output[0]: n for n in nodes}
+    for pool in [n for n in nodes if n.op_type == "MaxPool"]:
+        relu = by_out.get(pool.input[0])
+        if relu is None or relu.op_type != "Relu":
+            continue
+        conv_out, relu_out, pool_out = relu.input[0], relu.output[0], pool.output[0]
+        pool.input[0], pool.output[0] = conv_out, relu_out   # MaxPool(conv) -> tmp
+        relu.input[0], relu.output[0] = relu_out, pool_out   # Relu(tmp) -> old pool output
+        i, j = nodes.index(relu), nodes.index(pool)
+        nodes[i], nodes[j] = pool, relu
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.checker.check_model(m)
+    return m
+
+
+def make_trainers(work: Path, batch: int, seed: int, pool_relu: bool = False):
     from admm_onnx.admm import AdmmState
     from admm_onnx.config import PruneConfig, Rule
     from admm_onnx.graph.penalty import AdmmPenalty
@@ -66,7 +91,8 @@ def make_trainers(work: Path, batch: int, seed: int):
     from admm_onnx.pipeline import prepare_model
     from admm_onnx.training import Trainer, build_artifacts
 
-    prepared = prepare_model(build("lenet5", seed=seed))
+    model = build("lenet5", seed=seed)
+    prepared = prepare_model(pool_before_relu(model) if pool_relu else model)
     trainable = prepared.info.trainable
     build_artifacts(prepared.training, work / "plain", trainable, ClassifierLoss(), prepared.output_name)
     plain = Trainer(work / "plain", lr=1e-3, num_classes=10)
@@ -81,24 +107,41 @@ def make_trainers(work: Path, batch: int, seed: int):
     return plain, admm
 
 
+def nospin_module(directory: Path, threads: int = 0):
+    """(module, optimizer) over the same artifacts with ORT's intra-op spinning turned off."""
+    import onnxruntime as ort
+
+    from admm_onnx._ort import api
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
+    module = api.Module(str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx"), session_options=so)
+    optimizer = api.Optimizer(str(directory / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(1e-3)
+    return module, optimizer, state
+
+
 class OrtRunner:
-    def __init__(self, trainer, xs, ys):
-        self.trainer, self.xs, self.ys = trainer, xs, ys
+    """The step of Trainer.train_epoch (forward+backward, optimizer step, grad reset), no reader."""
+
+    def __init__(self, module, optimizer, xs, ys):
+        self.module, self.optimizer, self.xs, self.ys = module, optimizer, xs, ys
         self.i = 0
 
     def run(self, steps: int) -> float:
-        from admm_onnx.data import LABELS
-
-        t = self.trainer
-        t.module.train()
+        m, opt = self.module, self.optimizer
+        m.train()
         n = len(self.xs)
         t0 = time.perf_counter()
         for _ in range(steps):
             j = self.i % n
             self.i += 1
-            loss, logits = t.module(*t._inputs({t.input_names[0]: self.xs[j], LABELS: self.ys[j]}))
-            t.optimizer.step()
-            t.module.lazy_reset_grad()
+            loss, logits = m(self.xs[j], self.ys[j])
+            opt.step()
+            m.lazy_reset_grad()
         return time.perf_counter() - t0
 
 
@@ -110,7 +153,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-threads, batch, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+threads, batch, seed, pool_relu = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
 
@@ -122,15 +165,20 @@ class LeNet5(nn.Module):
         self.fc1 = nn.Linear(800, 500)
         self.fc2 = nn.Linear(500, 10)
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        if self.pool_relu:
+            x = F.relu(F.max_pool2d(self.conv1(x), 2))
+            x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        else:
+            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc2(x)
 
 KEEP = {"conv1": 0.20, "conv2": 0.08, "fc1": 0.009, "fc2": 0.07}
 
-def make(admm):
+def make(admm, pool_relu=False):
     model = LeNet5()
+    model.pool_relu = pool_relu
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # ORT's AdamW defaults: wd 0.01
     targets = {}
     if admm:
@@ -159,7 +207,7 @@ def make(admm):
 rng = np.random.default_rng(seed)
 xs = [torch.from_numpy(rng.random((batch, 1, 28, 28), dtype=np.float32)) for _ in range(16)]
 ys = [torch.from_numpy(rng.integers(0, 10, batch).astype(np.int64)) for _ in range(16)]
-steps = {"torch_plain": make(False), "torch_admm": make(True)}
+steps = {"torch_plain": make(False), "torch_admm": make(True), "torch_admm_poolrelu": make(True, True)}
 counter = {k: 0 for k in steps}
 print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
 for line in sys.stdin:
@@ -186,7 +234,7 @@ class TorchRunner:
             self.script.close()
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
             proc = subprocess.Popen(
-                [python, self.script.name, str(threads), str(batch), str(seed)],
+                [python, self.script.name, str(threads), str(batch), str(seed), "0"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
             )
             hello = proc.stdout.readline()
@@ -224,11 +272,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--mnist", help="use real MNIST training images from this IDX dir (default: random data)")
     ap.add_argument("--torch-python", default=None, help=f"python with torch (default {DEFAULT_TORCH_PYTHON} if it exists)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--pool-relu", action="store_true",
+                    help="also time the ADMM step of LeNet-5 with MaxPool before ReLU (same function), ORT and torch")
+    ap.add_argument("--no-nospin", action="store_true", help="skip the ORT variants with spinning off")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
     info = machine_info()
-    print(f"Date {info['date']}; machine: {info['nproc']} CPUs, {info['cpu']}, {info['platform']}, Python {info['python']}")
+    print(f"Date {info['date']}; machine: {info['nproc']} CPUs, {info['cpu']}, {info['platform']}, Python {info['python']}, "
+          f"load average {', '.join(f'{x:.2f}' for x in info['loadavg'])}")
     import onnxruntime
 
     rng = np.random.default_rng(args.seed)
@@ -245,7 +297,20 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="admm-throughput-") as tmp:
         plain, admm = make_trainers(Path(tmp), args.batch, args.seed)
-        runners = {"ort_plain": OrtRunner(plain, xs, ys), "ort_admm": OrtRunner(admm, xs, ys)}
+        for t in (plain, admm):  # feeds in the graph's input order: image, labels
+            assert len(t.input_names) == 2 and t.input_names[1] == "admm_labels", t.input_names
+        runners = {"ort_plain": OrtRunner(plain.module, plain.optimizer, xs, ys),
+                   "ort_admm": OrtRunner(admm.module, admm.optimizer, xs, ys)}
+        if not args.no_nospin:
+            m, o, _ = nospin_module(Path(tmp) / "plain")
+            runners["ort_plain_nospin"] = OrtRunner(m, o, xs, ys)
+            m, o, st = nospin_module(Path(tmp) / "admm")
+            for name in admm.parameter_names():  # same ADMM targets and rho as the Trainer's graph
+                st.parameters[name].data = admm.get(name)
+            runners["ort_admm_nospin"] = OrtRunner(m, o, xs, ys)
+        if args.pool_relu:
+            _, admm_pr = make_trainers(Path(tmp) / "poolrelu", args.batch, args.seed, pool_relu=True)
+            runners["ort_admm_poolrelu"] = OrtRunner(admm_pr.module, admm_pr.optimizer, xs, ys)
         torch_python = None if args.no_torch else (args.torch_python or (DEFAULT_TORCH_PYTHON if Path(DEFAULT_TORCH_PYTHON).exists() else None))
         torch_info = None
         tr = None
@@ -254,6 +319,8 @@ def main(argv=None) -> dict:
             torch_info = tr.info
             runners["torch_plain"] = tr
             runners["torch_admm"] = tr.sibling("torch_admm")
+            if args.pool_relu:
+                runners["torch_admm_poolrelu"] = tr.sibling("torch_admm_poolrelu")
         print(f"onnxruntime {onnxruntime.__version__}" + (f"; torch {torch_info['torch']} ({torch_info['threads']} threads) via {torch_python}" if torch_info else "; torch: not run"))
         print(f"LeNet-5, batch {args.batch}, {'MNIST' if args.mnist else 'random'} inputs 1x28x28, AdamW lr 1e-3; "
               f"{args.rounds} rounds x {args.steps} steps per variant, interleaved")
@@ -268,12 +335,15 @@ def main(argv=None) -> dict:
             if tr is not None:
                 tr.close()
 
+    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rates = {k: [args.steps * args.batch / s for s in v] for k, v in seconds.items()}
     med = {k: statistics.median(v) for k, v in rates.items()}
     print()
     print("| variant | samples/s (median) | min | max | ms/step |")
     print("|---|---:|---:|---:|---:|")
     names = {"ort_plain": "(a) ORT plain step", "ort_admm": "(b) ORT ADMM step",
+             "ort_plain_nospin": "    ORT plain step, spinning off", "ort_admm_nospin": "    ORT ADMM step, spinning off",
+             "ort_admm_poolrelu": "    ORT ADMM step, MaxPool before ReLU", "torch_admm_poolrelu": "    PyTorch eager ADMM step, MaxPool before ReLU",
              "torch_plain": "    PyTorch eager plain step", "torch_admm": "(c) PyTorch eager ADMM step"}
     for k in runners:
         print(f"| {names[k]} | {med[k]:,.0f} | {min(rates[k]):,.0f} | {max(rates[k]):,.0f} | {1000 * args.batch / med[k]:.2f} |")
@@ -292,6 +362,21 @@ def main(argv=None) -> dict:
         print(f"ORT ADMM / PyTorch eager ADMM throughput: {ratios['ort_admm_over_torch_admm']:.2f}x "
               f"(paired per-round median {ratios['ort_admm_over_torch_admm_paired_median']:.2f}x; target >= 1.0)")
         print(f"ORT plain / PyTorch eager plain throughput: {ratios['ort_plain_over_torch_plain']:.2f}x")
+        if "ort_admm_nospin" in med:
+            ratios["ort_admm_nospin_over_torch_admm"] = med["ort_admm_nospin"] / med["torch_admm"]
+            print(f"ORT ADMM (spinning off) / PyTorch eager ADMM throughput: {ratios['ort_admm_nospin_over_torch_admm']:.2f}x")
+    if "ort_admm_poolrelu" in med:
+        ratios["ort_admm_poolrelu_over_ort_admm"] = med["ort_admm_poolrelu"] / med["ort_admm"]
+        msg = f"MaxPool before ReLU: ORT ADMM step {ratios['ort_admm_poolrelu_over_ort_admm']:.2f}x the throughput of the current graph"
+        if "torch_admm_poolrelu" in med:
+            ratios["ort_admm_poolrelu_over_torch_admm_poolrelu"] = med["ort_admm_poolrelu"] / med["torch_admm_poolrelu"]
+            msg += f"; vs PyTorch eager with the same order {ratios['ort_admm_poolrelu_over_torch_admm_poolrelu']:.2f}x"
+        print(msg)
+    if "ort_admm_nospin" in med:
+        ratios["ort_admm_nospin_overhead_vs_plain_nospin_pct"] = 100.0 * (med["ort_plain_nospin"] / med["ort_admm_nospin"] - 1.0)
+        ratios["nospin_speedup_admm"] = med["ort_admm_nospin"] / med["ort_admm"]
+        print(f"Spinning off: ADMM vs plain {ratios['ort_admm_nospin_overhead_vs_plain_nospin_pct']:+.1f}% time; "
+              f"ADMM step {ratios['nospin_speedup_admm']:.2f}x the throughput of ORT's default (spinning on)")
     result = {"machine": info, "onnxruntime": onnxruntime.__version__, "torch": torch_info, "args": vars(args),
               "samples_per_s": rates, "median_samples_per_s": med, "ratios": ratios}
     if args.json:

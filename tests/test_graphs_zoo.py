@@ -168,5 +168,8 @@ def test_zoo_model_prunes_end_to_end(name, size, tmp_path):
 def test_vgg19_prunes_end_to_end(tmp_path, caplog):
     """143.7M parameters: checkpoints with AdamW moments would pass ORT's 2 GB file limit, so the
     work directory keeps them without the optimizer state (and says so)."""
+    import logging
+
+    logging.getLogger("admm_onnx").propagate = True  # a CLI test earlier in the run may have cut it
     prune_zoo(light_model("vgg19"), tmp_path)
     assert "leave out the optimizer state" in caplog.text

@@ -59,6 +59,8 @@ def _quiet_ort() -> None:
 
 
 _quiet_ort()
+
+
 artifacts = _load("artifacts")
 onnxblock = _load("onnxblock")
 api = _load("api")

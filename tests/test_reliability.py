@@ -21,7 +21,7 @@ def test_divergence_stops_with_advice_and_keeps_state(lenet5_small, data_npz, tm
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True, allow_subnormal=False) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=10,
 )
@@ -43,7 +43,7 @@ def test_config_parser_only_ever_raises_config_errors(data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.floats(allow_nan=True, allow_infinity=True))
+@given(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False))
 def test_any_sparsity_value_is_accepted_or_refused_cleanly(value):
     try:
         config = config_from_dict({"sparsity": value})

@@ -39,7 +39,7 @@ import numpy as np
 
 from admm_onnx import io as onnx_io
 from admm_onnx.config import PruneConfig, Rule
-from admm_onnx.data import load_idx_dir
+from admm_onnx.data import DataReader, load_idx_dir
 from admm_onnx.models import build
 from admm_onnx.pipeline import evaluate, make_readers, prepare_model, prune, train
 from admm_onnx.sparse import export_sparse
@@ -138,7 +138,7 @@ def denormals_flushed() -> bool:
     return bool((tiny * np.float32(1.0))[0] == 0.0)
 
 
-class ShiftReader:
+class ShiftReader(DataReader):
     """Training reader wrapper: each image shifted by a random (dy, dx) in [-s, s]^2, zero fill.
 
     The paper trains without augmentation; the tuned default shifts by up to 1 px during masked
@@ -162,13 +162,6 @@ class ShiftReader:
         if hasattr(self.reader, "set_epoch"):
             self.reader.set_epoch(epoch)
 
-    def __iter__(self):
-        self.rewind()
-        while True:
-            feed = self.get_next()
-            if feed is None:
-                return
-            yield feed
 
     def get_next(self):
         feed = self.reader.get_next()

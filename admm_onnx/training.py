@@ -107,6 +107,12 @@ def flush_denormals() -> None:
     _FLUSHING = True
 
 
+def _thread_flushes_denormals() -> bool:
+    """True if float32 denormals become zero on this thread (NumPy shares the control register)."""
+    tiny = np.array([1e-39], np.float32)
+    return bool((tiny * np.float32(1.0))[0] == 0.0)
+
+
 def build_artifacts(
     model: onnx.ModelProto,
     directory: Path,
@@ -177,6 +183,11 @@ class Trainer:
         self.num_classes = num_classes
         ckpt = Path(checkpoint) if checkpoint else self.directory / "checkpoint"
         flush_denormals()
+        if not _thread_flushes_denormals():
+            log.warning(
+                "this thread does not flush float denormals (an ORT session was opened before admm-onnx's "
+                "first one): late ADMM iterations may run several times slower"
+            )
         try:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             self.module = api.Module(

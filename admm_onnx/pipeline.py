@@ -245,9 +245,12 @@ def _trainer(
     loss,
     frozen: Sequence[str],
     lr: float,
+    checkpoint: Optional[Path] = None,
 ) -> Trainer:
+    """Build training artifacts for ``model`` in ``directory`` and open a Trainer on them
+    (from ``checkpoint`` when resuming, else from the generated one)."""
     build_artifacts(model, directory, prepared.info.trainable, loss, prepared.output_name, frozen, config.optimizer)
-    return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared))
+    return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared), checkpoint=checkpoint)
 
 
 def _epoch(
@@ -429,12 +432,8 @@ class _PruneRun:
         """ADMM iterations ``start``..``admm_iters``, then the hard prune."""
         c, work, report = self.config, self.work, self.report
         penalty = AdmmPenalty(ClassifierLoss(c.loss), list(self.plan))
-        build_artifacts(
-            self.prepared.training, work.path / "admm", self.prepared.info.trainable, penalty,
-            self.prepared.output_name, penalty.frozen_params, c.optimizer,
-        )
-        trainer = Trainer(
-            work.path / "admm", c.lr, c.loss, _num_classes(self.prepared),
+        trainer = _trainer(
+            self.prepared, self.prepared.training, work.path / "admm", c, penalty, penalty.frozen_params, c.lr,
             checkpoint=work.existing_checkpoint("admm") if start else None,
         )
         state = AdmmState(self.plan, rho_growth=c.rho_growth)
@@ -488,13 +487,9 @@ class _PruneRun:
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
         masks = {k[2:]: v.astype(bool) for k, v in arrays.items() if k.startswith("m/")}
         model, mask_params = masked_model(self.prepared.training, weights, masks)
-        build_artifacts(
-            model, work.path / "retrain", self.prepared.info.trainable, ClassifierLoss(c.loss),
-            self.prepared.output_name, mask_params, c.optimizer,
-        )
         lr = c.retrain_lr or c.lr
-        trainer = Trainer(
-            work.path / "retrain", lr, c.loss, _num_classes(self.prepared),
+        trainer = _trainer(
+            self.prepared, model, work.path / "retrain", c, ClassifierLoss(c.loss), mask_params, lr,
             checkpoint=work.existing_checkpoint("retrain") if start else None,
         )
         try:

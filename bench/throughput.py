@@ -20,12 +20,11 @@ Usage: python bench/throughput.py [--batch 64] [--rounds 7] [--steps 200] [--thr
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,28 +32,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from lenet5_mnist import machine_info  # noqa: E402  (one machine description for every bench)
 DEFAULT_TORCH_PYTHON = "/tmp/torchbench/bin/python"
 WEIGHTS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
 KEEP = {"conv1.weight": 0.20, "conv2.weight": 0.08, "fc1.weight": 0.009, "fc2.weight": 0.07}
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-    }
 
 
 # -- ORT side ------------------------------------------------------------------------------------
@@ -282,7 +264,7 @@ def main(argv=None) -> dict:
 
     info = machine_info()
     print(f"Date {info['date']}; machine: {info['nproc']} CPUs, {info['cpu']}, {info['platform']}, Python {info['python']}, "
-          f"load average {', '.join(f'{x:.2f}' for x in info['loadavg'])}")
+          f"load average {', '.join(f'{x:.2f}' for x in info['loadavg_at_start'])}")
     import onnxruntime
 
     rng = np.random.default_rng(args.seed)

@@ -36,7 +36,7 @@ from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
 from .graph.outputs import output_view
-from .graph.prepare import prepare_for_training
+from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
@@ -69,11 +69,16 @@ class PreparedModel:
         return first if isinstance(first, int) and first > 0 else None
 
 
-def prepare_model(model_input: "ModelInput | PreparedModel", output: Optional[str] = None) -> PreparedModel:
-    """Load (if a path) and prepare ``model_input`` for training (a PreparedModel passes through)."""
+def prepare_model(
+    model_input: "ModelInput | PreparedModel", output: Optional[str] = None, speedups: bool = True
+) -> PreparedModel:
+    """Load (if a path) and prepare ``model_input`` for training (a PreparedModel passes through).
+
+    ``speedups=False`` leaves out the exact speed rewrites (graph/prepare.py ``SPEEDUPS``), so
+    the training graph computes in the user's order (for comparisons and debugging)."""
     if isinstance(model_input, PreparedModel):
         if output is not None and output != model_input.output_name:
-            return prepare_model(model_input.original, output)
+            return prepare_model(model_input.original, output, speedups)
         return model_input
     if isinstance(model_input, onnx.ModelProto):
         original, external = model_input, False
@@ -96,6 +101,8 @@ def prepare_model(model_input: "ModelInput | PreparedModel", output: Optional[st
     elif output not in outputs:
         raise ConfigError(f"--output {output!r} is not a model output; outputs: {', '.join(outputs)}")
     info = analyse(training, output)
+    if speedups:
+        speed_up_for_training(training, info.trainable)
     return PreparedModel(
         original=original,
         training=training,
@@ -250,7 +257,8 @@ def _trainer(
     """Build training artifacts for ``model`` in ``directory`` and open a Trainer on them
     (from ``checkpoint`` when resuming, else from the generated one)."""
     build_artifacts(model, directory, prepared.info.trainable, loss, prepared.output_name, frozen, config.optimizer)
-    return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared), checkpoint=checkpoint)
+    return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared), checkpoint=checkpoint,
+                   threads=config.threads)
 
 
 def _epoch(
@@ -375,7 +383,8 @@ def prune(
         raise ConfigError("resume needs the work directory of the interrupted run")
     with _workdir(workdir) as path:
         work = WorkDir(path)
-        identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": config.to_dict()}
+        run_config = {k: v for k, v in config.to_dict().items() if k != "threads"}  # may change on --resume
+        identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": run_config}
         if resume:
             work.check_identity(identity)
             saved = work.read_progress()

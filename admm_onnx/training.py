@@ -55,8 +55,9 @@ class EpochStats:
         return self.samples / self.seconds if self.seconds > 0 else float("nan")
 
 
-def session_options():
-    """Session options for every training session admm-onnx opens.
+def session_options(threads: int = 0):
+    """Session options for every training session admm-onnx opens (``threads``: ORT intra-op
+    threads, 0 = ORT's default, one per core).
 
     - Denormals flushed to zero: during ADMM the penalty drives pruned weights, their
       gradients and Adam's moments towards zero, into float32's denormal range, where MLAS
@@ -69,6 +70,8 @@ def session_options():
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return options
@@ -177,6 +180,7 @@ class Trainer:
         loss_kind: str = "cross_entropy",
         num_classes: Optional[int] = None,
         checkpoint: Optional[Path] = None,
+        threads: int = 0,
     ):
         self.directory = Path(directory)
         self.loss_kind = loss_kind
@@ -192,7 +196,7 @@ class Trainer:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             self.module = api.Module(
                 str(self.directory / "training_model.onnx"), self.state, str(self.directory / "eval_model.onnx"),
-                session_options=session_options(),
+                session_options=session_options(threads),
             )
             self.optimizer = api.Optimizer(str(self.directory / "optimizer_model.onnx"), self.module)
         except Exception as exc:  # ORT raises its own exception types

@@ -115,10 +115,10 @@ def configure_ort_sessions(threads: int = 0, spin: bool = False, ftz: bool = Tru
 
     import admm_onnx.training as training
 
-    def options():
+    def options(config_threads: int = 0):
         so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
+        if threads or config_threads:
+            so.intra_op_num_threads = threads or config_threads
         if not spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if ftz:

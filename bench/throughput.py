@@ -2,9 +2,11 @@
 
 Measures samples/s of
   (a) a plain dense training step: admm_onnx Trainer (the library's session options: spinning
-      off, denormals flushed), base loss (softmax cross-entropy), AdamW;
+      off, denormals flushed; the library's training graph, with its exact speed rewrites),
+      base loss (softmax cross-entropy), AdamW;
   (b) our ADMM training step: the same with AdmmPenalty on the 4 weights (targets and rho set
-      to nonzero values, as during an ADMM iteration);
+      to nonzero values, as during an ADMM iteration); also with 1 ORT thread, and on the
+      graph as written (speed rewrites off, prepare_model(speedups=False));
   (c) optionally the same LeNet-5 ADMM step (and a plain step) in PyTorch eager, 2 threads,
       run as a subprocess with another python (a venv holding torch; the main env is torch-free).
 All on MNIST-size inputs (1x28x28, random data unless --mnist DIR is given), batch 64.
@@ -40,31 +42,7 @@ KEEP = {"conv1.weight": 0.20, "conv2.weight": 0.08, "fc1.weight": 0.009, "fc2.we
 
 
 # -- ORT side ------------------------------------------------------------------------------------
-def pool_before_relu(model):
-    """LeNet-5 with each conv's Relu moved after its MaxPool: the same function (max and ReLU
-    commute, ReLU being monotonic), but Relu and ReluGrad run on 4x fewer elements."""
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    nodes = list(m.graph.node)
-    by_out = {n.output[0]: n for n in nodes}
-    for pool in [n for n in nodes if n.op_type == "MaxPool"]:
-        relu = by_out.get(pool.input[0])
-        if relu is None or relu.op_type != "Relu":
-            continue
-        conv_out, relu_out, pool_out = relu.input[0], relu.output[0], pool.output[0]
-        pool.input[0], pool.output[0] = conv_out, relu_out   # MaxPool(conv) -> tmp
-        relu.input[0], relu.output[0] = relu_out, pool_out   # Relu(tmp) -> old pool output
-        i, j = nodes.index(relu), nodes.index(pool)
-        nodes[i], nodes[j] = pool, relu
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    onnx.checker.check_model(m)
-    return m
-
-
-def make_trainers(work: Path, batch: int, seed: int, pool_relu: bool = False):
+def make_trainers(work: Path, batch: int, seed: int, speedups: bool = True, threads: int = 0):
     from admm_onnx.admm import AdmmState
     from admm_onnx.config import PruneConfig, Rule
     from admm_onnx.graph.penalty import AdmmPenalty
@@ -74,13 +52,13 @@ def make_trainers(work: Path, batch: int, seed: int, pool_relu: bool = False):
     from admm_onnx.training import Trainer, build_artifacts
 
     model = build("lenet5", seed=seed)
-    prepared = prepare_model(pool_before_relu(model) if pool_relu else model)
+    prepared = prepare_model(model, speedups=speedups)
     trainable = prepared.info.trainable
     build_artifacts(prepared.training, work / "plain", trainable, ClassifierLoss(), prepared.output_name)
-    plain = Trainer(work / "plain", lr=1e-3, num_classes=10)
+    plain = Trainer(work / "plain", lr=1e-3, num_classes=10, threads=threads)
     penalty = AdmmPenalty(ClassifierLoss(), list(WEIGHTS))
     build_artifacts(prepared.training, work / "admm", trainable, penalty, prepared.output_name, penalty.frozen_params)
-    admm = Trainer(work / "admm", lr=1e-3, num_classes=10)
+    admm = Trainer(work / "admm", lr=1e-3, num_classes=10, threads=threads)
     # Put the ADMM graph in an ADMM-iteration state: T = Proj(W), rho > 0.
     config = PruneConfig(rules=tuple(Rule(sparsity=1 - k, names=(n,)) for n, k in KEEP.items()), rho=1.5e-3)
     state = AdmmState(config.plan(prepared.info), rho_growth=1.0)
@@ -256,9 +234,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--mnist", help="use real MNIST training images from this IDX dir (default: random data)")
     ap.add_argument("--torch-python", default=None, help=f"python with torch (default {DEFAULT_TORCH_PYTHON} if it exists)")
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--pool-relu", action="store_true",
-                    help="also time the ADMM step of LeNet-5 with MaxPool before ReLU (same function), ORT and torch")
-    ap.add_argument("--no-spin-variants", action="store_true", help="skip the ORT variants with spinning on")
+    ap.add_argument("--torch-pool-relu", action="store_true",
+                    help="also time the PyTorch ADMM step with MaxPool before ReLU (same function)")
+    ap.add_argument("--spin-variants", action="store_true", help="also time ORT with intra-op spinning on")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -285,16 +263,17 @@ def main(argv=None) -> dict:
             assert len(t.input_names) == 2 and t.input_names[1] == "admm_labels", t.input_names
         runners = {"ort_plain": OrtRunner(plain.module, plain.optimizer, xs, ys),
                    "ort_admm": OrtRunner(admm.module, admm.optimizer, xs, ys)}
-        if not args.no_spin_variants:
+        _, admm1 = make_trainers(Path(tmp) / "one_thread", args.batch, args.seed, threads=1)
+        runners["ort_admm_1thread"] = OrtRunner(admm1.module, admm1.optimizer, xs, ys)
+        _, admm_asis = make_trainers(Path(tmp) / "as_written", args.batch, args.seed, speedups=False)
+        runners["ort_admm_as_written"] = OrtRunner(admm_asis.module, admm_asis.optimizer, xs, ys)
+        if args.spin_variants:
             m, o, _ = spin_module(Path(tmp) / "plain")
             runners["ort_plain_spin"] = OrtRunner(m, o, xs, ys)
             m, o, st = spin_module(Path(tmp) / "admm")
             for name in admm.parameter_names():  # same ADMM targets and rho as the Trainer's graph
                 st.parameters[name].data = admm.get(name)
             runners["ort_admm_spin"] = OrtRunner(m, o, xs, ys)
-        if args.pool_relu:
-            _, admm_pr = make_trainers(Path(tmp) / "poolrelu", args.batch, args.seed, pool_relu=True)
-            runners["ort_admm_poolrelu"] = OrtRunner(admm_pr.module, admm_pr.optimizer, xs, ys)
         torch_python = None if args.no_torch else (args.torch_python or (DEFAULT_TORCH_PYTHON if Path(DEFAULT_TORCH_PYTHON).exists() else None))
         torch_info = None
         tr = None
@@ -303,7 +282,7 @@ def main(argv=None) -> dict:
             torch_info = tr.info
             runners["torch_plain"] = tr
             runners["torch_admm"] = tr.sibling("torch_admm")
-            if args.pool_relu:
+            if args.torch_pool_relu:
                 runners["torch_admm_poolrelu"] = tr.sibling("torch_admm_poolrelu")
         print(f"onnxruntime {onnxruntime.__version__}" + (f"; torch {torch_info['torch']} ({torch_info['threads']} threads) via {torch_python}" if torch_info else "; torch: not run"))
         print(f"LeNet-5, batch {args.batch}, {'MNIST' if args.mnist else 'random'} inputs 1x28x28, AdamW lr 1e-3; "
@@ -327,7 +306,8 @@ def main(argv=None) -> dict:
     print("|---|---:|---:|---:|---:|")
     names = {"ort_plain": "(a) ORT plain step", "ort_admm": "(b) ORT ADMM step",
              "ort_plain_spin": "    ORT plain step, spinning on", "ort_admm_spin": "    ORT ADMM step, spinning on",
-             "ort_admm_poolrelu": "    ORT ADMM step, MaxPool before ReLU", "torch_admm_poolrelu": "    PyTorch eager ADMM step, MaxPool before ReLU",
+             "ort_admm_1thread": "    ORT ADMM step, 1 ORT thread", "ort_admm_as_written": "    ORT ADMM step, graph as written (no speed rewrites)",
+             "torch_admm_poolrelu": "    PyTorch eager ADMM step, MaxPool before ReLU",
              "torch_plain": "    PyTorch eager plain step", "torch_admm": "(c) PyTorch eager ADMM step"}
     for k in runners:
         print(f"| {names[k]} | {med[k]:,.0f} | {min(rates[k]):,.0f} | {max(rates[k]):,.0f} | {1000 * args.batch / med[k]:.2f} |")
@@ -349,13 +329,18 @@ def main(argv=None) -> dict:
         if "ort_admm_spin" in med:
             ratios["ort_admm_spin_over_torch_admm"] = med["ort_admm_spin"] / med["torch_admm"]
             print(f"ORT ADMM (spinning on) / PyTorch eager ADMM throughput: {ratios['ort_admm_spin_over_torch_admm']:.2f}x")
-    if "ort_admm_poolrelu" in med:
-        ratios["ort_admm_poolrelu_over_ort_admm"] = med["ort_admm_poolrelu"] / med["ort_admm"]
-        msg = f"MaxPool before ReLU: ORT ADMM step {ratios['ort_admm_poolrelu_over_ort_admm']:.2f}x the throughput of the current graph"
-        if "torch_admm_poolrelu" in med:
-            ratios["ort_admm_poolrelu_over_torch_admm_poolrelu"] = med["ort_admm_poolrelu"] / med["torch_admm_poolrelu"]
-            msg += f"; vs PyTorch eager with the same order {ratios['ort_admm_poolrelu_over_torch_admm_poolrelu']:.2f}x"
-        print(msg)
+    ratios["speedups_over_as_written"] = med["ort_admm"] / med["ort_admm_as_written"]
+    ratios["one_thread_over_default"] = med["ort_admm_1thread"] / med["ort_admm"]
+    print(f"Speed rewrites: the ADMM step runs at {ratios['speedups_over_as_written']:.2f}x the throughput of the graph as written; "
+          f"1 ORT thread: {ratios['one_thread_over_default']:.2f}x the default threads")
+    if "torch_admm" in med:
+        ratios["ort_admm_as_written_over_torch_admm"] = med["ort_admm_as_written"] / med["torch_admm"]
+        ratios["ort_admm_1thread_over_torch_admm"] = med["ort_admm_1thread"] / med["torch_admm"]
+        print(f"vs PyTorch eager ADMM: graph as written {ratios['ort_admm_as_written_over_torch_admm']:.2f}x, "
+              f"1 ORT thread {ratios['ort_admm_1thread_over_torch_admm']:.2f}x")
+    if "torch_admm_poolrelu" in med:
+        ratios["ort_admm_over_torch_admm_poolrelu"] = med["ort_admm"] / med["torch_admm_poolrelu"]
+        print(f"ORT ADMM / PyTorch eager ADMM with MaxPool before ReLU: {ratios['ort_admm_over_torch_admm_poolrelu']:.2f}x")
     if "ort_admm_spin" in med:
         ratios["ort_admm_spin_overhead_vs_plain_spin_pct"] = 100.0 * (med["ort_plain_spin"] / med["ort_admm_spin"] - 1.0)
         ratios["nospin_speedup_admm"] = med["ort_admm"] / med["ort_admm_spin"]

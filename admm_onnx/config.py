@@ -135,8 +135,9 @@ class PruneConfig:
     loss: str = "cross_entropy"
     optimizer: str = "adamw"
     output: Optional[str] = None
-    #: ONNX Runtime intra-op threads for training (0: ORT's default, one per core). Does not
-    #: change results; several runs side by side go faster with 1 each.
+    #: ONNX Runtime intra-op threads for training (0: ORT's default, one per core). Not part
+    #: of a run's identity (a resumed run may use another value); runs side by side go faster
+    #: with 1 each.
     threads: int = 0
 
     def __post_init__(self):

@@ -15,8 +15,11 @@ and results.json.
 Usage:
   python bench/lenet5_mnist.py --mnist /work/shared/data/mnist --out /tmp/lenet5 [--seed 0]
       [--model lenet5|lenet300-100] [--ratios paper|x100|...|conv1=0.2,conv2=0.08,...]
-      [--dataset-name MNIST] [schedule overrides: --dense-epochs --admm-iters --epochs-per-iter
-       --retrain-epochs --rho --rho-growth --lr --retrain-lr --batch-size]
+      [--then RATIOS ...] [--dataset-name MNIST] [schedule overrides: --dense-epochs --admm-iters
+       --epochs-per-iter --retrain-epochs --rho --rho-growth --lr --retrain-lr --batch-size]
+
+--then RATIOS prunes the pruned model again (progressive pruning, as in the ADMM follow-ups
+that reach 85x-246x on LeNet-5): e.g. --ratios conv6k --then x100.
 
 The default schedule (per model) was tuned on this 2-core machine; see SCHEDULES. Note that,
 as in the paper and most pruning work on MNIST, the schedule was chosen looking at test top-1
@@ -57,6 +60,7 @@ RATIOS: Dict[str, Dict[str, Dict[str, float]]] = {
         # A milder budget for harder data (Fashion-MNIST): 21,400 kept, 20.1x.
         "x20": {"conv1.weight": 0.80, "conv2.weight": 0.30, "fc1.weight": 0.03, "fc2.weight": 0.30},
         # Smaller budgets with the conv-heavy allocation of conv6k.
+        "x85": {"conv1.weight": 0.50, "conv2.weight": 0.09, "fc1.weight": 0.0058, "fc2.weight": 0.05},  # 5,070: 84.9x
         "x100": {"conv1.weight": 0.50, "conv2.weight": 0.08, "fc1.weight": 0.0045, "fc2.weight": 0.04},  # 4,250: 101.3x
         "x150": {"conv1.weight": 0.40, "conv2.weight": 0.06, "fc1.weight": 0.0027, "fc2.weight": 0.03},  # 2,930: 146.9x
         "x200": {"conv1.weight": 0.40, "conv2.weight": 0.045, "fc1.weight": 0.0018, "fc2.weight": 0.03},  # 2,195: 196.1x
@@ -256,12 +260,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset-name", default=None, help="label for the report (default: the directory name)")
     ap.add_argument("--model", default="lenet5", choices=sorted(SCHEDULES))
-    ap.add_argument("--ratios", default=None, help="preset (lenet5: paper, conv6k, x20, x100, x150, x200; "
+    ap.add_argument("--ratios", default=None, help="preset (lenet5: paper, conv6k, x20, x85, x100, x150, x200; "
                     "lenet300-100: han, dns) or name=keep,... e.g. conv1=0.2,conv2=0.08,fc1=0.009,fc2=0.07")
     for key, typ in [("dense_epochs", int), ("dense_lr", float), ("admm_iters", int), ("epochs_per_iter", int),
                      ("rho", float), ("rho_growth", float), ("lr", float), ("retrain_epochs", int),
                      ("retrain_lr", float), ("batch_size", int)]:
         ap.add_argument("--" + key.replace("_", "-"), type=typ, default=None)
+    ap.add_argument("--then", action="append", default=[], metavar="RATIOS",
+                    help="progressive pruning: after the first prune, prune the pruned model again to these ratios "
+                         "(same schedule; repeatable), as in the progressive ADMM follow-up papers")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--augment-shift", type=int, default=None,
                     help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
@@ -283,15 +290,17 @@ def main(argv=None) -> dict:
         if getattr(args, k) is not None:
             sched[k] = getattr(args, k)
     ratio_spec = args.ratios or DEFAULT_RATIOS[args.model]
-    keep = parse_ratios(args.model, ratio_spec)
+    stages = [(spec, parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
+    keep = stages[-1][1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.dataset_name or Path(args.mnist).name
     print(f"Date {machine['date']}; machine: nproc {machine['nproc']}, {machine['cpu']}, {machine['platform']}, "
           f"Python {machine['python']}, onnxruntime {machine['onnxruntime']}, load average at start "
           f"{', '.join(f'{x:.2f}' for x in machine['loadavg_at_start'])}")
-    print(f"Model {args.model}, data {name} ({args.mnist}), seed {args.seed}, ratios {ratio_spec}: "
-          + ", ".join(f"{k.split('.')[0]} {100 * v:g}%" for k, v in keep.items()))
+    for spec, stage_keep in stages:
+        print(f"Model {args.model}, data {name} ({args.mnist}), seed {args.seed}, ratios {spec}: "
+              + ", ".join(f"{k.split('.')[0]} {100 * v:g}%" for k, v in stage_keep.items()))
     print("Schedule: " + ", ".join(f"{k}={v}" for k, v in sched.items()) + f", retrain_schedule={args.retrain_schedule}"
           + f"; ORT threads {args.ort_threads or 'default'}, spinning {'on' if args.spin else 'off'}, "
           + f"denormals {'flushed' if denormals_flushed() else 'kept'}")
@@ -302,17 +311,21 @@ def main(argv=None) -> dict:
     data = load_idx_dir(args.mnist)
     timings["load_data"] = time.perf_counter() - t0
 
-    config = PruneConfig(
-        rules=tuple(Rule(sparsity=1.0 - k, names=(n,)) for n, k in keep.items()),
-        admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
-        rho=sched["rho"], rho_growth=sched["rho_growth"], lr=sched["lr"], retrain_lr=sched["retrain_lr"],
-        retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed,
-    )
+    def stage_config(stage_keep: Dict[str, float]) -> PruneConfig:
+        return PruneConfig(
+            rules=tuple(Rule(sparsity=1.0 - k, names=(n,)) for n, k in stage_keep.items()),
+            admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
+            rho=sched["rho"], rho_growth=sched["rho_growth"], lr=sched["lr"], retrain_lr=sched["retrain_lr"],
+            retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed,
+        )
+
+    config = stage_config(stages[0][1])
     model = build(args.model, input_shape=data.x_train.shape[1:], seed=args.seed)
     prepared = prepare_model(model)
     train_reader, eval_reader, batch = make_readers(prepared, data, config.batch_size, args.seed)
+    admm_passes = sched["admm_iters"] * sched["epochs_per_iter"]
     if sched["augment_shift"]:
-        skip = 0 if sched["augment_phase"] == "all" else sched["dense_epochs"] + sched["admm_iters"] * sched["epochs_per_iter"]
+        skip = 0 if sched["augment_phase"] == "all" else sched["dense_epochs"] + admm_passes
         train_reader = ShiftReader(train_reader, sched["augment_shift"], args.seed, from_pass=skip)
 
     # Phase 1: dense training.
@@ -323,13 +336,26 @@ def main(argv=None) -> dict:
     timings["dense"] = time.perf_counter() - t0
     print(f"Dense: top-1 {pct(dense.accuracy_after)} after {sched['dense_epochs']} epochs, {timings['dense']:.1f} s", flush=True)
 
-    # Phases 2-4: ADMM, hard prune, masked retraining.
+    # Phases 2-4: ADMM, hard prune, masked retraining; with --then, again from the pruned model.
     pruned_path = out / f"{args.model}_pruned.onnx"
+    source, reports, stage_results = dense_path, [], []
+    timings["admm"] = timings["retrain"] = 0.0
     t0 = time.perf_counter()
-    report = prune(dense_path, pruned_path, train_reader, config, eval_reader)
+    for k, (spec, stage_keep) in enumerate(stages, 1):
+        target = pruned_path if k == len(stages) else out / f"{args.model}_pruned_stage{k}.onnx"
+        if k > 1 and isinstance(train_reader, ShiftReader) and sched["augment_phase"] != "all":
+            train_reader.from_pass = train_reader.passes + admm_passes  # augment this stage's retraining only
+        report = prune(source, target, train_reader, stage_config(stage_keep), eval_reader)
+        reports.append(report)
+        timings["admm"] += report.phase_seconds.get("admm", 0.0)
+        timings["retrain"] += report.phase_seconds.get("retrain", 0.0)
+        stage_results.append({"ratios": spec, "nonzero": report.total_nonzero,
+                              "compression": report.compression, "top1": report.accuracy_after})
+        if len(stages) > 1:
+            print(f"Stage {k} ({spec}): {report.compression:.1f}x, top-1 {pct(report.accuracy_after)}", flush=True)
+        source = target
     timings["prune_total"] = time.perf_counter() - t0
-    timings["admm"] = report.phase_seconds.get("admm", 0.0)
-    timings["retrain"] = report.phase_seconds.get("retrain", 0.0)
+    samples_pruning = sum(r.samples_seen for r in reports)
 
     # Independent evaluation of the written files, and the CSR export.
     pruned_model = onnx_io.load_model(pruned_path)
@@ -349,9 +375,9 @@ def main(argv=None) -> dict:
              "keep_target": keep[n]} for n in keep]
     total_w, total_nz = sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)
     dense_samples = len(train_reader) * batch * sched["dense_epochs"]
-    samples = dense_samples + report.samples_seen
-    admm_samples = len(train_reader) * batch * sched["admm_iters"] * sched["epochs_per_iter"]
-    retrain_samples = report.samples_seen - admm_samples
+    samples = dense_samples + samples_pruning
+    admm_samples = len(train_reader) * batch * admm_passes * len(stages)
+    retrain_samples = samples_pruning - admm_samples
     train_seconds = timings["dense"] + timings["admm"] + timings["retrain"]
 
     paper = PAPER_LENET5 if args.model == "lenet5" and name.lower() == "mnist" else None
@@ -361,7 +387,8 @@ def main(argv=None) -> dict:
     print(f"Compression: ours {total_w / total_nz:.1f}x ({total_nz:,} nonzero of {total_w:,})"
           + (f"; paper {total_w / sum(p[1] for p in paper.values()):.1f}x" if paper else ""))
     print(f"Top-1 (10,000 test images): ours {pct(final.accuracy)} (dense {pct(dense.accuracy_after)}, after ADMM "
-          f"{pct(report.accuracy_after_admm)}, hard-pruned {pct(report.accuracy_hard_pruned)}); CSR file {pct(csr_eval.accuracy)}"
+          f"{pct(report.accuracy_after_admm)}, hard-pruned {pct(report.accuracy_hard_pruned)}"
+          + (f"; after stage 1 {pct(reports[0].accuracy_after)}" if len(stages) > 1 else "") + f"); CSR file {pct(csr_eval.accuracy)}"
           + (f"; paper {pct(PAPER_TOP1)}" if paper else ""))
     print(f"Prior art: {PRIOR_ART[args.model]}")
     print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
@@ -380,7 +407,7 @@ def main(argv=None) -> dict:
     result = {
         "machine": machine,
         "model": args.model, "dataset": name, "data_dir": str(args.mnist), "seed": args.seed,
-        "ratios": ratio_spec, "keep": keep, "schedule": sched, "retrain_schedule": args.retrain_schedule,
+        "ratios": ratio_spec, "then": args.then, "stages": stage_results, "keep": keep, "schedule": sched, "retrain_schedule": args.retrain_schedule,
         "ort_threads": args.ort_threads, "ort_spinning": args.spin, "ftz": not args.no_ftz,
         "batch_size_used": batch,
         "layers": rows, "total_weights": total_w, "total_nonzero": total_nz, "compression": total_w / total_nz,
@@ -393,7 +420,7 @@ def main(argv=None) -> dict:
                   "top1": PAPER_TOP1, "samples": PAPER_SAMPLES} if paper else None,
         "prior_art": PRIOR_ART[args.model],
         "csr_bytes": csr_path.stat().st_size, "dense_file_bytes": pruned_path.stat().st_size,
-        "residuals": report.residuals, "epochs": dense.epochs + report.epochs,
+        "residuals": [r.residuals for r in reports], "epochs": dense.epochs + [e for r in reports for e in r.epochs],
         "max_output_diff": report.max_output_diff,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

@@ -36,7 +36,7 @@ def test_api_accepts_model_proto_dict_config_and_iterable_reader(mlp_small, data
     model = onnx.load(str(mlp_small))
     pairs = [(data.x_train[i : i + 32], data.y_train[i : i + 32]) for i in range(0, 448, 32)]
     reader = admm_onnx.IterableReader(pairs)
-    report = admm_onnx.prune(model, tmp_path / "o.onnx", reader, {"sparsity": 0.6, "admm_iters": 1, "retrain_epochs": 1})
+    report = admm_onnx.prune(model, tmp_path / "o.onnx", reader, {"sparsity": 0.6, "admm_iters": 1, "retrain_epochs": 1, "threads": 1})
     assert report.accuracy_after is None  # no eval reader
     assert all(r.nonzero <= 0.4 * r.weights for r in report.layers)
 

@@ -139,6 +139,9 @@ class PruneConfig:
     #: of a run's identity (a resumed run may use another value); runs side by side go faster
     #: with 1 each.
     threads: int = 0
+    #: Processes a training batch is split over (admm_onnx.parallel), this one included; each
+    #: runs ``threads`` or 1 ORT thread. 1: no worker processes. Not part of a run's identity.
+    workers: int = 1
 
     def __post_init__(self):
         rules = tuple(r if isinstance(r, Rule) else _rule_from_dict(r, i) for i, r in enumerate(self.rules, 1))
@@ -163,6 +166,7 @@ class PruneConfig:
         if self.output is not None and not isinstance(self.output, str):
             raise ConfigError(f"output must be a tensor name, got {self.output!r}")
         _check_positive(self.threads, "threads", allow_zero=True, integer=True)
+        _check_positive(self.workers, "workers", integer=True)
 
     def replace(self, **changes) -> "PruneConfig":
         """A copy with ``changes`` applied (``None`` values are ignored), validated again."""

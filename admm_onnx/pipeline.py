@@ -257,8 +257,12 @@ def _trainer(
     """Build training artifacts for ``model`` in ``directory`` and open a Trainer on them
     (from ``checkpoint`` when resuming, else from the generated one)."""
     build_artifacts(model, directory, prepared.info.trainable, loss, prepared.output_name, frozen, config.optimizer)
+    workers = config.workers
+    if workers > 1 and prepared.fixed_batch:
+        log.info("the model has a fixed batch size (%d): training in one process", prepared.fixed_batch)
+        workers = 1
     return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared), checkpoint=checkpoint,
-                   threads=config.threads)
+                   threads=config.threads, workers=workers)
 
 
 def _epoch(
@@ -317,6 +321,7 @@ def train(
             last = _epoch(trainer, train_reader, eval_reader, f"train {e + 1}/{epochs}", progress, report)
         report.phase_seconds["train"] = time.perf_counter() - t0
         weights = {n: trainer.get(n) for n in prepared.info.trainable}
+        trainer.close()
     if last is not None:
         report.accuracy_after, report.loss_after = last.accuracy, last.loss
     final = output_model(prepared, weights)
@@ -383,7 +388,7 @@ def prune(
         raise ConfigError("resume needs the work directory of the interrupted run")
     with _workdir(workdir) as path:
         work = WorkDir(path)
-        run_config = {k: v for k, v in config.to_dict().items() if k != "threads"}  # may change on --resume
+        run_config = {k: v for k, v in config.to_dict().items() if k not in ("threads", "workers")}  # may change on --resume
         identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": run_config}
         if resume:
             work.check_identity(identity)
@@ -488,6 +493,7 @@ class _PruneRun:
         arrays.update({f"m/{n}": m for n, m in masks.items()})
         work.save_arrays("pruned.npz", arrays)
         self._commit("retrain", 0)
+        trainer.close()
 
     def retrain(self, start: int):
         """Masked retraining epochs ``start``..``retrain_epochs``; returns the final weights."""
@@ -520,7 +526,9 @@ class _PruneRun:
         for n, m in masks.items():
             weights[n] = np.where(m, weights[n], np.zeros_like(weights[n]))
         probe = _first_batch(self.eval_reader if self.eval_reader is not None else self.train_reader)
-        return weights, trainer.logits(probe), probe
+        logits = trainer.logits(probe)
+        trainer.close()
+        return weights, logits, probe
 
 
 def _session(model_input: ModelInput):

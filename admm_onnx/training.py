@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -170,7 +171,10 @@ class Trainer:
     """Training session over artifacts in ``directory`` (see :func:`build_artifacts`).
 
     ``checkpoint`` defaults to the one generated with the artifacts; pass another path to
-    resume from a saved state.
+    resume from a saved state. ``threads``: ORT intra-op threads (0: ORT's default).
+    ``workers`` > 1 splits every training batch over that many processes (this one included,
+    see :mod:`admm_onnx.parallel`), each with ``threads`` or 1 ORT thread; call :meth:`close`
+    (or use the Trainer as a context manager) to stop them.
     """
 
     def __init__(
@@ -181,8 +185,10 @@ class Trainer:
         num_classes: Optional[int] = None,
         checkpoint: Optional[Path] = None,
         threads: int = 0,
+        workers: int = 1,
     ):
         self.directory = Path(directory)
+        self.pool = None
         self.loss_kind = loss_kind
         self.num_classes = num_classes
         ckpt = Path(checkpoint) if checkpoint else self.directory / "checkpoint"
@@ -196,7 +202,7 @@ class Trainer:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             self.module = api.Module(
                 str(self.directory / "training_model.onnx"), self.state, str(self.directory / "eval_model.onnx"),
-                session_options=session_options(threads),
+                session_options=session_options(threads or (1 if workers > 1 else 0)),
             )
             self.optimizer = api.Optimizer(str(self.directory / "optimizer_model.onnx"), self.module)
         except Exception as exc:  # ORT raises its own exception types
@@ -206,6 +212,26 @@ class Trainer:
         #: Optional per-step learning rate: ``schedule(step) -> lr``, step counted over epochs.
         self.schedule: Optional[Callable[[int], float]] = None
         self.step = 0
+        self.trainable = [name for name, p in self.state.parameters if p.requires_grad]
+        if workers > 1:
+            from .parallel import WorkerPool
+
+            layout = [(n, str(self.state.parameters[n].data.dtype), tuple(self.state.parameters[n].data.shape))
+                      for n in self.trainable]
+            self.pool = WorkerPool(self.directory, ckpt, layout, workers, threads)
+            self._finalizer = weakref.finalize(self, self.pool.close)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (the Trainer itself stays usable on one process)."""
+        if self.pool is not None:
+            self._finalizer()
+            self.pool = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- parameters ---------------------------------------------------------------------
     def get(self, name: str) -> np.ndarray:
@@ -261,9 +287,34 @@ class Trainer:
             out.append(labels if name == LABELS else feed[name])
         return out
 
+    def begin_training(self) -> None:
+        """Training mode; with workers, hand them the current parameters (frozen ones such as ADMM
+        targets may have been rewritten since the last epoch). :meth:`train_epoch` calls it."""
+        self.module.train()
+        if self.pool is not None:
+            params = self.state.parameters
+            self.pool.sync_frozen({n: np.array(p.data) for n, p in params if not p.requires_grad})
+            self.pool.publish({n: params[n].data for n in self.trainable})
+
+    def train_step(self, feed: Dict[str, np.ndarray]) -> Tuple[float, np.ndarray]:
+        """One optimizer step on one batch (after :meth:`begin_training`); returns the loss and
+        the model output."""
+        if self.schedule is not None:
+            self.optimizer.set_learning_rate(self.schedule(self.step))
+        loss, logits = self._forward_backward(self._inputs(feed))
+        if not math.isfinite(loss):
+            raise TrainingError(f"training diverged: the loss became {loss} at step {self.step + 1}",
+                                hint="lower --lr or --rho")
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        if self.pool is not None:
+            params = self.state.parameters
+            self.pool.publish({n: params[n].data for n in self.trainable})
+        self.step += 1
+        return loss, logits
+
     def train_epoch(self, reader: DataReader, progress: Progress = NO_PROGRESS, label: str = "train") -> EpochStats:
         """One pass over ``reader`` with an optimizer step per batch."""
-        self.module.train()
         total_loss, correct, seen = 0.0, 0, 0
         try:
             total = len(reader)
@@ -271,24 +322,14 @@ class Trainer:
             total = 0
         progress.start(total, label)
         reader.rewind()
+        self.begin_training()
         t0 = time.perf_counter()
         try:
             while True:
                 feed = reader.get_next()
                 if feed is None:
                     break
-                if self.schedule is not None:
-                    self.optimizer.set_learning_rate(self.schedule(self.step))
-                loss, logits = self.module(*self._inputs(feed))
-                loss = float(loss)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"training diverged: the loss became {loss} at sample {seen}",
-                        hint="lower --lr or --rho",
-                    )
-                self.optimizer.step()
-                self.module.lazy_reset_grad()
-                self.step += 1
+                loss, logits = self.train_step(feed)
                 n = len(logits)
                 total_loss += loss * n
                 correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
@@ -300,6 +341,34 @@ class Trainer:
         if seen == 0:
             raise TrainingError("the training reader yielded no batch")
         return EpochStats(total_loss / seen, correct / seen, seen, dt)
+
+    def _forward_backward(self, inputs: List[np.ndarray]) -> Tuple[float, np.ndarray]:
+        """Loss and output of one training batch, its gradient left in the parameters' buffers;
+        with workers, computed over row slices in parallel and recombined (admm_onnx.parallel)."""
+        n = len(inputs[0])
+        if self.pool is None or n < self.pool.workers:
+            loss, logits = self.module(*inputs)
+            return float(loss), logits
+        bounds = np.linspace(0, n, self.pool.workers + 1).round().astype(int)
+        slices = [[a[bounds[k] : bounds[k + 1]] for a in inputs] for k in range(self.pool.workers)]
+        for rank in range(1, self.pool.workers):
+            self.pool.start(rank, slices[rank])
+        loss0, logits0 = self.module(*slices[0])
+        losses, outputs = [float(loss0)], [logits0]
+        for rank in range(1, self.pool.workers):
+            loss_k, logits_k = self.pool.finish(rank)
+            losses.append(loss_k)
+            outputs.append(logits_k)
+        weights = np.diff(bounds) / n
+        params = self.state.parameters
+        for name in self.trainable:
+            grad = params[name].grad
+            if grad is None:
+                continue
+            grad *= weights[0]
+            for rank in range(1, self.pool.workers):
+                grad += weights[rank] * self.pool.exchange.grads[rank][name]
+        return float(np.dot(weights, losses)), np.concatenate(outputs)
 
     def logits(self, feed: Dict[str, np.ndarray]) -> np.ndarray:
         """Eval-mode model output for one feed dict."""

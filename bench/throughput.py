@@ -7,6 +7,8 @@ Measures samples/s of
   (b) our ADMM training step: the same with AdmmPenalty on the 4 weights (targets and rho set
       to nonzero values, as during an ADMM iteration); also with 1 ORT thread, and on the
       graph as written (speed rewrites off, prepare_model(speedups=False));
+  (b') the same ADMM step split over --workers processes with 1 ORT thread each
+      (Trainer(workers=...), admm_onnx/parallel.py);
   (c) optionally the same LeNet-5 ADMM step (and a plain step) in PyTorch eager, 2 threads,
       run as a subprocess with another python (a venv holding torch; the main env is torch-free).
 All on MNIST-size inputs (1x28x28, random data unless --mnist DIR is given), batch 64.
@@ -42,7 +44,7 @@ KEEP = {"conv1.weight": 0.20, "conv2.weight": 0.08, "fc1.weight": 0.009, "fc2.we
 
 
 # -- ORT side ------------------------------------------------------------------------------------
-def make_trainers(work: Path, batch: int, seed: int, speedups: bool = True, threads: int = 0):
+def make_trainers(work: Path, batch: int, seed: int, speedups: bool = True, threads: int = 0, workers: int = 1):
     from admm_onnx.admm import AdmmState
     from admm_onnx.config import PruneConfig, Rule
     from admm_onnx.graph.penalty import AdmmPenalty
@@ -58,7 +60,7 @@ def make_trainers(work: Path, batch: int, seed: int, speedups: bool = True, thre
     plain = Trainer(work / "plain", lr=1e-3, num_classes=10, threads=threads)
     penalty = AdmmPenalty(ClassifierLoss(), list(WEIGHTS))
     build_artifacts(prepared.training, work / "admm", trainable, penalty, prepared.output_name, penalty.frozen_params)
-    admm = Trainer(work / "admm", lr=1e-3, num_classes=10, threads=threads)
+    admm = Trainer(work / "admm", lr=1e-3, num_classes=10, threads=threads, workers=workers)
     # Put the ADMM graph in an ADMM-iteration state: T = Proj(W), rho > 0.
     config = PruneConfig(rules=tuple(Rule(sparsity=1 - k, names=(n,)) for n, k in KEEP.items()), rho=1.5e-3)
     state = AdmmState(config.plan(prepared.info), rho_growth=1.0)
@@ -84,6 +86,24 @@ def spin_module(directory: Path, threads: int = 0):
     optimizer = api.Optimizer(str(directory / "optimizer_model.onnx"), module)
     optimizer.set_learning_rate(1e-3)
     return module, optimizer, state
+
+
+class TrainerRunner:
+    """Trainer.train_step (what train_epoch runs per batch: forward+backward, optimizer step,
+    with workers the split and the gradient exchange), no reader."""
+
+    def __init__(self, trainer, xs, ys):
+        self.trainer, self.feeds = trainer, [{"input": x, "admm_labels": y} for x, y in zip(xs, ys)]
+        self.i = 0
+
+    def run(self, steps: int) -> float:
+        t = self.trainer
+        t.begin_training()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            t.train_step(self.feeds[self.i % len(self.feeds)])
+            self.i += 1
+        return time.perf_counter() - t0
 
 
 class OrtRunner:
@@ -230,6 +250,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=200, help="steps per variant per round")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the data-parallel ORT variant (Trainer workers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mnist", help="use real MNIST training images from this IDX dir (default: random data)")
     ap.add_argument("--torch-python", default=None, help=f"python with torch (default {DEFAULT_TORCH_PYTHON} if it exists)")
@@ -261,12 +282,13 @@ def main(argv=None) -> dict:
         plain, admm = make_trainers(Path(tmp), args.batch, args.seed)
         for t in (plain, admm):  # feeds in the graph's input order: image, labels
             assert len(t.input_names) == 2 and t.input_names[1] == "admm_labels", t.input_names
-        runners = {"ort_plain": OrtRunner(plain.module, plain.optimizer, xs, ys),
-                   "ort_admm": OrtRunner(admm.module, admm.optimizer, xs, ys)}
+        runners = {"ort_plain": TrainerRunner(plain, xs, ys), "ort_admm": TrainerRunner(admm, xs, ys)}
+        _, admm_dp = make_trainers(Path(tmp) / "workers", args.batch, args.seed, workers=args.workers)
+        runners["ort_admm_workers"] = TrainerRunner(admm_dp, xs, ys)
         _, admm1 = make_trainers(Path(tmp) / "one_thread", args.batch, args.seed, threads=1)
-        runners["ort_admm_1thread"] = OrtRunner(admm1.module, admm1.optimizer, xs, ys)
+        runners["ort_admm_1thread"] = TrainerRunner(admm1, xs, ys)
         _, admm_asis = make_trainers(Path(tmp) / "as_written", args.batch, args.seed, speedups=False)
-        runners["ort_admm_as_written"] = OrtRunner(admm_asis.module, admm_asis.optimizer, xs, ys)
+        runners["ort_admm_as_written"] = TrainerRunner(admm_asis, xs, ys)
         if args.spin_variants:
             m, o, _ = spin_module(Path(tmp) / "plain")
             runners["ort_plain_spin"] = OrtRunner(m, o, xs, ys)
@@ -295,6 +317,7 @@ def main(argv=None) -> dict:
                 for k, r in runners.items():
                     seconds[k].append(r.run(args.steps))
         finally:
+            admm_dp.close()
             if tr is not None:
                 tr.close()
 
@@ -306,6 +329,7 @@ def main(argv=None) -> dict:
     print("|---|---:|---:|---:|---:|")
     names = {"ort_plain": "(a) ORT plain step", "ort_admm": "(b) ORT ADMM step",
              "ort_plain_spin": "    ORT plain step, spinning on", "ort_admm_spin": "    ORT ADMM step, spinning on",
+             "ort_admm_workers": f"(b') ORT ADMM step, {args.workers} worker processes x 1 thread",
              "ort_admm_1thread": "    ORT ADMM step, 1 ORT thread", "ort_admm_as_written": "    ORT ADMM step, graph as written (no speed rewrites)",
              "torch_admm_poolrelu": "    PyTorch eager ADMM step, MaxPool before ReLU",
              "torch_plain": "    PyTorch eager plain step", "torch_admm": "(c) PyTorch eager ADMM step"}
@@ -329,6 +353,14 @@ def main(argv=None) -> dict:
         if "ort_admm_spin" in med:
             ratios["ort_admm_spin_over_torch_admm"] = med["ort_admm_spin"] / med["torch_admm"]
             print(f"ORT ADMM (spinning on) / PyTorch eager ADMM throughput: {ratios['ort_admm_spin_over_torch_admm']:.2f}x")
+    ratios["workers_over_one_process"] = med["ort_admm_workers"] / med["ort_admm"]
+    print(f"{args.workers} worker processes: ADMM step {ratios['workers_over_one_process']:.2f}x the one-process throughput")
+    if "torch_admm" in med:
+        ratios["ort_admm_workers_over_torch_admm"] = med["ort_admm_workers"] / med["torch_admm"]
+        ratios["ort_admm_workers_over_torch_admm_paired_median"] = statistics.median(
+            a / t for a, t in zip(rates["ort_admm_workers"], rates["torch_admm"]))
+        print(f"ORT ADMM with {args.workers} workers / PyTorch eager ADMM throughput: {ratios['ort_admm_workers_over_torch_admm']:.2f}x "
+              f"(paired per-round median {ratios['ort_admm_workers_over_torch_admm_paired_median']:.2f}x; target >= 1.0)")
     ratios["speedups_over_as_written"] = med["ort_admm"] / med["ort_admm_as_written"]
     ratios["one_thread_over_default"] = med["ort_admm_1thread"] / med["ort_admm"]
     print(f"Speed rewrites: the ADMM step runs at {ratios['speedups_over_as_written']:.2f}x the throughput of the graph as written; "

@@ -87,6 +87,8 @@ def _common_training_options(f):
     f = click.option("--batch-size", type=int, default=None, help="Mini-batch size. [64]")(f)
     f = click.option("--seed", type=int, default=None, help="Seed for data order. [0]")(f)
     f = click.option("--threads", type=int, default=None, help="ONNX Runtime threads (0: one per core). [0]")(f)
+    f = click.option("--workers", type=int, default=None,
+                     help="Processes each training batch is split over (e.g. the number of cores). [1]")(f)
     f = click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default=None, help="Base loss. [cross_entropy]")(f)
     f = click.option("--output", "output_name", default=None, help="Model output the loss uses. [first output]")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bars or logs.")(f)
@@ -114,8 +116,8 @@ def _common_training_options(f):
 @_common_training_options
 @click.pass_context
 def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
-          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, threads, loss,
-          output_name, quiet):
+          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, workers, threads,
+          loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
@@ -133,7 +135,7 @@ def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, r
     config = config.replace(
         admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, retrain_epochs=retrain_epochs, rho=rho,
         rho_growth=rho_growth, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
-        output=output_name, threads=threads,
+        output=output_name, threads=threads, workers=workers,
     )
     check_output_path(out, model)
     for extra in (report_path, sparse_output):
@@ -184,7 +186,7 @@ def _write_sparse(model_path, output) -> None:
 @click.option("--epochs", type=int, required=True, help="Training epochs.")
 @_common_training_options
 @click.pass_context
-def train(ctx, model, out, epochs, data, lr, batch_size, seed, threads, loss, output_name, quiet):
+def train(ctx, model, out, epochs, data, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
     """Dense training of MODEL on DATA (e.g. from scratch) before pruning."""
     from admm_onnx.config import PruneConfig
     from admm_onnx.data import load_dataset
@@ -194,7 +196,8 @@ def train(ctx, model, out, epochs, data, lr, batch_size, seed, threads, loss, ou
     _setup_logging(quiet, ctx.obj["debug"])
     if epochs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--epochs")
-    config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name, threads=threads)
+    config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name, threads=threads,
+                                   workers=workers)
     check_output_path(out, model)
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, load_dataset(data), config.batch_size, config.seed)

@@ -114,6 +114,7 @@ def _bad_cases(tmp, model, good_npz, data):
         "sparsity 1": (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
         "sparsity negative": (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
         "threads negative": (["--threads", "-1"], "threads"),
+        "no workers": (["--workers", "0"], "workers must be > 0"),
         "no sparsity": (["--no-sparsity"], "nothing to prune"),
         "config unknown key": (["--config", str(bad_toml)], "unknown config key"),
         "config unknown layer": (["--config", str(unknown_layer)], "no prunable weight named 'fc9.weight'"),

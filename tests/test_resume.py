@@ -85,8 +85,9 @@ def test_resume_refuses_another_model_or_plan(mlp_small, lenet5_small, data, tmp
         prune(prepared, tmp_path / "o.onnx", train_reader, other, None, workdir=work, resume=True)
     with pytest.raises(ConfigError, match="nothing to resume"):
         prune(prepared, tmp_path / "o.onnx", train_reader, CONFIG, None, workdir=tmp_path / "empty", resume=True)
-    # The thread count is not part of the run: resuming with another one is allowed.
-    report = prune(prepared, tmp_path / "o.onnx", train_reader, CONFIG.replace(threads=1), None, workdir=work, resume=True)
+    # Threads and worker processes are not part of the run: resuming with others is allowed.
+    report = prune(prepared, tmp_path / "o.onnx", train_reader, CONFIG.replace(threads=1, workers=2), None, workdir=work,
+                   resume=True)
     assert report.compression > 1.5 and (tmp_path / "o.onnx").exists()
 
 

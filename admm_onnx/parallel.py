@@ -1,0 +1,262 @@
+"""Data-parallel training steps over worker processes, for CPUs with more than one core.
+
+Why: on small convolutional nets ORT 1.19.2's CPU training kernels gain little from intra-op
+threads (ConvGrad runs one small GEMM per image; measured on LeNet-5: one thread about as fast
+as two), and the training API holds the GIL during a step, so Python threads cannot overlap two
+steps. Processes with one ORT thread each can.
+
+Math: the batch is cut into P row slices of n_k rows (sum n). Worker k computes g_k, the
+gradient of its slice's loss (the mean of the base loss over the slice, plus the ADMM penalty,
+which does not depend on the data). Then
+
+    sum_k (n_k / n) * g_k
+
+is the gradient of the full-batch loss: the base-loss terms recombine into the mean over all
+n rows, and the penalty's gradient, present in every g_k, comes out once (the weights sum to 1).
+The main process (rank 0) forms it in its own gradient buffers and steps its optimizer; the
+workers hold no optimizer state.
+
+Contract:
+- Workers load the same artifacts and checkpoint as the main :class:`~admm_onnx.training.Trainer`
+  and run one ORT thread each (``threads`` overrides).
+- Trainable parameters reach the workers through a shared file mapping (in ``/dev/shm`` when it
+  exists) before every step; frozen ones (ADMM targets, rho, masks) through the pipe, once per
+  epoch (:meth:`WorkerPool.sync_frozen`): they change only between epochs.
+- Each worker writes its gradients into its own block of the mapping; nothing else is shared.
+- A worker's error comes back as a one-line :class:`~admm_onnx.errors.TrainingError`; a worker
+  that dies, or a main process that dies, ends the other side (end of file on the pipe).
+  Workers ignore SIGINT: Ctrl-C is handled by the main process, which closes the pool.
+
+Workers are started with ``python -m admm_onnx.parallel FD`` (not multiprocessing), so a user
+script without an ``if __name__ == "__main__"`` guard is not re-executed in them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+#: (name, dtype string, shape) of each trainable parameter, in a fixed order.
+Layout = List[Tuple[str, str, Tuple[int, ...]]]
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+class Exchange:
+    """A file mapping holding one copy of the trainable parameters and one gradient block per
+    worker: ``params[name]`` and ``grads[k][name]`` (k = 1 .. P-1) are NumPy views."""
+
+    def __init__(self, path: Path, layout: Layout, workers: int, create: bool):
+        self.path, self.layout, self.workers = Path(path), layout, workers
+        sizes = [_aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize) for _, dt, shape in layout]
+        block = sum(sizes)
+        total = max(1, block * workers)  # block 0: parameters; block k: worker k's gradients
+        if create:
+            with open(self.path, "wb") as f:
+                f.truncate(total)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(total,))
+        self.params: Dict[str, np.ndarray] = {}
+        self.grads: Dict[int, Dict[str, np.ndarray]] = {k: {} for k in range(1, workers)}
+        for k in range(workers):
+            offset = k * block
+            for (name, dt, shape), size in zip(layout, sizes):
+                count = int(np.prod(shape, dtype=np.int64))
+                view = self._map[offset : offset + count * np.dtype(dt).itemsize].view(dt).reshape(shape)
+                if k == 0:
+                    self.params[name] = view
+                else:
+                    self.grads[k][name] = view
+                offset += size
+
+    def close(self) -> None:
+        self.params, self.grads = {}, {}
+        self._map = None
+
+
+def _exchange_dir(fallback: Path) -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else fallback
+
+
+class WorkerPool:
+    """P - 1 worker processes, each with its own ORT training module on the same artifacts."""
+
+    def __init__(self, directory: Path, checkpoint: Path, layout: Layout, workers: int, threads: int = 1):
+        if workers < 2:
+            raise ValueError("a WorkerPool needs at least 2 workers (the main process is one)")
+        self.workers = workers
+        fd, name = tempfile.mkstemp(prefix="admm-onnx-exchange-", dir=_exchange_dir(Path(directory)))
+        os.close(fd)
+        self.exchange = Exchange(Path(name), layout, workers, create=True)
+        self.conns: List[Connection] = []
+        self.procs: List[subprocess.Popen] = []
+        try:
+            for rank in range(1, workers):
+                self._start(rank, directory, checkpoint, layout, threads)
+            for rank, conn in enumerate(self.conns, 1):
+                self._reply(rank, conn)  # "ready", or the worker's error
+        except BaseException:
+            self.close()
+            raise
+        log.info("data-parallel training over %d processes", workers)
+
+    def _start(self, rank: int, directory: Path, checkpoint: Path, layout: Layout, threads: int) -> None:
+        parent, child = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "admm_onnx.parallel", str(child.fileno())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self.procs.append(proc)
+        conn = Connection(parent.detach())
+        self.conns.append(conn)
+        conn.send(("init", str(directory), str(checkpoint), layout, self.workers, rank, threads, str(self.exchange.path)))
+
+    def _died(self, rank: int) -> TrainingError:
+        proc = self.procs[rank - 1]
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return TrainingError(f"training worker {rank} exited unexpectedly (exit code {code})")
+
+    def _send(self, rank: int, msg) -> None:
+        try:
+            self.conns[rank - 1].send(msg)
+        except OSError:
+            raise self._died(rank) from None
+
+    def _reply(self, rank: int, conn: Connection):
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            raise self._died(rank) from None
+        if msg[0] == "error":
+            raise TrainingError(f"training worker {rank}: {msg[1]}")
+        return msg
+
+    # -- per epoch / per step -----------------------------------------------------------
+    def sync_frozen(self, values: Dict[str, np.ndarray]) -> None:
+        """Send the frozen parameters (ADMM targets, rho, masks) to every worker."""
+        for rank in range(1, self.workers):
+            self._send(rank, ("frozen", values))
+        for rank, conn in enumerate(self.conns, 1):
+            self._reply(rank, conn)
+
+    def publish(self, params: Dict[str, np.ndarray]) -> None:
+        """Copy the main process's trainable parameters into the shared mapping."""
+        for name, view in self.exchange.params.items():
+            np.copyto(view, params[name])
+
+    def start(self, rank: int, inputs: Sequence[np.ndarray]) -> None:
+        self._send(rank, ("step", list(inputs)))
+
+    def finish(self, rank: int) -> Tuple[float, np.ndarray]:
+        """Wait for worker ``rank``'s step: its loss and output; its gradients are then in
+        ``exchange.grads[rank]``."""
+        _, loss, logits = self._reply(rank, self.conns[rank - 1])
+        return loss, logits
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("close",))
+                conn.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.conns, self.procs = [], []
+        exchange, self.exchange = getattr(self, "exchange", None), None
+        if exchange is not None:
+            exchange.close()
+            try:
+                exchange.path.unlink()
+            except OSError:
+                pass
+
+
+# -- the worker process ------------------------------------------------------------------------
+def _serve(conn: Connection) -> None:
+    from ._ort import api
+    from .training import _first_line, flush_denormals, session_options
+
+    msg = conn.recv()
+    _, directory, checkpoint, layout, workers, rank, threads, exchange_path = msg
+    try:
+        flush_denormals()
+        directory = Path(directory)
+        state = api.CheckpointState.load_checkpoint(checkpoint)
+        module = api.Module(str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx"),
+                            session_options=session_options(threads or 1))
+        module.train()
+        exchange = Exchange(Path(exchange_path), layout, workers, create=False)
+        names = [name for name, _, _ in layout]
+        grads_out = exchange.grads[rank]
+    except Exception as exc:  # reported to the main process as one line
+        conn.send(("error", _first_line(exc)))
+        return
+    conn.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if msg[0] == "close":
+                return
+            if msg[0] == "frozen":
+                for name, value in msg[1].items():
+                    state.parameters[name].data = value
+                conn.send(("ok",))
+            elif msg[0] == "step":
+                for name in names:
+                    np.copyto(state.parameters[name].data, exchange.params[name])
+                loss, logits = module(*msg[1])
+                for name in names:
+                    grad = state.parameters[name].grad
+                    if grad is None:
+                        grads_out[name][...] = 0
+                    else:
+                        np.copyto(grads_out[name], grad)
+                module.lazy_reset_grad()
+                conn.send(("done", float(loss), np.asarray(logits)))
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except Exception as exc:
+            try:
+                conn.send(("error", _first_line(exc)))
+            except OSError:
+                return
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and closes us
+    logging.disable(logging.WARNING)
+    _serve(Connection(int(argv[0])))
+
+
+if __name__ == "__main__":
+    main()

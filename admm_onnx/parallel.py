@@ -117,10 +117,14 @@ class WorkerPool:
 
     def _start(self, rank: int, directory: Path, checkpoint: Path, layout: Layout, threads: int) -> None:
         parent, child = socket.socketpair()
+        # The package's own location first, so the worker imports this admm_onnx even when it is
+        # not installed (a source checkout on sys.path).
+        here = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "admm_onnx.parallel", str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
             )
         finally:
             child.close()

@@ -274,6 +274,7 @@ def main(argv=None) -> dict:
                     help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
     ap.add_argument("--augment-phase", choices=("all", "retrain"), default=None,
                     help="with --augment-shift: augment every phase, or masked retraining only (default)")
+    ap.add_argument("--workers", type=int, default=1, help="training processes per batch (admm_onnx workers; 1: none)")
     ap.add_argument("--ort-threads", type=int, default=0, help="ORT intra-op threads (0: ORT default, one per core)")
     ap.add_argument("--no-ftz", action="store_true", help="leave denormals on (ORT's default; see configure_ort_sessions)")
     ap.add_argument("--spin", action="store_true", help="let ORT threads spin-wait (ORT's default; off here, see configure_ort_sessions)")
@@ -302,7 +303,7 @@ def main(argv=None) -> dict:
         print(f"Model {args.model}, data {name} ({args.mnist}), seed {args.seed}, ratios {spec}: "
               + ", ".join(f"{k.split('.')[0]} {100 * v:g}%" for k, v in stage_keep.items()))
     print("Schedule: " + ", ".join(f"{k}={v}" for k, v in sched.items()) + f", retrain_schedule={args.retrain_schedule}"
-          + f"; ORT threads {args.ort_threads or 'default'}, spinning {'on' if args.spin else 'off'}, "
+          + f"; workers {args.workers}, ORT threads {args.ort_threads or 'default'}, spinning {'on' if args.spin else 'off'}, "
           + f"denormals {'flushed' if denormals_flushed() else 'kept'}")
     sys.stdout.flush()
 
@@ -316,7 +317,7 @@ def main(argv=None) -> dict:
             rules=tuple(Rule(sparsity=1.0 - k, names=(n,)) for n, k in stage_keep.items()),
             admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
             rho=sched["rho"], rho_growth=sched["rho_growth"], lr=sched["lr"], retrain_lr=sched["retrain_lr"],
-            retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed,
+            retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed, workers=args.workers,
         )
 
     config = stage_config(stages[0][1])
@@ -408,7 +409,7 @@ def main(argv=None) -> dict:
         "machine": machine,
         "model": args.model, "dataset": name, "data_dir": str(args.mnist), "seed": args.seed,
         "ratios": ratio_spec, "then": args.then, "stages": stage_results, "keep": keep, "schedule": sched, "retrain_schedule": args.retrain_schedule,
-        "ort_threads": args.ort_threads, "ort_spinning": args.spin, "ftz": not args.no_ftz,
+        "workers": args.workers, "ort_threads": args.ort_threads, "ort_spinning": args.spin, "ftz": not args.no_ftz,
         "batch_size_used": batch,
         "layers": rows, "total_weights": total_w, "total_nonzero": total_nz, "compression": total_w / total_nz,
         "top1": final.accuracy, "top1_csr": csr_eval.accuracy, "test_loss": final.loss,

@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 Layout = List[Tuple[str, str, Tuple[int, ...]]]
 
 
-def _aligned(n: int) -> int:
-    return (n + 63) // 64 * 64
+def _sizes(layout: Layout) -> List[int]:
+    """Bytes of each parameter's slot in a block, rounded up to 64 (cache-line aligned views)."""
+    return [(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize + 63) // 64 * 64 for _, dt, shape in layout]
 
 
 class Exchange:
@@ -63,7 +64,7 @@ class Exchange:
 
     def __init__(self, path: Path, layout: Layout, workers: int, create: bool):
         self.path, self.layout, self.workers = Path(path), layout, workers
-        sizes = [_aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize) for _, dt, shape in layout]
+        sizes = _sizes(layout)
         block = sum(sizes)
         total = max(1, block * workers)  # block 0: parameters; block k: worker k's gradients
         if create:
@@ -88,9 +89,19 @@ class Exchange:
         self._map = None
 
 
-def _exchange_dir(fallback: Path) -> Path:
+def _exchange_dir(fallback: Path, needed: int) -> Path:
+    """/dev/shm when it is writable and has room for ``needed`` bytes (containers often give it
+    only 64 MB; writing past a full tmpfs mapping would kill the process), else ``fallback``."""
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else fallback
+    try:
+        stat = os.statvfs(shm)
+        if os.access(shm, os.W_OK) and stat.f_bavail * stat.f_frsize > 2 * needed:
+            return shm
+    except OSError:
+        pass
+    return fallback
+
+
 
 
 class WorkerPool:
@@ -100,7 +111,8 @@ class WorkerPool:
         if workers < 2:
             raise ValueError("a WorkerPool needs at least 2 workers (the main process is one)")
         self.workers = workers
-        fd, name = tempfile.mkstemp(prefix="admm-onnx-exchange-", dir=_exchange_dir(Path(directory)))
+        where = _exchange_dir(Path(directory), workers * sum(_sizes(layout)))
+        fd, name = tempfile.mkstemp(prefix="admm-onnx-exchange-", dir=where)
         os.close(fd)
         self.exchange = Exchange(Path(name), layout, workers, create=True)
         self.conns: List[Connection] = []

@@ -90,9 +90,10 @@ PRIOR_ART = {
 
 # -- default schedules (tuned here; see the module docstring) ----------------------------------------
 SCHEDULES = {
-    # 3 dense + 12 ADMM + 8 retraining epochs = 23 passes over the 60k images (1.38M samples).
-    "lenet5": dict(dense_epochs=3, dense_lr=2e-3, admm_iters=12, epochs_per_iter=1, rho=1.5e-3, rho_growth=1.3,
-                   lr=2e-3, retrain_epochs=8, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
+    # 4 dense + 12 ADMM + 12 retraining epochs = 28 passes over the 60k images (1.68M samples).
+    # (3 + 12 + 8 reached 99.20-99.27% on seeds 0 and 2 but 98.98% on seed 1.)
+    "lenet5": dict(dense_epochs=4, dense_lr=2e-3, admm_iters=12, epochs_per_iter=1, rho=1.5e-3, rho_growth=1.3,
+                   lr=2e-3, retrain_epochs=12, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
     # The MLP trains ~10x faster per sample; it wants a small rho (1.5e-3 cost 1 point of top-1),
     # no shift augmentation (it is not translation-invariant) and more epochs: 10 + 20 + 20.
     "lenet300-100": dict(dense_epochs=10, dense_lr=1e-3, admm_iters=20, epochs_per_iter=1, rho=1e-4, rho_growth=1.3,
@@ -274,7 +275,9 @@ def main(argv=None) -> dict:
                     help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
     ap.add_argument("--augment-phase", choices=("all", "retrain"), default=None,
                     help="with --augment-shift: augment every phase, or masked retraining only (default)")
-    ap.add_argument("--workers", type=int, default=1, help="training processes per batch (admm_onnx workers; 1: none)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="training processes per batch (admm_onnx workers; 1: one process). The figures in the README "
+                         "use 2; the count changes float summation order, so results differ slightly with another")
     ap.add_argument("--ort-threads", type=int, default=0, help="ORT intra-op threads (0: ORT default, one per core)")
     ap.add_argument("--no-ftz", action="store_true", help="leave denormals on (ORT's default; see configure_ort_sessions)")
     ap.add_argument("--spin", action="store_true", help="let ORT threads spin-wait (ORT's default; off here, see configure_ort_sessions)")

@@ -102,8 +102,6 @@ def _exchange_dir(fallback: Path, needed: int) -> Path:
     return fallback
 
 
-
-
 class WorkerPool:
     """P - 1 worker processes, each with its own ORT training module on the same artifacts."""
 
@@ -111,13 +109,15 @@ class WorkerPool:
         if workers < 2:
             raise ValueError("a WorkerPool needs at least 2 workers (the main process is one)")
         self.workers = workers
+        self.conns: List[Connection] = []
+        self.procs: List[subprocess.Popen] = []
         where = _exchange_dir(Path(directory), workers * sum(_sizes(layout)))
         fd, name = tempfile.mkstemp(prefix="admm-onnx-exchange-", dir=where)
         os.close(fd)
-        self.exchange = Exchange(Path(name), layout, workers, create=True)
-        self.conns: List[Connection] = []
-        self.procs: List[subprocess.Popen] = []
+        self._path = Path(name)
+        self.exchange: Optional[Exchange] = None
         try:
+            self.exchange = Exchange(self._path, layout, workers, create=True)
             for rank in range(1, workers):
                 self._start(rank, directory, checkpoint, layout, threads)
             for rank, conn in enumerate(self.conns, 1):
@@ -194,9 +194,9 @@ class WorkerPool:
         for conn in self.conns:
             try:
                 conn.send(("close",))
-                conn.close()
             except OSError:
-                pass
+                pass  # already gone
+            conn.close()
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)
@@ -204,13 +204,13 @@ class WorkerPool:
                 proc.kill()
                 proc.wait()
         self.conns, self.procs = [], []
-        exchange, self.exchange = getattr(self, "exchange", None), None
-        if exchange is not None:
-            exchange.close()
-            try:
-                exchange.path.unlink()
-            except OSError:
-                pass
+        if self.exchange is not None:
+            self.exchange.close()
+            self.exchange = None
+        try:
+            self._path.unlink()
+        except OSError:
+            pass
 
 
 # -- the worker process ------------------------------------------------------------------------

@@ -24,7 +24,8 @@ Contract:
   epoch (:meth:`WorkerPool.sync_frozen`): they change only between epochs.
 - Each worker writes its gradients into its own block of the mapping; nothing else is shared.
 - A worker's error comes back as a one-line :class:`~admm_onnx.errors.TrainingError`; a worker
-  that dies, or a main process that dies, ends the other side (end of file on the pipe).
+  that dies, or a main process that dies, ends the other side (end of file on the pipe); the
+  workers of a killed main process remove the shared file.
   Workers ignore SIGINT: Ctrl-C is handled by the main process, which closes the pool.
 
 Workers are started with ``python -m admm_onnx.parallel FD`` (not multiprocessing), so a user
@@ -237,7 +238,11 @@ def _serve(conn: Connection) -> None:
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the main process died without closing us: clean up for it
+            try:
+                Path(exchange_path).unlink()
+            except OSError:
+                pass
             return
         try:
             if msg[0] == "close":

@@ -97,3 +97,31 @@ def test_prune_with_workers_matches_one_process_closely_and_leaves_no_process(da
     # Same algorithm, float sums in another order: a small run lands within a few test images.
     assert abs(two.accuracy_after - one.accuracy_after) <= 0.05
     assert two.accuracy_after > 0.8
+
+
+def test_killed_main_process_leaves_no_worker_and_no_shared_file(admm_artifacts, tmp_path):
+    """SIGKILL of the process that owns the pool: its workers see end of file, remove the
+    shared mapping and exit."""
+    import subprocess
+    import sys
+    import time
+
+    directory, _ = admm_artifacts
+    script = (
+        "import sys, time\n"
+        "from admm_onnx.training import Trainer\n"
+        f"t = Trainer({str(directory)!r}, num_classes=4, workers=2)\n"
+        "print(t.pool.exchange.path, t.pool.procs[0].pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    shared, worker = proc.stdout.readline().split()
+    assert Path(shared).exists()
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and (Path(f"/proc/{worker}").exists() or Path(shared).exists()):
+        time.sleep(0.1)
+    assert not Path(shared).exists()
+    status = Path(f"/proc/{worker}/status")
+    assert not status.exists() or "zombie" in status.read_text()

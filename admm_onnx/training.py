@@ -292,9 +292,13 @@ class Trainer:
         targets may have been rewritten since the last epoch). :meth:`train_epoch` calls it."""
         self.module.train()
         if self.pool is not None:
-            params = self.state.parameters
-            self.pool.sync_frozen({n: np.array(p.data) for n, p in params if not p.requires_grad})
-            self.pool.publish({n: params[n].data for n in self.trainable})
+            self.pool.sync_frozen({n: np.array(p.data) for n, p in self.state.parameters if not p.requires_grad})
+            self._publish()
+
+    def _publish(self) -> None:
+        """Hand the trainable parameters to the worker processes (before their next step)."""
+        params = self.state.parameters
+        self.pool.publish({n: params[n].data for n in self.trainable})
 
     def train_step(self, feed: Dict[str, np.ndarray]) -> Tuple[float, np.ndarray]:
         """One optimizer step on one batch (after :meth:`begin_training`); returns the loss and
@@ -308,8 +312,7 @@ class Trainer:
         self.optimizer.step()
         self.module.lazy_reset_grad()
         if self.pool is not None:
-            params = self.state.parameters
-            self.pool.publish({n: params[n].data for n in self.trainable})
+            self._publish()
         self.step += 1
         return loss, logits
 

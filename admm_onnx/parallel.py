@@ -64,7 +64,7 @@ class Exchange:
     worker: ``params[name]`` and ``grads[k][name]`` (k = 1 .. P-1) are NumPy views."""
 
     def __init__(self, path: Path, layout: Layout, workers: int, create: bool):
-        self.path, self.layout, self.workers = Path(path), layout, workers
+        self.path = Path(path)
         sizes = _sizes(layout)
         block = sum(sizes)
         total = max(1, block * workers)  # block 0: parameters; block k: worker k's gradients

@@ -57,6 +57,12 @@ def attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def auto_pad(node: onnx.NodeProto) -> str:
+    """The node's ``auto_pad`` attribute as a str (``NOTSET`` when absent)."""
+    value = attr(node, "auto_pad", b"NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def is_default_domain(node: onnx.NodeProto, op_type: str) -> bool:
     return node.op_type == op_type and node.domain in ("", "ai.onnx")
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import onnx
 
-from ._util import NameScope, attr, checked, is_default_domain
+from ._util import NameScope, attr, auto_pad, checked, is_default_domain
+from .analysis import consumer_map
 
 def _monotone(node: onnx.NodeProto) -> bool:
     """Relu, or LeakyRelu with a non-negative slope: elementwise and non-decreasing."""
@@ -32,9 +33,7 @@ def _monotone(node: onnx.NodeProto) -> bool:
 def _pads_ok(pool: onnx.NodeProto) -> bool:
     kernel = attr(pool, "kernel_shape", [])
     pads = attr(pool, "pads", [0] * (2 * len(kernel)))
-    auto_pad = attr(pool, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad != "NOTSET":
+    if auto_pad(pool) != "NOTSET":
         return True  # VALID: no padding; SAME_*: at most kernel - 1 in all, split over both sides
     return len(pads) == 2 * len(kernel) and all(p < kernel[i % len(kernel)] for i, p in enumerate(pads))
 
@@ -44,10 +43,7 @@ def pool_before_activation(model: onnx.ModelProto) -> int:
     graph = model.graph
     nodes = list(graph.node)
     producer = {out: i for i, n in enumerate(nodes) for out in n.output}
-    readers = {}
-    for n in nodes:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = consumer_map(graph)
     outputs = {o.name for o in graph.output}
     names = NameScope(graph)
     count = 0
@@ -58,7 +54,7 @@ def pool_before_activation(model: onnx.ModelProto) -> int:
         if i is None or not _monotone(nodes[i]):
             continue
         act = nodes[i]
-        if readers.get(act.output[0], 0) != 1 or act.output[0] in outputs:
+        if len(readers.get(act.output[0], ())) != 1 or act.output[0] in outputs:
             continue
         pooled = names(f"{pool.output[0]}/pooled")
         result = pool.output[0]

@@ -32,13 +32,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, checked, is_default_domain
+from ._util import NameScope, attr, auto_pad, checked, is_default_domain
+from .analysis import consumer_map
 from .shapes import tensor_shapes
-
-
-def _auto_pad(node: onnx.NodeProto) -> str:
-    value = attr(node, "auto_pad", b"NOTSET")
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _pool_stride(pool: onnx.NodeProto) -> Optional[int]:
@@ -48,7 +44,7 @@ def _pool_stride(pool: onnx.NodeProto) -> Optional[int]:
         return None
     if list(attr(pool, "strides", [1, 1])) != kernel or any(attr(pool, "pads", [0] * 4)):
         return None
-    if any(d != 1 for d in attr(pool, "dilations", [1, 1])) or attr(pool, "ceil_mode", 0) or _auto_pad(pool) not in ("NOTSET", "VALID"):
+    if any(d != 1 for d in attr(pool, "dilations", [1, 1])) or attr(pool, "ceil_mode", 0) or auto_pad(pool) not in ("NOTSET", "VALID"):
         return None
     if len([o for o in pool.output if o]) != 1:
         return None
@@ -60,7 +56,7 @@ def _conv_ok(conv: onnx.NodeProto, kernel) -> bool:
         len(kernel) == 2
         and all(v == 1 for v in attr(conv, "strides", [1, 1]))
         and all(v == 1 for v in attr(conv, "dilations", [1, 1]))
-        and _auto_pad(conv) == "NOTSET"
+        and auto_pad(conv) == "NOTSET"
     )
 
 
@@ -118,10 +114,7 @@ def split_pool_phases(model: onnx.ModelProto, trainable: Iterable[str]) -> int:
     graph = model.graph
     nodes = list(graph.node)
     carries_grad = _gradient_tensors(graph, trainable)
-    consumers: Dict[str, int] = {}
-    for n in nodes:
-        for name in n.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = consumer_map(graph)
     outputs = {o.name for o in graph.output}
     inits = {t.name: t for t in graph.initializer}
     producer = {out: i for i, n in enumerate(nodes) for out in n.output}
@@ -137,7 +130,7 @@ def split_pool_phases(model: onnx.ModelProto, trainable: Iterable[str]) -> int:
         if s is None or i is None or not is_default_domain(nodes[i], "Conv"):
             continue
         conv = nodes[i]
-        if conv.input[0] in carries_grad or consumers.get(conv.output[0], 0) != 1 or conv.output[0] in outputs:
+        if conv.input[0] in carries_grad or len(consumers.get(conv.output[0], ())) != 1 or conv.output[0] in outputs:
             continue
         weight = inits.get(conv.input[1])
         kshape = list(weight.dims[2:]) if weight is not None else list(attr(conv, "kernel_shape", []))

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import _install
+
+_install.check()  # plain onnxruntime beside the training build: one clear line, not an ImportError deep in ORT
+
 from .admm import AdmmState, Residual
 from .config import PruneConfig, Rule, WeightPlan, config_from_dict, load_config
 from .data import (
@@ -27,7 +31,7 @@ from .data import (
     NpzReader,
     load_dataset,
 )
-from .errors import AdmmOnnxError, ConfigError, DataError, ModelError, OutputError, TrainingError
+from .errors import AdmmOnnxError, ConfigError, DataError, InstallError, ModelError, OutputError, TrainingError
 from .graph.analysis import GraphInfo, WeightInfo, analyse
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty, rho_name, target_name
@@ -37,7 +41,7 @@ from .report import PruneReport
 
 __all__ = [
     "AdmmOnnxError", "AdmmPenalty", "AdmmState", "ArrayReader", "ConfigError", "DataError", "DataReader",
-    "Dataset", "GraphInfo", "IdxReader", "IterableReader", "LABELS", "ModelError", "NpzReader", "OutputError",
+    "Dataset", "GraphInfo", "IdxReader", "InstallError", "IterableReader", "LABELS", "ModelError", "NpzReader", "OutputError",
     "PruneConfig", "PruneReport", "Residual", "Rule", "TrainingError", "WeightInfo", "WeightPlan", "analyse",
     "config_from_dict", "evaluate", "export_pruned", "insert_masks", "load_config", "load_dataset",
     "make_readers", "mask_name", "masked_model", "prepare_model", "project", "projection_mask", "prune", "rho_name",

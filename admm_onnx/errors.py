@@ -41,3 +41,7 @@ class TrainingError(AdmmOnnxError):
 
 class OutputError(AdmmOnnxError):
     """The output cannot be written where asked."""
+
+
+class InstallError(AdmmOnnxError, ImportError):
+    """The installed ONNX Runtime is not the training build admm-onnx needs (see ``_install``)."""

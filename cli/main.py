@@ -81,44 +81,83 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
 
 
+def _output_option(help_text: str, required: bool = True):
+    """``-o/--output FILE``, the file a command writes (one style on every command), plus the
+    old spelling ``--out`` as a hidden, deprecated alias."""
+
+    def decorate(f):
+        f = click.option("--out", "out_old", default=None, hidden=True, type=click.Path(dir_okay=False))(f)
+        f = click.option("-o", "--output", "out", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                         help=help_text + ("  [required]" if required else ""))(f)
+        return f
+
+    return decorate
+
+
+def _merge_output(out: Optional[str], out_old: Optional[str], old_flag: str = "--out", required: bool = False):
+    """The written file from ``-o/--output`` or its deprecated alias (a warning)."""
+    if out_old is not None:
+        click.echo(f"warning: {old_flag} is deprecated; use -o/--output", err=True)
+        if out is not None and out != out_old:
+            raise ConfigError(f"both -o/--output {out} and {old_flag} {out_old} given; use -o/--output only")
+        out = out_old
+    if out is None and required:
+        raise click.UsageError("Missing option '-o' / '--output'.")
+    return out
+
+
+def default_output(model: str) -> str:
+    """``MODEL.pruned.onnx`` beside MODEL (``net.onnx`` -> ``net.pruned.onnx``)."""
+    path = Path(model)
+    stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.name
+    return str(path.with_name(stem + ".pruned.onnx"))
+
+
+def _model_output_option(help_text: str):
+    return click.option("--model-output", "output_name", default=None, metavar="NAME",
+                        help=help_text + "  [default: the first output]")
+
+
 def _common_training_options(f):
     f = click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz")(f)
-    f = click.option("--lr", type=float, default=None, help="Learning rate (AdamW). [1e-3]")(f)
-    f = click.option("--batch-size", type=int, default=None, help="Mini-batch size. [64]")(f)
-    f = click.option("--seed", type=int, default=None, help="Seed for data order. [0]")(f)
-    f = click.option("--threads", type=int, default=None, help="ONNX Runtime threads (0: one per core). [0]")(f)
+    f = click.option("--lr", type=float, default=None, help="Learning rate (AdamW).  [default: 1e-3]")(f)
+    f = click.option("--batch-size", type=int, default=None, help="Mini-batch size.  [default: 64]")(f)
+    f = click.option("--seed", type=int, default=None, help="Seed for data order.  [default: 0]")(f)
+    f = click.option("--threads", type=int, default=None,
+                     help="ONNX Runtime threads (0: one per core).  [default: 0]")(f)
     f = click.option("--workers", type=int, default=None,
-                     help="Processes each training batch is split over (e.g. the number of cores). [1]")(f)
-    f = click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default=None, help="Base loss. [cross_entropy]")(f)
-    f = click.option("--output", "output_name", default=None, help="Model output the loss uses. [first output]")(f)
+                     help="Processes each training batch is split over (e.g. the number of cores).  [default: 1]")(f)
+    f = click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default=None,
+                     help="Base loss.  [default: cross_entropy]")(f)
+    f = _model_output_option("Model output the loss uses.")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bars or logs.")(f)
     return f
 
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Pruned model path.")
+@_output_option("Pruned model to write.  [default: MODEL.pruned.onnx]", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Rules and schedule (TOML or JSON).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights zeroed in every prunable layer.")
-@click.option("--admm-iters", type=int, default=None, help="ADMM iterations. [10]")
-@click.option("--epochs-per-iter", type=int, default=None, help="Training epochs per ADMM iteration. [1]")
-@click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed). [4]")
-@click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho. [1e-3]")
-@click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration. [1.3]")
-@click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining. [--lr]")
+@click.option("--admm-iters", type=int, default=None, help="ADMM iterations.  [default: 10]")
+@click.option("--epochs-per-iter", type=int, default=None, help="Training epochs per ADMM iteration.  [default: 1]")
+@click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed).  [default: 4]")
+@click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho.  [default: 1e-3]")
+@click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration.  [default: 1.3]")
+@click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining.  [default: --lr]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--sparse-output", type=click.Path(dir_okay=False), default=None,
               help="Also write a CSR sparse deployment file here (as 'admm-onnx export').")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where the run keeps its state for --resume. [OUT.admm-work]")
+              help="Where the run keeps its state for --resume.  [default: OUTPUT.admm-work]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory after success.")
 @_common_training_options
 @click.pass_context
-def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
+def prune(ctx, model, out, out_old, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
           retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, workers, threads,
           loss, output_name, quiet):
-    """ADMM-prune MODEL on DATA and write the pruned model to OUT.
+    """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
     crash or a kill, the same command with --resume continues from the last completed step.
@@ -129,6 +168,7 @@ def prune(ctx, model, out, config_path, sparsity, admm_iters, epochs_per_iter, r
     from admm_onnx.pipeline import make_readers, prepare_model, prune as run_prune
 
     _setup_logging(quiet, ctx.obj["debug"])
+    out = _merge_output(out, out_old) or default_output(model)
     config = load_config(config_path) if config_path else PruneConfig()
     if sparsity is not None:
         config = config.with_sparsity(sparsity)
@@ -182,11 +222,11 @@ def _write_sparse(model_path, output) -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Trained model path.")
+@_output_option("Trained model to write.")
 @click.option("--epochs", type=int, required=True, help="Training epochs.")
 @_common_training_options
 @click.pass_context
-def train(ctx, model, out, epochs, data, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
+def train(ctx, model, out, out_old, epochs, data, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
     """Dense training of MODEL on DATA (e.g. from scratch) before pruning."""
     from admm_onnx.config import PruneConfig
     from admm_onnx.data import load_dataset
@@ -194,6 +234,7 @@ def train(ctx, model, out, epochs, data, lr, batch_size, seed, workers, threads,
     from admm_onnx.pipeline import make_readers, prepare_model, train as run_train
 
     _setup_logging(quiet, ctx.obj["debug"])
+    out = _merge_output(out, out_old, required=True)
     if epochs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--epochs")
     config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name, threads=threads,
@@ -209,7 +250,7 @@ def train(ctx, model, out, epochs, data, lr, batch_size, seed, workers, threads,
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--output", "output_name", default=None, help="Model output holding the logits. [first output]")
+@_model_output_option("Model output holding the logits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_cmd(model, data, batch_size, output_name, as_json):
     """Top-1 accuracy and loss of MODEL on the evaluation split of DATA."""
@@ -232,11 +273,11 @@ def models():
 
 @models.command("build")
 @click.argument("name")
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False))
+@_output_option("Model file to write.")
 @click.option("--input-shape", default="1x28x28", show_default=True, help="C x H x W.")
 @click.option("--classes", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def models_build(name, out, input_shape, classes, seed):
+def models_build(name, out, out_old, input_shape, classes, seed):
     """Build reference model NAME (lenet5, lenet300-100) with random weights."""
     from admm_onnx.errors import ConfigError
     from admm_onnx.io import check_output_path, save_model
@@ -248,20 +289,24 @@ def models_build(name, out, input_shape, classes, seed):
         raise ConfigError(f"--input-shape must look like 1x28x28, got {input_shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"--input-shape must be C x H x W with positive sizes, got {input_shape!r}")
+    out = _merge_output(out, out_old, required=True)
     check_output_path(out)
     save_model(build(name, input_shape=shape, num_classes=classes, seed=seed), out)
     click.echo(f"Wrote {out}")
 
 
 @cli.command()
-@click.option("--out-dir", default="admm-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-o", "--output", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the models and report.json.  [default: admm-demo]")
+@click.option("--out-dir", "out_dir_old", default=None, hidden=True, type=click.Path(file_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or logs.")
 @click.pass_context
-def demo(ctx, out_dir, quiet):
+def demo(ctx, out_dir, out_dir_old, quiet):
     """Build LeNet-5, train it, ADMM-prune it and retrain it, on the embedded digits data."""
     from admm_onnx.demo import run_demo
 
     _setup_logging(quiet, ctx.obj["debug"])
+    out_dir = _merge_output(out_dir, out_dir_old, "--out-dir") or "admm-demo"
     run_demo(Path(out_dir), ClickProgress(not quiet), echo=click.echo)
 
 

@@ -1,0 +1,65 @@
+"""One CLI style: ``-o/--output`` is the written file on every command, the model tensor is
+``--model-output``, and help shows defaults one way (``[default: X]``)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from admm_onnx.cli.main import cli, default_output, main
+
+QUICK = ["--admm-iters", "1", "--retrain-epochs", "0", "--batch-size", "32", "--quiet"]
+
+
+def _commands(group, prefix=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,), command
+
+
+def test_default_output_name():
+    assert default_output("dir/net.onnx") == "dir/net.pruned.onnx"
+    assert default_output("net") == "net.pruned.onnx"
+
+
+def test_prune_writes_model_pruned_onnx_when_o_is_omitted(lenet5_small, data_npz):
+    code = main(["prune", str(lenet5_small), "-d", str(data_npz), "--sparsity", "0.5", *QUICK])
+    assert code == 0
+    assert lenet5_small.with_name(lenet5_small.stem + ".pruned.onnx").stat().st_size > 0
+
+
+def test_output_long_form_and_deprecated_out(lenet5_small, tmp_path, capsys):
+    out = tmp_path / "a.onnx"
+    assert main(["models", "build", "lenet5", "--output", str(out), "--input-shape", "1x8x8"]) == 0
+    old = tmp_path / "b.onnx"
+    assert main(["models", "build", "lenet5", "--out", str(old), "--input-shape", "1x8x8"]) == 0
+    assert out.stat().st_size > 0 and old.stat().st_size > 0
+    assert "--out is deprecated; use -o/--output" in capsys.readouterr().err
+
+
+def test_output_required_where_there_is_no_default(tmp_path, capsys):
+    assert main(["models", "build", "lenet5"]) == 2
+    err = capsys.readouterr().err
+    assert "Missing option '-o' / '--output'" in err
+
+
+def test_model_output_selects_the_tensor(lenet5_small, data_npz, tmp_path, capsys):
+    code = main(["eval", str(lenet5_small), "-d", str(data_npz), "--model-output", "nope"])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path, command", list(_commands(cli)), ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_help_one_style(path, command):
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert not re.search(r"\[(?!default: |required\]|[a-z0-9_]+\|)[^\]]*\]", text.split("Options:")[-1]), text
+    visible = [p for p in command.params if not getattr(p, "hidden", False)]
+    names = {o for p in visible for o in getattr(p, "opts", [])}
+    assert "--out" not in names and "--out-dir" not in names
+    if "--output" in names:
+        assert "-o" in names

@@ -323,6 +323,10 @@ def _register_optional_commands() -> None:
 
 _register_optional_commands()
 
+from .structured_commands import groups as _groups  # noqa: E402
+
+cli.add_command(_groups, "groups")
+
 
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

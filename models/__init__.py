@@ -11,10 +11,12 @@ from typing import Callable, Dict
 import onnx
 
 from .lenet import lenet5, lenet300_100
+from .resnet_cifar import resnet20
 
 MODELS: Dict[str, Callable[..., onnx.ModelProto]] = {
     "lenet5": lenet5,
     "lenet300-100": lenet300_100,
+    "resnet20": resnet20,
 }
 
 
@@ -29,4 +31,4 @@ def build(name: str, **kwargs) -> onnx.ModelProto:
     return builder(**kwargs)
 
 
-__all__ = ["MODELS", "build", "lenet5", "lenet300_100"]
+__all__ = ["MODELS", "build", "lenet5", "lenet300_100", "resnet20"]

@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9,<3.13",
-    packages=["admm_onnx", "admm_onnx.graph", "admm_onnx.cli", "admm_onnx.models"],
+    packages=["admm_onnx", "admm_onnx.graph", "admm_onnx.allocation", "admm_onnx.cli", "admm_onnx.models"],
     package_dir={
         "admm_onnx": "admm_onnx",
         "admm_onnx.cli": "cli",
@@ -33,6 +33,10 @@ setup(
         # The embedded default data set (8x8 handwritten digits shipped inside scikit-learn).
         "demo": ["scikit-learn>=1.0"],
         "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.0"],
+        # Sensitivity sweeps and other trials on a Ray cluster (--ray ADDRESS or RAY_ADDRESS).
+        "ray": ["ray>=2.9"],
+        # The sensitivity plot (admm-onnx sensitivity --plot).
+        "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["admm-onnx=admm_onnx.cli.main:main"]},
     classifiers=[

@@ -142,6 +142,19 @@ class PruneConfig:
     #: Processes a training batch is split over (admm_onnx.parallel), this one included; each
     #: runs ``threads`` or 1 ORT thread. 1: no worker processes. Not part of a run's identity.
     workers: int = 1
+    #: A budget instead of per-layer sparsities (admm_onnx/allocation): at most one of
+    #: compression (71 or "71x"), target_params (weights kept), target_macs (fraction of MACs
+    #: kept); rules still pin or exclude the weights they select. min_keep / max_keep bound the
+    #: fraction each allocated weight keeps; the sensitivity sweep uses sensitivity_samples
+    #: training samples and sensitivity_metric (loss, top1, kl).
+    compression: Optional[Any] = None
+    target_params: Optional[int] = None
+    target_macs: Optional[float] = None
+    allocation: str = "sensitivity"
+    min_keep: Optional[float] = None
+    max_keep: Optional[float] = None
+    sensitivity_samples: int = 2000
+    sensitivity_metric: str = "loss"
 
     def __post_init__(self):
         rules = tuple(r if isinstance(r, Rule) else _rule_from_dict(r, i) for i, r in enumerate(self.rules, 1))
@@ -167,6 +180,15 @@ class PruneConfig:
             raise ConfigError(f"output must be a tensor name, got {self.output!r}")
         _check_positive(self.threads, "threads", allow_zero=True, integer=True)
         _check_positive(self.workers, "workers", integer=True)
+        from .allocation.budget import check_budget_fields, parse_compression
+
+        check_budget_fields(self.compression, self.target_params, self.target_macs, self.allocation, self.min_keep,
+                            self.max_keep)
+        if self.compression is not None:
+            object.__setattr__(self, "compression", parse_compression(self.compression))
+        _check_positive(self.sensitivity_samples, "sensitivity_samples", integer=True)
+        if self.sensitivity_metric not in ("loss", "top1", "kl"):
+            raise ConfigError(f"sensitivity_metric must be loss, top1 or kl, got {self.sensitivity_metric!r}")
 
     def replace(self, **changes) -> "PruneConfig":
         """A copy with ``changes`` applied (``None`` values are ignored), validated again."""
@@ -262,7 +284,7 @@ def resolve_rules(config: PruneConfig, info: GraphInfo) -> Dict[str, WeightPlan]
     if not info.prunable:
         raise ConfigError("the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
     if not config.rules:
-        raise ConfigError("nothing to prune: give a sparsity (--sparsity S) or rules in a config file")
+        raise ConfigError("nothing to prune: give a sparsity (--sparsity S), a budget (--compression 71x) or rules in a config file")
     chosen: Dict[str, Tuple[Rule, int]] = {}
     excluded: set = set()
     explicit: Dict[str, Tuple[Rule, int]] = {}

@@ -383,6 +383,9 @@ def prune(
     config = _as_config(config)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
+    from .allocation import apply_budget
+
+    config, allocation = apply_budget(prepared, config, train_reader)  # a budget becomes per-layer rules
     plan = config.plan(prepared.info)
     if resume and workdir is None:
         raise ConfigError("resume needs the work directory of the interrupted run")
@@ -402,7 +405,7 @@ def prune(
                 )
             work.start(identity)
             saved = {"phase": "admm", "step": 0}
-            report = PruneReport(config=config.to_dict())
+            report = PruneReport(config=config.to_dict(), allocation=allocation)
             for p in plan.values():
                 log.info("will prune %s %s to %.2f%% zeros (rho %.2e, %s)", p.name, p.shape, 100 * p.sparsity, p.rho, p.structure)
         run = _PruneRun(prepared, plan, config, work, report, train_reader, eval_reader, progress)

@@ -38,6 +38,8 @@ class PruneReport:
     max_output_diff: Optional[float] = None
     output: Optional[str] = None
     config: Dict[str, object] = field(default_factory=dict)
+    #: With a budget: the chosen per-layer ratios, predicted and measured (admm_onnx/allocation).
+    allocation: Optional[Dict[str, object]] = None
 
     @property
     def total_weights(self) -> int:

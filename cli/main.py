@@ -139,6 +139,13 @@ def _common_training_options(f):
 @_output_option("Pruned model to write.  [default: MODEL.pruned.onnx]", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Rules and schedule (TOML or JSON).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights zeroed in every prunable layer.")
+@click.option("--compression", default=None, help="Budget: keep 1/C of the prunable weights, e.g. 71x; "
+              "per-layer ratios chosen from a sensitivity sweep (rules in --config still pin or exclude).")
+@click.option("--target-params", type=int, default=None, help="Budget: number of weights kept in total.")
+@click.option("--target-macs", type=float, default=None, help="Budget: fraction of the MACs kept, e.g. 0.5.")
+@click.option("--min-keep", type=float, default=None,
+              help="With a budget: least fraction any allocated weight keeps.  [default: the lowest sensitivity level, 0.002]")
+@click.option("--max-keep", type=float, default=None, help="With a budget: most fraction any allocated weight keeps.  [default: 1]")
 @click.option("--admm-iters", type=int, default=None, help="ADMM iterations.  [default: 10]")
 @click.option("--epochs-per-iter", type=int, default=None, help="Training epochs per ADMM iteration.  [default: 1]")
 @click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed).  [default: 4]")
@@ -154,7 +161,8 @@ def _common_training_options(f):
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory after success.")
 @_common_training_options
 @click.pass_context
-def prune(ctx, model, out, out_old, config_path, sparsity, admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
+def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, min_keep, max_keep,
+          admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
           retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, workers, threads,
           loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
@@ -177,6 +185,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, admm_iters, epochs_pe
         rho_growth=rho_growth, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
         output=output_name, threads=threads, workers=workers,
     )
+    if any(v is not None for v in (compression, target_params, target_macs)):
+        if sparsity is not None:
+            raise ConfigError("--sparsity and a budget (--compression, --target-params, --target-macs) exclude each other")
+        config = config.replace(compression=compression, target_params=target_params, target_macs=target_macs)
+    config = config.replace(min_keep=min_keep, max_keep=max_keep)
     check_output_path(out, model)
     for extra in (report_path, sparse_output):
         if extra:
@@ -184,7 +197,8 @@ def prune(ctx, model, out, out_old, config_path, sparsity, admm_iters, epochs_pe
             if Path(extra).resolve() == Path(out).resolve():
                 raise ConfigError(f"{extra} is also the -o output; choose another path")
     prepared = prepare_model(model, config.output)
-    config.plan(prepared.info)  # fail on bad rules before loading data
+    if config.compression is None and config.target_params is None and config.target_macs is None:
+        config.plan(prepared.info)  # fail on bad rules before loading data
     dataset = load_dataset(data)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     work = Path(workdir) if workdir else Path(str(out) + ".admm-work")
@@ -201,6 +215,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, admm_iters, epochs_pe
         shutil.rmtree(work, ignore_errors=True)
     report.phase_seconds["total"] = time.perf_counter() - t0
     click.echo(report.table())
+    if report.allocation:
+        a = report.allocation
+        click.echo(f"Allocation for {a['budget']}: predicted one-shot {a['metric']} {a['predicted_one_shot_metric']:.4f}, "
+                   f"measured {a['measured_one_shot_metric']:.4f} (dense {a['dense_metric']:.4f}, {a['samples']:,} "
+                   f"training samples); MACs kept {100 * a['kept_macs_fraction']:.2f}%")
     click.echo(f"Wrote {out} in {report.phase_seconds['total']:.1f} s")
     if sparse_output:
         _write_sparse(out, sparse_output)
@@ -324,8 +343,10 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 from .structured_commands import groups as _groups  # noqa: E402
+from .sensitivity_cmd import sensitivity as _sensitivity  # noqa: E402
 
 cli.add_command(_groups, "groups")
+cli.add_command(_sensitivity)
 
 
 def main(argv=None) -> int:

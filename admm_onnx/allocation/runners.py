@@ -1,0 +1,127 @@
+"""Where independent trials run: this process, local worker processes, or a Ray cluster.
+
+A trial set is ``(setup, setup_args, task, tasks)``: ``setup(*setup_args)`` runs once per
+worker (it loads the model and the data into module state), then ``task(t)`` runs for each
+``t``; both must be module-level functions (picklable). Every runner yields
+``(index, result)`` as results arrive; the results do not depend on the runner (each task is
+computed by the same code with the same single-threaded session), which a test checks.
+
+- :class:`SerialRunner`: in this process (``workers=1``);
+- :class:`ProcessRunner`: ``concurrent.futures.ProcessPoolExecutor`` with ``spawn`` workers
+  (safe whatever threads this process runs);
+- :class:`RayRunner`: ``ray.util.multiprocessing.Pool`` on the cluster at ``address``
+  (``auto``, ``ray://host:10001``, ...); needs the optional extra ``pip install "admm-onnx[ray]"``.
+
+:func:`make_runner` picks one: ``--ray ADDRESS`` or the ``RAY_ADDRESS`` environment variable
+selects Ray, else ``workers > 1`` local processes, else this process.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class SerialRunner:
+    name = "serial"
+    workers = 1
+
+    def run(self, setup: Callable, setup_args: tuple, task: Callable, tasks: Sequence[Any]) -> Iterator[Tuple[int, Any]]:
+        setup(*setup_args)
+        for i, t in enumerate(tasks):
+            yield i, task(t)
+
+    def describe(self) -> str:
+        return "this process"
+
+
+def _indexed(task_and_fn):
+    fn, index, t = task_and_fn
+    return index, fn(t)
+
+
+class ProcessRunner:
+    name = "processes"
+
+    def __init__(self, workers: int):
+        self.workers = int(workers)
+
+    def run(self, setup, setup_args, task, tasks):
+        if not tasks:
+            return
+        workers = min(self.workers, len(tasks))
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=setup, initargs=setup_args) as pool:
+            futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
+            try:
+                for fut in as_completed(futures):
+                    yield futures[fut], fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+    def describe(self) -> str:
+        return f"{self.workers} local worker processes"
+
+
+class RayRunner:
+    name = "ray"
+
+    def __init__(self, address: str, workers: Optional[int] = None):
+        try:
+            import ray  # noqa: F401
+            from ray.util.multiprocessing import Pool  # noqa: F401
+        except ImportError:
+            raise ConfigError("--ray needs Ray", hint='pip install "admm-onnx[ray]"') from None
+        self.address = address
+        self.workers = workers
+
+    def run(self, setup, setup_args, task, tasks):
+        if not tasks:
+            return
+        import ray
+        from ray.util.multiprocessing import Pool
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            try:
+                # The workers import admm_onnx from this environment (same machine or an image
+                # with the same install); only logs of level WARNING come back.
+                ray.init(address=None if self.address in ("local", "") else self.address,
+                         logging_level=logging.WARNING, log_to_driver=False)
+            except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on Ray's version
+                raise ConfigError(f"cannot connect to the Ray cluster at {self.address!r}: "
+                                  f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from None
+        try:
+            processes = self.workers or int(ray.cluster_resources().get("CPU", 1))
+            pool = Pool(processes=max(1, min(processes, len(tasks))), initializer=setup, initargs=setup_args)
+            try:
+                for index, result in pool.imap_unordered(_indexed, [(task, i, t) for i, t in enumerate(tasks)]):
+                    yield index, result
+            finally:
+                pool.terminate()
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def describe(self) -> str:
+        return f"Ray cluster at {self.address}" + (f" ({self.workers} workers)" if self.workers else "")
+
+
+def make_runner(workers: int = 1, ray_address: Optional[str] = None):
+    """Ray if ``ray_address`` (or ``RAY_ADDRESS``) is set, else local processes if ``workers`` > 1."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a whole number >= 1, got {workers!r}")
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return RayRunner(address, workers if workers > 1 else None)
+    if workers > 1:
+        return ProcessRunner(workers)
+    return SerialRunner()

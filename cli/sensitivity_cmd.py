@@ -1,0 +1,83 @@
+"""``admm-onnx sensitivity``: the per-layer sensitivity sweep (admm_onnx/allocation)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+def _levels(text):
+    from admm_onnx.errors import ConfigError
+
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            out.append(float(part[:-1]) / 100 if part.endswith("%") else float(part))
+        except ValueError:
+            raise ConfigError(f"--levels: {part!r} is not a fraction kept (0.1) or a percentage (10%)") from None
+    return out
+
+
+@click.command("sensitivity")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz (the training split is used)")
+@click.option("--levels", default=None,
+              help="Fractions of each weight kept, comma-separated (0.1 or 10%).  [default: 50,30,20,10,5,3,2,1,0.5,0.2%]")
+@click.option("--samples", type=int, default=2000, show_default=True, help="Training samples evaluated (a seeded subset).")
+@click.option("--metric", type=click.Choice(["loss", "top1", "kl"]), default="loss", show_default=True,
+              help="Cross-entropy, top-1 error, or KL divergence to the dense model's outputs (no labels needed).")
+@click.option("--structure", type=click.Choice(["element", "filter", "channel"]), default="element", show_default=True,
+              help="Prune single weights, whole output channels (filter) or whole input channels.")
+@click.option("--workers", type=int, default=None, help="Local worker processes. [default: the number of cores]")
+@click.option("--ray", "ray_address", default=None,
+              help="Run on the Ray cluster at ADDRESS (or set RAY_ADDRESS; 'local' starts one here).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the curves as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the curves as a PNG (needs matplotlib: pip install \"admm-onnx[plot]\").")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Cache directory. [default: $ADMM_ONNX_CACHE or ~/.cache/admm-onnx]")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset.")
+@click.option("--model-output", "output_name", default=None, metavar="NAME",
+              help="Model output holding the logits.  [default: the first output]")
+@click.option("-q", "--quiet", is_flag=True, help="No logs.")
+@click.pass_context
+def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, ray_address, json_path, plot_path,
+                cache_dir, no_cache, seed, output_name, quiet):
+    """For each prunable weight of MODEL, the metric after one-shot magnitude pruning at each
+    level with every other weight dense (ONNX Runtime inference; cached; parallel)."""
+    from admm_onnx.allocation.runners import make_runner
+    from admm_onnx.allocation.sensitivity import DEFAULT_LEVELS, check_levels, run_sensitivity, write_plot
+    from admm_onnx.data import fit_to_input, load_dataset
+    from admm_onnx.errors import ConfigError
+    from admm_onnx.io import check_output_path
+    from admm_onnx.pipeline import prepare_model
+
+    from .main import _setup_logging, _write_json
+
+    _setup_logging(quiet, ctx.obj["debug"])
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {samples}")
+    level_list = check_levels(_levels(levels) or DEFAULT_LEVELS)
+    for p in (json_path, plot_path):
+        if p:
+            check_output_path(p, model)
+    prepared = prepare_model(model, output_name)
+    dataset = load_dataset(data)
+    idx = __import__("numpy").random.default_rng(seed).permutation(len(dataset.x_train))[:samples]
+    idx.sort()
+    x = fit_to_input(dataset.x_train[idx], prepared.input_shape, prepared.input_name)
+    y = dataset.y_train[idx]
+    runner = make_runner(workers if workers is not None else (os.cpu_count() or 1), ray_address)
+    cache = None if no_cache else (cache_dir or "default")
+    result = run_sensitivity(prepared, x, y, level_list, metric, structure, None, runner, cache)
+    click.echo(result.table())
+    click.echo(f"{result.computed} evaluation(s) in {result.seconds:.1f} s on {result.runner}, {result.cached} from the cache")
+    _write_json(json_path, result.to_dict())
+    if plot_path and write_plot(result, plot_path):
+        click.echo(f"Wrote {plot_path}")

@@ -19,7 +19,8 @@ from . import _install
 
 _install.check()  # plain onnxruntime beside the training build: one clear line, not an ImportError deep in ORT
 
-from .admm import AdmmState, Residual
+from .admm import AdmmState, HardStep, Residual, RhoPolicy
+from .constraints import Constraint, Levels, Slices, TopK, constraint_for
 from .config import PruneConfig, Rule, WeightPlan, config_from_dict, load_config
 from .data import (
     LABELS,
@@ -40,7 +41,8 @@ from .projection import project, projection_mask
 from .report import PruneReport
 
 __all__ = [
-    "AdmmOnnxError", "AdmmPenalty", "AdmmState", "ArrayReader", "ConfigError", "DataError", "DataReader",
+    "AdmmOnnxError", "AdmmPenalty", "AdmmState", "ArrayReader", "Constraint", "HardStep", "Levels", "RhoPolicy",
+    "Slices", "TopK", "constraint_for", "ConfigError", "DataError", "DataReader",
     "Dataset", "GraphInfo", "IdxReader", "InstallError", "IterableReader", "LABELS", "ModelError", "NpzReader", "OutputError",
     "PruneConfig", "PruneReport", "Residual", "Rule", "TrainingError", "WeightInfo", "WeightPlan", "analyse",
     "config_from_dict", "evaluate", "export_pruned", "insert_masks", "load_config", "load_dataset",

@@ -35,6 +35,11 @@ from .errors import ConfigError
 from .graph.analysis import PRUNABLE_OPS, GraphInfo
 from .losses import LOSSES
 from .projection import STRUCTURES
+from .quantization import BITS
+
+#: rho modes (admm.RhoPolicy): "balance" = residual balancing, "growth" = times rho_growth per iteration.
+RHO_MODES = ("balance", "growth")
+QUANT_SCALES = ("channel", "tensor")
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -74,6 +79,11 @@ class Rule:
     rho: Optional[float] = None
     structure: str = "element"
     exclude: bool = False
+    #: Quantize the selected weights to symmetric k-bit levels with zero (2, 3, 4 or 8), alone
+    #: (no sparsity given: 0) or with sparsity; ``quant_scale``: one scale per "channel"
+    #: (output axis) or per "tensor".
+    bits: Optional[int] = None
+    quant_scale: str = "channel"
 
     def __post_init__(self):
         object.__setattr__(self, "op_types", _strings(self.op_types, "rule op_types"))
@@ -83,12 +93,17 @@ class Rule:
                 raise ConfigError(f"rule op_types: {op!r} is not prunable; choose from {', '.join(PRUNABLE_OPS)}")
         if self.exclude is not True and self.exclude is not False:
             raise ConfigError(f"rule exclude must be true or false, got {self.exclude!r}")
-        if self.exclude and (self.sparsity is not None or self.rho is not None):
-            raise ConfigError("a rule with exclude = true cannot also set sparsity or rho")
+        if self.exclude and (self.sparsity is not None or self.rho is not None or self.bits is not None):
+            raise ConfigError("a rule with exclude = true cannot also set sparsity, bits or rho")
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in BITS):
+            raise ConfigError(f"rule bits must be one of {', '.join(map(str, BITS))}, got {self.bits!r}")
+        if self.quant_scale not in QUANT_SCALES:
+            raise ConfigError(f"rule quant_scale must be one of {', '.join(QUANT_SCALES)}, got {self.quant_scale!r}")
         if not self.exclude:
-            if self.sparsity is None:
-                raise ConfigError("every rule needs a sparsity (or exclude = true)")
-            object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, "rule"))
+            if self.sparsity is None and self.bits is None:
+                raise ConfigError("every rule needs a sparsity or bits (or exclude = true)")
+            sparsity = 0.0 if self.sparsity is None else self.sparsity
+            object.__setattr__(self, "sparsity", _check_sparsity(sparsity, "rule"))
         if self.rho is not None:
             _check_positive(self.rho, "rule rho")
         if self.structure not in STRUCTURES:
@@ -114,6 +129,9 @@ class WeightPlan:
     out_axis: int
     in_axis: int
     shape: Tuple[int, ...]
+    #: None: no quantization; else k-bit levels (quantization.py), scale per quant_scale.
+    bits: Optional[int] = None
+    quant_scale: str = "channel"
 
 
 @dataclass(frozen=True)
@@ -124,8 +142,17 @@ class PruneConfig:
     admm_iters: int = 10
     epochs_per_iter: int = 1
     retrain_epochs: int = 4
-    rho: float = 1e-3
+    #: Initial ADMM penalty; None ("auto"): per layer, rho_ratio x the loss gradient's norm over
+    #: ||W - Z|| (admm.py, AdmmState.calibrate).
+    rho: Optional[float] = None
+    #: "balance" (residual balancing, admm.RhoPolicy) or "growth" (times rho_growth per iteration).
+    rho_mode: str = "balance"
     rho_growth: float = 1.3
+    #: With rho auto: the penalty gradient starts at this multiple of the loss gradient.
+    rho_ratio: float = 1.0
+    #: ADMM stops when every layer's relative primal residual ||W - Z|| / ||W|| is at most this
+    #: (0: always run admm_iters).
+    admm_tol: float = 0.02
     lr: float = 1e-3
     retrain_lr: Optional[float] = None
     #: "constant" or "cosine" (decay to 0 over the retraining phase) for masked retraining.
@@ -162,8 +189,13 @@ class PruneConfig:
         _check_positive(self.admm_iters, "admm_iters", allow_zero=True, integer=True)
         _check_positive(self.epochs_per_iter, "epochs_per_iter", integer=True)
         _check_positive(self.retrain_epochs, "retrain_epochs", allow_zero=True, integer=True)
-        _check_positive(self.rho, "rho")
+        if self.rho is not None:
+            _check_positive(self.rho, "rho")
+        if self.rho_mode not in RHO_MODES:
+            raise ConfigError(f"rho_mode must be one of {', '.join(RHO_MODES)}, got {self.rho_mode!r}")
         _check_positive(self.rho_growth, "rho_growth")
+        _check_positive(self.rho_ratio, "rho_ratio")
+        _check_positive(self.admm_tol, "admm_tol", allow_zero=True)
         _check_positive(self.lr, "lr")
         if self.retrain_lr is not None:
             _check_positive(self.retrain_lr, "retrain_lr")
@@ -195,9 +227,20 @@ class PruneConfig:
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
 
-    def with_sparsity(self, sparsity: float) -> "PruneConfig":
-        """Prepend a rule pruning every prunable weight to ``sparsity`` (file rules still override)."""
-        return dataclasses.replace(self, rules=(Rule(sparsity=sparsity),) + self.rules)
+    def with_sparsity(self, sparsity: Optional[float], bits: Optional[int] = None) -> "PruneConfig":
+        """Prepend a rule pruning every prunable weight to ``sparsity`` and, with ``bits``, quantizing
+        it (file rules still override)."""
+        return dataclasses.replace(self, rules=(Rule(sparsity=sparsity, bits=bits),) + self.rules)
+
+    def with_bits(self, bits: int) -> "PruneConfig":
+        """Prepend a rule quantizing every prunable weight to ``bits`` (no sparsity)."""
+        return self.with_sparsity(None, bits)
+
+    def rho_policy(self):
+        """The :class:`~admm_onnx.admm.RhoPolicy` of this configuration."""
+        from .admm import RhoPolicy
+
+        return RhoPolicy(self.rho_mode, growth=self.rho_growth, tol=self.admm_tol)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,16 +271,17 @@ def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a table/object at the top level")
     data = dict(data)
-    unknown = set(data) - _CONFIG_KEYS - {"sparsity"}
+    unknown = set(data) - _CONFIG_KEYS - {"sparsity", "bits"}
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_CONFIG_KEYS | {'sparsity'}))}")
+        raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_CONFIG_KEYS | {'sparsity', 'bits'}))}")
     sparsity = data.pop("sparsity", None)
+    bits = data.pop("bits", None)
     rules = data.pop("rules", [])
     if not isinstance(rules, (list, tuple)):
         raise ConfigError("rules must be a list of tables")
     config = PruneConfig(rules=tuple(_rule_from_dict(r, i) for i, r in enumerate(rules, 1)), **data)
-    if sparsity is not None:
-        config = config.with_sparsity(_check_sparsity(sparsity, "config"))
+    if sparsity is not None or bits is not None:
+        config = config.with_sparsity(None if sparsity is None else _check_sparsity(sparsity, "config"), bits)
     return config
 
 
@@ -328,6 +372,8 @@ def resolve_rules(config: PruneConfig, info: GraphInfo) -> Dict[str, WeightPlan]
             out_axis=w.out_axis,
             in_axis=w.in_axis,
             shape=w.shape,
+            bits=rule.bits,
+            quant_scale=rule.quant_scale,
         )
     if not plan:
         raise ConfigError("the rules exclude every prunable weight: nothing to prune")

@@ -5,10 +5,12 @@ data_reader, ...)``: a model in, a model out, data readers for training and eval
 
 Phases of :func:`prune`:
 1. prepare a training copy of the model (graph rewrites for ORT training), resolve the rules;
-2. ADMM: ``admm_iters`` x ``epochs_per_iter`` epochs on base loss + penalty, Z/U updates
-   between iterations (admm.py), rho growing by ``rho_growth``;
-3. hard prune: each weight projected onto its sparsity set;
-4. masked retraining, ``retrain_epochs`` epochs with a fresh optimizer, W * M in the graph;
+2. ADMM: up to ``admm_iters`` x ``epochs_per_iter`` epochs on base loss + penalty, Z/U updates
+   between iterations (admm.py), rho calibrated then adapted per layer; ends early once every
+   primal residual is under ``admm_tol``;
+3. hard step: each variable projected onto its constraint set (sparsity, levels, ...);
+4. masked retraining, ``retrain_epochs`` epochs with a fresh optimizer, W * M in the graph,
+   quantized weights frozen on their levels;
 5. the original graph written back with the trained weights, pruned ones exactly zero.
 """
 from __future__ import annotations
@@ -253,10 +255,12 @@ def _trainer(
     frozen: Sequence[str],
     lr: float,
     checkpoint: Optional[Path] = None,
+    trainable: Optional[Sequence[str]] = None,
 ) -> Trainer:
     """Build training artifacts for ``model`` in ``directory`` and open a Trainer on them
     (from ``checkpoint`` when resuming, else from the generated one)."""
-    build_artifacts(model, directory, prepared.info.trainable, loss, prepared.output_name, frozen, config.optimizer)
+    trainable = prepared.info.trainable if trainable is None else list(trainable)
+    build_artifacts(model, directory, trainable, loss, prepared.output_name, frozen, config.optimizer)
     workers = config.workers
     if workers > 1 and prepared.fixed_batch:
         log.info("the model has a fixed batch size (%d): training in one process", prepared.fixed_batch)
@@ -341,7 +345,7 @@ def _model_fingerprint(prepared: PreparedModel) -> str:
 
 
 def _plan_identity(plan: Dict[str, WeightPlan]) -> Dict[str, object]:
-    return {n: [p.sparsity, p.structure] for n, p in plan.items()}
+    return {n: [p.sparsity, p.structure] + ([p.bits, p.quant_scale] if p.bits else []) for n, p in plan.items()}
 
 
 def _set_epoch(reader: DataReader, epoch: int) -> None:
@@ -407,7 +411,9 @@ def prune(
             saved = {"phase": "admm", "step": 0}
             report = PruneReport(config=config.to_dict(), allocation=allocation)
             for p in plan.values():
-                log.info("will prune %s %s to %.2f%% zeros (rho %.2e, %s)", p.name, p.shape, 100 * p.sparsity, p.rho, p.structure)
+                log.info("will prune %s %s to %.2f%% zeros%s (rho %s, %s)", p.name, p.shape, 100 * p.sparsity,
+                         f", {p.bits}-bit levels per {p.quant_scale}" if p.bits else "",
+                         "auto" if p.rho is None else f"{p.rho:.2e}", p.structure)
         run = _PruneRun(prepared, plan, config, work, report, train_reader, eval_reader, progress)
         if saved["phase"] == "admm":
             run.admm(start=saved["step"])
@@ -438,6 +444,9 @@ def prune(
 class _PruneRun:
     """The two training phases of :func:`prune`, saving their state in the work directory."""
 
+    #: Batches whose gradient norms calibrate an automatic rho.
+    CALIBRATION_BATCHES = 8
+
     def __init__(self, prepared, plan, config, work, report, train_reader, eval_reader, progress):
         self.prepared, self.plan, self.config, self.work = prepared, plan, config, work
         self.report, self.train_reader, self.eval_reader, self.progress = report, train_reader, eval_reader, progress
@@ -453,7 +462,7 @@ class _PruneRun:
             self.prepared, self.prepared.training, work.path / "admm", c, penalty, penalty.frozen_params, c.lr,
             checkpoint=work.existing_checkpoint("admm") if start else None,
         )
-        state = AdmmState(self.plan, rho_growth=c.rho_growth)
+        state = AdmmState(self.plan, policy=c.rho_policy())
         if start:
             state.load(work.path / "admm_state.npz")
         else:
@@ -462,9 +471,15 @@ class _PruneRun:
                 before = trainer.evaluate(self.eval_reader)  # rho = 0 still: the plain model
                 report.accuracy_before, report.loss_before = before.accuracy, before.loss
                 log.info("before pruning: top-1 %.2f%%, loss %.4f", 100 * before.accuracy, before.loss)
+            if any(r is None for r in state.rho.values()):
+                norms = _gradient_norms(trainer, self.train_reader, state.tensors, self.CALIBRATION_BATCHES)
+                for n, rho in state.calibrate(norms, state.read_weights(trainer), c.rho_ratio).items():
+                    log.info("rho for %s: %.3g (auto)", n, rho)
             self._commit("admm", 0)
         state.write(trainer)
         for it in range(start, c.admm_iters):
+            if state.converged():
+                break
             t0 = time.perf_counter()
             label = f"ADMM {it + 1}/{c.admm_iters}"
             for e in range(c.epochs_per_iter):
@@ -484,16 +499,22 @@ class _PruneRun:
             work.save_checkpoint(trainer, "admm")
             work.save_state(state)
             self._commit("admm", it + 1)
+        _admm_outcome(state, c, report)
 
         state.disable(trainer)
         if self.eval_reader is not None and c.admm_iters:
             report.accuracy_after_admm = trainer.evaluate(self.eval_reader).accuracy
-        masks = state.hard_prune(trainer)
+        hard = state.harden(trainer)
+        report.quantization = hard.info
         if self.eval_reader is not None:
             report.accuracy_hard_pruned = trainer.evaluate(self.eval_reader).accuracy
             log.info("hard-pruned: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
+            if report.accuracy_after_admm is not None:
+                report.hard_prune_gap = report.accuracy_after_admm - report.accuracy_hard_pruned
+                log.info("hard-prune gap: %.2f points", 100 * report.hard_prune_gap)
         arrays = {f"w/{n}": trainer.get(n) for n in self.prepared.info.trainable}
-        arrays.update({f"m/{n}": m for n, m in masks.items()})
+        arrays.update({f"m/{n}": m for n, m in hard.masks.items() if n not in hard.frozen})
+        arrays.update({f"f/{n}": np.ones(0, np.int8) for n in hard.frozen})
         work.save_arrays("pruned.npz", arrays)
         self._commit("retrain", 0)
         trainer.close()
@@ -504,11 +525,13 @@ class _PruneRun:
         arrays = work.load_arrays("pruned.npz")
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
         masks = {k[2:]: v.astype(bool) for k, v in arrays.items() if k.startswith("m/")}
+        frozen = [k[2:] for k in arrays if k.startswith("f/")]  # fixed entirely (quantization levels)
         model, mask_params = masked_model(self.prepared.training, weights, masks)
         lr = c.retrain_lr or c.lr
         trainer = _trainer(
-            self.prepared, model, work.path / "retrain", c, ClassifierLoss(c.loss), mask_params, lr,
+            self.prepared, model, work.path / "retrain", c, ClassifierLoss(c.loss), mask_params + frozen, lr,
             checkpoint=work.existing_checkpoint("retrain") if start else None,
+            trainable=[n for n in self.prepared.info.trainable if n not in frozen],
         )
         try:
             steps_per_epoch = len(self.train_reader)
@@ -532,6 +555,53 @@ class _PruneRun:
         logits = trainer.logits(probe)
         trainer.close()
         return weights, logits, probe
+
+
+def _gradient_norms(trainer: Trainer, reader: DataReader, names: Sequence[str], batches: int) -> Dict[str, float]:
+    """Mean per-batch ||dL/dW|| of each weight over the first ``batches`` training batches
+    (the penalty's rho is 0 then: the base loss alone). Parameters are not changed."""
+    params = trainer.state.parameters
+    sums = {n: 0.0 for n in names}
+    seen = 0
+    _set_epoch(reader, 0)
+    reader.rewind()
+    trainer.module.train()
+    while seen < batches:
+        feed = reader.get_next()
+        if feed is None:
+            break
+        trainer.module.lazy_reset_grad()
+        trainer.module(*trainer._inputs(feed))
+        for n in names:
+            sums[n] += float(np.linalg.norm(np.asarray(params[n].grad, np.float64)))
+        seen += 1
+    trainer.module.lazy_reset_grad()
+    reader.rewind()
+    if not seen:
+        raise DataError("the training reader yielded no batch")
+    return {n: v / seen for n, v in sums.items()}
+
+
+def _admm_outcome(state: AdmmState, config: PruneConfig, report: PruneReport) -> None:
+    """Record why ADMM stopped; warn with the residuals when it did not converge."""
+    last = state.residuals()
+    report.rho = {n: r for n, r in state.rho.items()}
+    if not last:
+        report.admm_stop = "no ADMM iterations"
+        return
+    if state.converged():
+        report.admm_stop = f"converged: every primal residual <= {config.admm_tol:g} after {state.iteration} iteration(s)"
+        log.info("ADMM %s", report.admm_stop)
+        return
+    report.admm_stop = f"iteration cap ({state.iteration} of --admm-iters {config.admm_iters}) before convergence"
+    worst = sorted(last.items(), key=lambda kv: -kv[1].primal)
+    above = [f"{n} {r.primal:.3f}" for n, r in worst if r.primal > config.admm_tol]
+    log.warning(
+        "ADMM did not converge in %d iteration(s): primal residual above %g for %s. The hard step will cut "
+        "what ADMM did not reach; raise --admm-iters or --epochs-per-iter%s",
+        state.iteration, config.admm_tol, ", ".join(above) if config.admm_tol > 0 else "every layer (tol 0)",
+        "" if config.rho is None else ", or leave --rho unset (automatic)",
+    )
 
 
 def _session(model_input: ModelInput):

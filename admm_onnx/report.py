@@ -31,6 +31,14 @@ class PruneReport:
     loss_before: Optional[float] = None
     loss_after: Optional[float] = None
     residuals: List[Dict[str, Dict[str, float]]] = field(default_factory=list)
+    #: why ADMM ended: converged (every primal residual <= admm_tol) or the iteration cap
+    admm_stop: Optional[str] = None
+    #: top-1 after ADMM minus top-1 after the hard step (what the hard step cost)
+    hard_prune_gap: Optional[float] = None
+    #: rho per ADMM variable at the end of ADMM
+    rho: Dict[str, float] = field(default_factory=dict)
+    #: per quantized weight {"bits", "axis", "scale": [...]}; read with quantization.read_quantization
+    quantization: Dict[str, Dict[str, object]] = field(default_factory=dict)
     epochs: List[Dict[str, object]] = field(default_factory=list)
     phase_seconds: Dict[str, float] = field(default_factory=dict)
     samples_seen: int = 0
@@ -87,6 +95,12 @@ class PruneReport:
                 f"Top-1: before {acc(self.accuracy_before)}, after ADMM {acc(self.accuracy_after_admm)}, "
                 f"hard-pruned {acc(self.accuracy_hard_pruned)}, after retraining {acc(self.accuracy_after)}"
             )
+        if self.admm_stop:
+            gap = "" if self.hard_prune_gap is None else f"; hard-prune gap {100 * self.hard_prune_gap:.2f} points"
+            lines.append(f"ADMM: {self.admm_stop}{gap}")
+        if self.quantization:
+            bits = sorted({int(q["bits"]) for q in self.quantization.values()})
+            lines.append(f"Quantized: {len(self.quantization)} weight(s) to {'/'.join(map(str, bits))}-bit levels")
         return "\n".join(lines)
 
 

@@ -319,7 +319,8 @@ def main(argv=None) -> dict:
         return PruneConfig(
             rules=tuple(Rule(sparsity=1.0 - k, names=(n,)) for n, k in stage_keep.items()),
             admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
-            rho=sched["rho"], rho_growth=sched["rho_growth"], lr=sched["lr"], retrain_lr=sched["retrain_lr"],
+            rho=sched["rho"], rho_growth=sched["rho_growth"], rho_mode="growth", admm_tol=0.0,  # the paper's schedule
+            lr=sched["lr"], retrain_lr=sched["retrain_lr"],
             retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed, workers=args.workers,
         )
 

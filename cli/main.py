@@ -149,8 +149,14 @@ def _common_training_options(f):
 @click.option("--admm-iters", type=int, default=None, help="ADMM iterations.  [default: 10]")
 @click.option("--epochs-per-iter", type=int, default=None, help="Training epochs per ADMM iteration.  [default: 1]")
 @click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed).  [default: 4]")
-@click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho.  [default: 1e-3]")
-@click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration.  [default: 1.3]")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+              help="Quantize every prunable weight to symmetric k-bit levels (with --sparsity: both).")
+@click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho.  [default: auto, per layer from the loss gradient]")
+@click.option("--rho-mode", type=click.Choice(["balance", "growth"]), default=None,
+              help="rho per layer from the residuals (balance) or times --rho-growth per iteration.  [default: balance]")
+@click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration with --rho-mode growth.  [default: 1.3]")
+@click.option("--admm-tol", type=float, default=None,
+              help="ADMM stops when every primal residual ||W-Z||/||W|| is below this (0: never early).  [default: 0.02]")
 @click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining.  [default: --lr]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--sparse-output", type=click.Path(dir_okay=False), default=None,
@@ -162,7 +168,7 @@ def _common_training_options(f):
 @_common_training_options
 @click.pass_context
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, min_keep, max_keep,
-          admm_iters, epochs_per_iter, retrain_epochs, rho, rho_growth,
+          admm_iters, epochs_per_iter, retrain_epochs, bits, rho, rho_mode, rho_growth, admm_tol,
           retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, workers, threads,
           loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
@@ -178,11 +184,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
     config = load_config(config_path) if config_path else PruneConfig()
-    if sparsity is not None:
-        config = config.with_sparsity(sparsity)
+    if sparsity is not None or bits is not None:
+        config = config.with_sparsity(sparsity, None if bits is None else int(bits))
     config = config.replace(
         admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, retrain_epochs=retrain_epochs, rho=rho,
-        rho_growth=rho_growth, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
+        rho_mode=rho_mode, rho_growth=rho_growth, admm_tol=admm_tol, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
         output=output_name, threads=threads, workers=workers,
     )
     if any(v is not None for v in (compression, target_params, target_macs)):

@@ -27,9 +27,11 @@ json_values = st.recursive(
 )
 keys = st.sampled_from(
     ["sparsity", "rules", "rho", "rho_growth", "admm_iters", "lr", "batch_size", "seed", "loss", "optimizer",
-     "retrain_epochs", "epochs_per_iter", "output", "names", "op_types", "structure", "exclude", "bogus"]
+     "retrain_epochs", "epochs_per_iter", "output", "names", "op_types", "structure", "exclude", "bogus",
+     "bits", "rho_mode", "admm_tol", "rho_ratio"]
 )
-rule = st.dictionaries(st.sampled_from(["sparsity", "names", "op_types", "rho", "structure", "exclude", "x"]), json_values, max_size=4)
+rule = st.dictionaries(st.sampled_from(["sparsity", "names", "op_types", "rho", "structure", "exclude", "bits", "quant_scale", "x"]),
+                      json_values, max_size=4)
 configs = st.dictionaries(keys, json_values | st.lists(rule, max_size=3), max_size=6)
 
 

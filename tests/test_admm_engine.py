@@ -1,0 +1,64 @@
+"""The engine end to end: quantization as an ADMM constraint, stopping rule, hard-prune gap."""
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from admm_onnx.config import PruneConfig, Rule
+from admm_onnx.pipeline import make_readers, prepare_model, prune
+from admm_onnx.quantization import max_level, read_quantization
+
+FAST = dict(admm_iters=2, epochs_per_iter=1, retrain_epochs=1, batch_size=32)
+
+
+def _run(model_path, data, out, config, **kw):
+    prepared = prepare_model(model_path, config.output)
+    train_reader, eval_reader, _ = make_readers(prepared, data, config.batch_size, config.seed)
+    return prune(prepared, out, train_reader, config, eval_reader, **kw)
+
+
+def _weights(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_quantized_and_sparse_weights_take_only_their_levels(lenet5_small, data, tmp_path):
+    rules = (Rule(sparsity=0.7, bits=4, op_types=("Conv",)), Rule(bits=2, names=("fc*",), quant_scale="tensor"))
+    config = PruneConfig(rules=rules, **FAST)
+    out = tmp_path / "q.onnx"
+    report = _run(lenet5_small, data, out, config)
+    specs = read_quantization(report.to_dict())
+    assert set(specs) == set(report.rho) and {"conv1.weight", "conv2.weight", "fc1.weight"} <= set(specs)
+    written = _weights(out)
+    for name, spec in specs.items():
+        w = written[name]
+        q = spec.integers(w)  # raises unless every value is float32(q) * scale exactly
+        assert np.abs(q).max() <= max_level(spec.bits)
+        if name.startswith("conv"):
+            assert spec.bits == 4 and spec.axis == 0 and len(spec.scale) == w.shape[0]
+            assert (w == 0).mean() >= 0.7
+        else:
+            assert spec.bits == 2 and spec.axis is None
+            assert set(np.unique(w)) <= {-spec.scale[0], 0.0, spec.scale[0]}
+    # Biases were retrained (not frozen); the quantized weights were not (still on levels above).
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report.to_dict(), default=float))
+    assert read_quantization(path) == specs
+    assert report.accuracy_after is not None and report.admm_stop
+
+
+def test_stopping_rule_ends_admm_early_and_reports_it(mlp_small, data, tmp_path):
+    config = PruneConfig(admm_iters=6, epochs_per_iter=1, retrain_epochs=0, batch_size=32, admm_tol=0.5).with_sparsity(0.5)
+    report = _run(mlp_small, data, tmp_path / "p.onnx", config)
+    assert len(report.residuals) < 6
+    assert report.admm_stop.startswith("converged")
+    assert all(r["primal"] <= 0.5 for r in report.residuals[-1].values())
+    assert report.hard_prune_gap == report.accuracy_after_admm - report.accuracy_hard_pruned
+
+
+def test_cap_without_convergence_warns_with_the_residuals(mlp_small, data, tmp_path, caplog):
+    config = PruneConfig(admm_iters=1, epochs_per_iter=1, retrain_epochs=0, batch_size=32, admm_tol=1e-6).with_sparsity(0.9)
+    with caplog.at_level("WARNING", logger="admm_onnx"):
+        report = _run(mlp_small, data, tmp_path / "p.onnx", config)
+    assert report.admm_stop.startswith("iteration cap")
+    assert any("did not converge" in r.message and "--admm-iters" in r.message for r in caplog.records)

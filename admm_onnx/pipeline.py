@@ -374,8 +374,13 @@ def prune(
     progress: Progress = NO_PROGRESS,
     workdir: Optional[Path] = None,
     resume: bool = False,
+    channels=None,
 ) -> PruneReport:
     """ADMM-prune ``model_input`` and write the pruned model to ``model_output``.
+
+    ``channels``: a :class:`~admm_onnx.structured.targets.ChannelTargets` removes whole
+    channels instead (structured/phase.py: ADMM over channel groups, shrink + verify, dense
+    retraining of the smaller model; no resume).
 
     ``model_input``: a path, a ``ModelProto`` or a :class:`PreparedModel`. ``train_reader``
     yields feed dicts with the model input and :data:`~admm_onnx.data.LABELS`; ``eval_reader``
@@ -387,6 +392,12 @@ def prune(
     config = _as_config(config)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
+    if channels is not None:
+        from .structured.phase import prune_channels
+
+        if resume:
+            raise ConfigError("--resume is not supported with --structure channel")
+        return prune_channels(prepared, out, train_reader, config, channels, eval_reader, progress, workdir)
     from .allocation import apply_budget
 
     config, allocation = apply_budget(prepared, config, train_reader)  # a budget becomes per-layer rules

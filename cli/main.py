@@ -165,12 +165,17 @@ def _common_training_options(f):
               help="Where the run keeps its state for --resume.  [default: OUTPUT.admm-work]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory after success.")
+@click.option("--structure", type=click.Choice(["element", "channel"]), default="element",
+              help="channel: remove whole channels (coupled groups, see 'admm-onnx groups') and write a smaller dense "
+                   "model; --sparsity is then the fraction of channels removed per group, --target-macs the MACs "
+                   "kept.  [default: element]")
+@click.option("--round-to", type=int, default=None, help="With --structure channel: kept channels a multiple of N.  [default: 1]")
 @_common_training_options
 @click.pass_context
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, min_keep, max_keep,
           admm_iters, epochs_per_iter, retrain_epochs, bits, rho, rho_mode, rho_growth, admm_tol,
-          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, data, lr, batch_size, seed, workers, threads,
-          loss, output_name, quiet):
+          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, structure, round_to, data, lr, batch_size,
+          seed, workers, threads, loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
@@ -184,6 +189,9 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
     config = load_config(config_path) if config_path else PruneConfig()
+    channels = _channel_targets(structure, sparsity, target_macs, round_to)
+    if channels is not None:
+        sparsity = target_macs = None  # channel budgets, not weight rules
     if sparsity is not None or bits is not None:
         config = config.with_sparsity(sparsity, None if bits is None else int(bits))
     config = config.replace(
@@ -203,14 +211,18 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             if Path(extra).resolve() == Path(out).resolve():
                 raise ConfigError(f"{extra} is also the -o output; choose another path")
     prepared = prepare_model(model, config.output)
-    if config.compression is None and config.target_params is None and config.target_macs is None:
+    if channels is not None:
+        if resume:
+            raise ConfigError("--resume is not supported with --structure channel")
+    elif config.compression is None and config.target_params is None and config.target_macs is None:
         config.plan(prepared.info)  # fail on bad rules before loading data
     dataset = load_dataset(data)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     work = Path(workdir) if workdir else Path(str(out) + ".admm-work")
     t0 = time.perf_counter()
     try:
-        report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume)
+        report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
+                           channels=channels)
     except (KeyboardInterrupt, click.exceptions.Abort):
         raise Interrupted(f"Interrupted. Progress is saved in {work}: run the same command with --resume to continue.")
     except AdmmOnnxError as exc:
@@ -230,6 +242,17 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if sparse_output:
         _write_sparse(out, sparse_output)
     _write_json(report_path, report.to_dict())
+
+
+def _channel_targets(structure, sparsity, target_macs, round_to):
+    """ChannelTargets for --structure channel (None otherwise)."""
+    if structure != "channel":
+        if round_to is not None:
+            raise ConfigError("--round-to needs --structure channel")
+        return None
+    from admm_onnx.structured.targets import ChannelTargets
+
+    return ChannelTargets(sparsity=sparsity, target_macs=target_macs, round_to=round_to or 1)
 
 
 def _write_sparse(model_path, output) -> None:

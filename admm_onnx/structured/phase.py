@@ -1,0 +1,180 @@
+"""Channel pruning as pipeline phases: ADMM over channel groups, hard step, shrink + verify,
+dense retraining of the smaller model, write.
+
+Called by :func:`admm_onnx.pipeline.prune` when it is given ``channels=ChannelTargets(...)``.
+1. analysis of the user's graph (BatchNorm in inference form, as written), budgets per group;
+2. ADMM: every trainable member tensor (conv/gemm weights, biases, BatchNorm scale and shift)
+   is penalised towards T = Z - U; the Z-update is :class:`ChannelGroups.project` (exact
+   top-k channel projection per group);
+3. hard step: the channels that the current weights (not Z) score highest are kept;
+4. shrink the graph, and verify that it computes what the masked model computes (ORT, random
+   inputs; a mismatch raises, see verify.py);
+5. retrain the shrunk model, dense (no masks), ``retrain_epochs`` epochs, cosine schedule;
+6. write it.
+No resume: the run keeps its artifacts in ``workdir`` (or a temporary directory) only while it runs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..admm import AdmmState, Residual
+from ..config import PruneConfig, WeightPlan
+from ..errors import TrainingError
+from ..graph.penalty import AdmmPenalty
+from ..io import save_model
+from ..losses import ClassifierLoss
+from ..report import LayerRow, PruneReport
+from ..training import NO_PROGRESS, Progress, cosine_schedule
+from .analysis import ChannelAnalysis, analyse
+from .constraint import ChannelGroups
+from .report import shrink_rows, shrink_table
+from .shrink import masked, shrink
+from .targets import ChannelTargets
+from .verify import verify
+
+log = logging.getLogger(__name__)
+
+
+class GroupAdmmState(AdmmState):
+    """Z, U, rho per member tensor; the Z-update projects all of them jointly (ChannelGroups)."""
+
+    def __init__(self, plan, constraint: ChannelGroups, rho_growth: float = 1.0):
+        super().__init__(plan, rho_growth)
+        self.constraint = constraint
+
+    def initialize(self, weights) -> None:
+        w = {n: np.asarray(weights[n]) for n in self.plan}
+        self.Z = self.constraint.project(w)
+        self.U = {n: np.zeros_like(v) for n, v in w.items()}
+        self.iteration, self.history = 0, []
+
+    def update(self, state) -> Dict[str, Residual]:
+        weights = self.read_weights(state)
+        for name, w in weights.items():
+            if not np.isfinite(w).all():
+                raise TrainingError(f"weight {name} contains NaN/Inf", hint="lower --lr or --rho")
+        z_new = self.constraint.project({n: w + self.U[n] for n, w in weights.items()})
+        residuals = {}
+        for name, w in weights.items():
+            norm = float(np.linalg.norm(w)) or 1.0
+            residuals[name] = Residual(float(np.linalg.norm(w - z_new[name])) / norm,
+                                       float(np.linalg.norm(z_new[name] - self.Z[name])) / norm)
+            self.U[name] = (self.U[name] + w - z_new[name]) / self.rho_growth
+            self.Z[name] = z_new[name]
+            self.rho[name] *= self.rho_growth
+        self.iteration += 1
+        self.history.append(residuals)
+        self.write(state)
+        return residuals
+
+
+@dataclass
+class ChannelPruneReport(PruneReport):
+    """A PruneReport with the per-group channels, MACs and parameters before and after."""
+
+    groups: List[Dict[str, object]] = field(default_factory=list)
+    totals_before: Dict[str, int] = field(default_factory=dict)
+    totals_after: Dict[str, int] = field(default_factory=dict)
+    max_shrink_diff: Optional[float] = None
+
+    def table(self) -> str:
+        return shrink_table(self.groups, self.totals_before, self.totals_after) + "\n" + self.summary()
+
+    def summary(self) -> str:
+        acc = lambda a: "n/a" if a is None else f"{100 * a:.2f}%"  # noqa: E731
+        return (f"Top-1: before {acc(self.accuracy_before)}, after ADMM {acc(self.accuracy_after_admm)}, "
+                f"hard-pruned {acc(self.accuracy_hard_pruned)}, after retraining {acc(self.accuracy_after)}")
+
+
+def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targets: ChannelTargets,
+                   eval_reader=None, progress: Progress = NO_PROGRESS, workdir: Optional[Path] = None) -> ChannelPruneReport:
+    from ..pipeline import _epoch, _set_epoch, _trainer, _workdir, evaluate, output_model, prepare_model, with_weights
+
+    base = output_model(prepared, {})
+    analysis = analyse(base)
+    counts = targets.keep_counts(analysis)
+    trainable = set(prepared.info.trainable)
+    constraint = ChannelGroups(analysis, counts, tensors=trainable)
+    shapes = analysis.init_shapes
+    plan = {n: WeightPlan(n, 0.0, config.rho, "channel", 0, 1, shapes[n]) for n in constraint.tensors}
+    report = ChannelPruneReport(config=dict(config.to_dict(), channels=targets.__dict__))
+    for g in analysis.groups:
+        if g.id in counts:
+            log.info("group %s: keep %d of %d channels", g.name, counts[g.id], g.size)
+    loss = ClassifierLoss(config.loss)
+    with _workdir(workdir) as work:
+        penalty = AdmmPenalty(loss, list(plan))
+        trainer = _trainer(prepared, prepared.training, work / "admm", config, penalty, penalty.frozen_params, config.lr)
+        state = GroupAdmmState(plan, constraint, rho_growth=config.rho_growth)
+        state.initialize(state.read_weights(trainer))
+        if eval_reader is not None:
+            before = trainer.evaluate(eval_reader)
+            report.accuracy_before, report.loss_before = before.accuracy, before.loss
+            log.info("before pruning: top-1 %.2f%%", 100 * before.accuracy)
+        state.write(trainer)
+        t0 = time.perf_counter()
+        for it in range(config.admm_iters):
+            for e in range(config.epochs_per_iter):
+                _set_epoch(train_reader, it * config.epochs_per_iter + e)
+                _epoch(trainer, train_reader, None, f"ADMM {it + 1}/{config.admm_iters}", progress, report)
+            residuals = state.update(trainer)
+            worst = max(r.primal for r in residuals.values())
+            report.residuals.append({n: {"primal": r.primal, "dual": r.dual} for n, r in residuals.items()})
+            log.info("ADMM %d/%d: largest primal residual %.4f", it + 1, config.admm_iters, worst)
+            if not math.isfinite(worst) or worst > 1e3:
+                raise TrainingError(f"ADMM residuals exploded at iteration {it + 1}", hint="lower --rho or --rho-growth")
+        report.phase_seconds["admm"] = time.perf_counter() - t0
+        state.disable(trainer)
+        if eval_reader is not None and config.admm_iters:
+            report.accuracy_after_admm = trainer.evaluate(eval_reader).accuracy
+        weights = {n: trainer.get(n) for n in prepared.info.trainable}
+        trainer.close()
+
+    # hard step + shrink + verify
+    keep = constraint.kept({n: weights[n] for n in constraint.tensors})
+    full = output_model(prepared, weights)
+    small = shrink(full, analysis, keep)
+    report.max_shrink_diff = verify(masked(full, analysis, keep), small)
+    log.info("shrunk model == masked model (max |diff| %.3g)", report.max_shrink_diff)
+    report.totals_before, report.totals_after = analysis.counts(), analysis.counts(keep)
+    report.groups = shrink_rows(analysis, keep)
+    if eval_reader is not None:
+        report.accuracy_hard_pruned = evaluate(small, eval_reader, prepared.output_name).accuracy
+        log.info("hard-pruned and shrunk: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
+
+    # dense retraining of the smaller model
+    small_prepared = prepare_model(small, prepared.output_name)
+    lr = config.retrain_lr or config.lr
+    t0 = time.perf_counter()
+    with _workdir(None) as work:
+        trainer = _trainer(small_prepared, small_prepared.training, work / "retrain", config, loss, (), lr)
+        try:
+            steps = len(train_reader)
+        except TypeError:
+            steps = 0
+        if config.retrain_schedule == "cosine" and steps:
+            trainer.schedule = cosine_schedule(lr, steps * config.retrain_epochs)
+        for e in range(config.retrain_epochs):
+            _set_epoch(train_reader, config.admm_iters * config.epochs_per_iter + e)
+            _epoch(trainer, train_reader, eval_reader, f"retrain {e + 1}/{config.retrain_epochs}", progress, report)
+        weights = {n: trainer.get(n) for n in small_prepared.info.trainable}
+        trainer.close()
+    report.phase_seconds["retrain"] = time.perf_counter() - t0
+    final = output_model(small_prepared, weights)
+    save_model(final, out, external_data=prepared.used_external_data or None)
+    report.output = str(out)
+    before = {t.name: int(np.prod(t.dims)) for t in base.graph.initializer}
+    report.layers = [LayerRow(t.name, before[t.name], int(np.prod(t.dims)))
+                     for t in final.graph.initializer if t.name in before and t.name in plan]
+    if eval_reader is not None:
+        after = evaluate(final, eval_reader, prepared.output_name)
+        report.accuracy_after, report.loss_after = after.accuracy, after.loss
+        log.info("after retraining: top-1 %.2f%%", 100 * after.accuracy)
+    return report

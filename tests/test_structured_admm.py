@@ -110,7 +110,7 @@ def test_prune_structure_channel_writes_a_smaller_dense_model(tmp_path, capsys):
     assert y.shape == (2, 10)
 
 
-@pytest.mark.parametrize("args", [["--target-macs", "0.5"], ["--structure", "channel"],
+@pytest.mark.parametrize("args", [["--round-to", "4"], ["--structure", "channel"],
                                   ["--structure", "channel", "--sparsity", "0.5", "--target-macs", "0.5"],
                                   ["--structure", "channel", "--sparsity", "0.5", "--resume"]])
 def test_prune_structure_channel_bad_options(tmp_path, capsys, args):

@@ -43,7 +43,7 @@ from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import ClassifierLoss
-from .report import PruneReport, layer_rows
+from .report import PruneReport, model_rows, utc_now, weight_histograms
 from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts, cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def train(
     config = config or PruneConfig()
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
-    report = PruneReport(config=config.to_dict())
+    report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
     with _workdir(None) as work:
         trainer = _trainer(prepared, prepared.training, work / "dense", config, ClassifierLoss(config.loss), (), config.lr)
         if eval_reader is not None:
@@ -331,7 +331,8 @@ def train(
     final = output_model(prepared, weights)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
-    report.layers = layer_rows({n: weights[n] for n in prepared.info.prunable})
+    report.layers = model_rows(final, prepared.info)
+    report.finished = utc_now()
     return report
 
 
@@ -342,6 +343,10 @@ def _model_fingerprint(prepared: PreparedModel) -> str:
         return fingerprint_bytes(prepared.original.SerializeToString())
     except ValueError:  # > 2 GB in memory: fall back on the graph alone
         return fingerprint_bytes(prepared.original.graph.name.encode())
+
+
+def _input_identity(prepared: PreparedModel) -> Dict[str, object]:
+    return {"path": None if prepared.source is None else str(prepared.source), "sha256": _model_fingerprint(prepared)}
 
 
 def _plan_identity(plan: Dict[str, WeightPlan]) -> Dict[str, object]:
@@ -420,7 +425,7 @@ def prune(
                 )
             work.start(identity)
             saved = {"phase": "admm", "step": 0}
-            report = PruneReport(config=config.to_dict(), allocation=allocation)
+            report = PruneReport(config=config.to_dict(), allocation=allocation, input=_input_identity(prepared))
             for p in plan.values():
                 log.info("will prune %s %s to %.2f%% zeros%s (rho %s, %s)", p.name, p.shape, 100 * p.sparsity,
                          f", {p.bits}-bit levels per {p.quant_scale}" if p.bits else "",
@@ -435,7 +440,8 @@ def prune(
     final = output_model(prepared, weights)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
-    report.layers = layer_rows({n: weights[n] for n in plan}, {n: p.sparsity for n, p in plan.items()})
+    report.layers = model_rows(final, prepared.info, plan)
+    report.histograms = weight_histograms(_initializers(prepared.original, plan), {n: weights[n] for n in plan})
     sess = _session(out)
     (written,) = sess.run([prepared.output_name], _model_feed(sess, probe))
     # The training copy outputs (N, C) logits; the user's graph may add a Softmax or keep
@@ -449,7 +455,13 @@ def prune(
         after = evaluate(final, eval_reader, prepared.output_name)
         report.accuracy_after, report.loss_after = after.accuracy, after.loss
         log.info("after pruning: top-1 %.2f%%, loss %.4f", 100 * after.accuracy, after.loss)
+    report.finished = utc_now()
     return report
+
+
+def _initializers(model: onnx.ModelProto, names) -> Dict[str, np.ndarray]:
+    wanted = set(names)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
 
 
 class _PruneRun:
@@ -498,7 +510,8 @@ class _PruneRun:
                 sub = f" epoch {e + 1}/{c.epochs_per_iter}" if c.epochs_per_iter > 1 else ""
                 _epoch(trainer, self.train_reader, None, label + sub, self.progress, report)
             residuals = state.update(trainer)
-            report.residuals.append({n: {"primal": r.primal, "dual": r.dual} for n, r in residuals.items()})
+            report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
+                                     for n, r in residuals.items()})
             for n, r in residuals.items():
                 log.info("%s %s: primal %.4f, dual %.4f, rho %.2e", label, n, r.primal, r.dual, state.rho[n])
             if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):

@@ -1,22 +1,70 @@
-"""The paper-style per-layer table and the run report (printed and written as JSON)."""
+"""The paper-style per-layer table and the run report (printed and written as JSON).
+
+Vocabulary, the same in the report (``--report``), ``inspect --json`` and the API
+(:class:`LayerRow`, :class:`~admm_onnx.sparse.WeightRow`): a *weight* is a float initializer
+with at least two dimensions (biases, normalisation parameters and shape constants are not
+counted). Per weight: ``name``, ``op`` (the op types reading it), ``shape``, ``weights`` (its
+number of entries), ``nonzero``, ``kept_percent`` (100 * nonzero / weights), ``prunable``
+(true/false) and ``reason`` (why it was not pruned, else null). Totals (``total``) cover every
+weight of the model, pruned or not: ``weights``, ``nonzero``, ``kept_percent``,
+``compression`` (weights / nonzero).
+"""
 from __future__ import annotations
 
+import datetime
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+#: Version of the report's JSON layout (``report_format`` in the file).
+REPORT_FORMAT = 2
 
 
 @dataclass
 class LayerRow:
-    layer: str
+    """One weight of the written model: its size, what was kept, and how it was treated."""
+
+    name: str
     weights: int
     nonzero: int
-    sparsity_target: Optional[float] = None
+    target_sparsity: Optional[float] = None
+    op: str = ""
+    shape: Tuple[int, ...] = ()
+    #: element, filter or channel for a pruned weight; None for one left alone
+    structure: Optional[str] = None
+    prunable: bool = True
+    #: why the weight was not pruned (excluded by the config, or not prunable), else None
+    reason: Optional[str] = None
 
     @property
     def kept_percent(self) -> float:
         return 100.0 * self.nonzero / self.weights if self.weights else 0.0
+
+    @property
+    def pruned(self) -> bool:
+        return self.target_sparsity is not None
+
+    @property
+    def layer(self) -> str:  # the name before report format 2
+        return self.name
+
+    def to_dict(self) -> Dict[str, object]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["kept_percent"] = round(self.kept_percent, 4)
+        return d
+
+    @classmethod
+    def from_dict(cls, r: Dict[str, object]) -> "LayerRow":
+        return cls(
+            r.get("name", r.get("layer")), r["weights"], r["nonzero"], r.get("target_sparsity", r.get("sparsity_target")),
+            r.get("op", ""), tuple(r.get("shape", ())), r.get("structure"), r.get("prunable", True), r.get("reason"),
+        )
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -48,6 +96,25 @@ class PruneReport:
     config: Dict[str, object] = field(default_factory=dict)
     #: With a budget: the chosen per-layer ratios, predicted and measured (admm_onnx/allocation).
     allocation: Optional[Dict[str, object]] = None
+    #: admm-onnx version that wrote the report
+    version: str = ""
+    #: the command line (set by the CLI), else None
+    command: Optional[str] = None
+    #: the input model: {"path", "sha256"}
+    input: Dict[str, object] = field(default_factory=dict)
+    #: UTC times (ISO 8601) the run started and finished
+    started: Optional[str] = None
+    finished: Optional[str] = None
+    #: weight-magnitude histograms before/after: {name: {"edges", "before", "after", "zeros_before", "zeros_after"}}
+    histograms: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.version:
+            from . import __version__
+
+            self.version = __version__
+        if self.started is None:
+            self.started = utc_now()
 
     @property
     def total_weights(self) -> int:
@@ -66,15 +133,27 @@ class PruneReport:
     def from_dict(cls, data: Dict[str, object]) -> "PruneReport":
         """Inverse of :meth:`to_dict` (used to resume a run's partial report)."""
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        fields["layers"] = [
-            LayerRow(r["layer"], r["weights"], r["nonzero"], r.get("sparsity_target")) for r in data.get("layers", [])
-        ]
+        fields["layers"] = [LayerRow.from_dict(r) for r in data.get("layers", [])]
         return cls(**fields)
 
+    @property
+    def phases(self) -> List[Dict[str, object]]:
+        """The run phase by phase: name, top-1 and loss at its end, seconds."""
+        rows = [
+            ("dense", self.accuracy_before, self.loss_before, self.phase_seconds.get("dense", self.phase_seconds.get("train"))),
+            ("admm", self.accuracy_after_admm, None, self.phase_seconds.get("admm")),
+            ("hard_prune", self.accuracy_hard_pruned, None, None),
+            ("retrain", self.accuracy_after, self.loss_after, self.phase_seconds.get("retrain")),
+        ]
+        return [{"phase": p, "accuracy": a, "loss": lo, "seconds": sec} for p, a, lo, sec in rows]
+
     def to_dict(self) -> Dict[str, object]:
-        d = asdict(self)
-        for row, src in zip(d["layers"], self.layers):
-            row["kept_percent"] = round(src.kept_percent, 4)
+        d = {"report_format": REPORT_FORMAT, **asdict(self)}
+        d["layers"] = [row.to_dict() for row in self.layers]
+        d["phases"] = self.phases
+        if d.get("hard_prune_gap") is None and None not in (self.accuracy_after_admm, self.accuracy_hard_pruned):
+            d["hard_prune_gap"] = self.accuracy_after_admm - self.accuracy_hard_pruned
+        d.setdefault("hard_prune_gap", None)
         d["total"] = {
             "weights": self.total_weights,
             "nonzero": self.total_nonzero,
@@ -110,9 +189,71 @@ def layer_rows(weights: Dict[str, np.ndarray], targets: Optional[Dict[str, float
     ]
 
 
+def model_rows(model, info=None, plan=None) -> List[LayerRow]:
+    """One :class:`LayerRow` per weight of ``model`` (a ModelProto), in graph order: the pruned
+    ones with their target, the others with why they were left alone (``info``: the model's
+    :class:`~admm_onnx.graph.analysis.GraphInfo`; ``plan``: name -> WeightPlan)."""
+    from onnx import numpy_helper
+
+    consumers: Dict[str, List[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            ops = consumers.setdefault(name, [])
+            if node.op_type not in ops:
+                ops.append(node.op_type)
+    rows = []
+    plan = plan or {}
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) < 2 or tensor.data_type not in _FLOAT_TYPES:
+            continue
+        arr = numpy_helper.to_array(tensor)
+        name = tensor.name
+        row = LayerRow(name, int(arr.size), int(np.count_nonzero(arr)), op=",".join(consumers.get(name, [])),
+                       shape=tuple(int(d) for d in arr.shape))
+        if name in plan:
+            row.target_sparsity, row.structure = float(plan[name].sparsity), plan[name].structure
+        elif info is not None and name in info.prunable:
+            row.reason = "excluded by the config" if plan else "not pruned (dense training)"
+        elif info is not None:
+            row.prunable, row.reason = False, info.not_prunable.get(name, "not a Conv/Gemm/MatMul weight")
+        rows.append(row)
+    return rows
+
+
+#: float, float16, double, bfloat16
+_FLOAT_TYPES = (1, 10, 11, 16)
+
+
+def weight_histograms(before: Dict[str, np.ndarray], after: Dict[str, np.ndarray], bins: int = 40) -> Dict[str, Dict[str, object]]:
+    """Histograms of log10 |w| of the nonzero entries of each weight, before and after, on shared
+    edges (zeros counted apart: a log scale has no place for them)."""
+    out = {}
+    for name, b in before.items():
+        a = after.get(name)
+        if a is None:
+            continue
+        mb, ma = np.abs(b[b != 0]).astype(np.float64), np.abs(a[a != 0]).astype(np.float64)
+        both = np.concatenate([mb, ma])
+        if both.size == 0:
+            continue
+        lo, hi = np.log10(both.min()), np.log10(both.max())
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
+        out[name] = {
+            "edges": [round(float(e), 5) for e in edges],
+            "before": np.histogram(np.log10(mb), edges)[0].tolist() if mb.size else [0] * bins,
+            "after": np.histogram(np.log10(ma), edges)[0].tolist() if ma.size else [0] * bins,
+            "zeros_before": int(b.size - mb.size),
+            "zeros_after": int(a.size - ma.size),
+        }
+    return out
+
+
 def layer_table(rows: List[LayerRow]) -> str:
     header = ("Layer", "Weights", "Weights after prune", "% kept")
-    body = [(r.layer, f"{r.weights:,}", f"{r.nonzero:,}", f"{r.kept_percent:.2f}%") for r in rows]
+    body = [(r.name + ("" if r.reason is None else " (not pruned)"), f"{r.weights:,}", f"{r.nonzero:,}", f"{r.kept_percent:.2f}%")
+            for r in rows]
     total_w, total_nz = sum(r.weights for r in rows), sum(r.nonzero for r in rows)
     body.append(("Total", f"{total_w:,}", f"{total_nz:,}", f"{100.0 * total_nz / max(1, total_w):.2f}%"))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]

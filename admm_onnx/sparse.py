@@ -118,7 +118,8 @@ class WeightRow:
     name: str
     op: str
     shape: Tuple[int, ...]
-    count: int
+    #: number of entries (the report's vocabulary: admm_onnx.report)
+    weights: int
     nonzero: int
     storage: str
     stored_bytes: int
@@ -127,14 +128,19 @@ class WeightRow:
     prunable: str = ""
 
     @property
-    def kept_pct(self) -> float:
+    def kept_percent(self) -> float:
         """Percentage of entries that are nonzero."""
-        return 100.0 * self.nonzero / self.count if self.count else 0.0
+        return 100.0 * self.nonzero / self.weights if self.weights else 0.0
+
+    count = property(lambda self: self.weights, doc="Old name of :attr:`weights`.")
+    kept_pct = property(lambda self: self.kept_percent, doc="Old name of :attr:`kept_percent`.")
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["shape"] = list(self.shape)
-        out["kept_pct"] = round(self.kept_pct, 4)
+        out["kept_percent"] = round(self.kept_percent, 4)
+        out["prunable"] = self.prunable == "yes"
+        out["reason"] = None if self.prunable in ("yes", "") else self.prunable
         return out
 
 
@@ -143,7 +149,7 @@ def _total_row(rows: Sequence[WeightRow]) -> WeightRow:
         name="TOTAL",
         op="",
         shape=(),
-        count=sum(r.count for r in rows),
+        weights=sum(r.weights for r in rows),
         nonzero=sum(r.nonzero for r in rows),
         storage="",
         stored_bytes=sum(r.stored_bytes for r in rows),
@@ -159,7 +165,12 @@ class WeightTable(list):
         return _total_row(self)
 
     def to_dict(self) -> dict:
-        return {"weights": [r.to_dict() for r in self], "totals": self.totals.to_dict()}
+        """``{"layers": [...], "total": {...}}``, the report's layout and vocabulary."""
+        t = self.totals
+        total = {"weights": t.weights, "nonzero": t.nonzero, "kept_percent": round(t.kept_percent, 4),
+                 "compression": round(t.weights / t.nonzero, 3) if t.nonzero else None,
+                 "stored_bytes": t.stored_bytes, "dense_bytes": t.dense_bytes}
+        return {"layers": [r.to_dict() for r in self], "total": total}
 
 
 @dataclass

@@ -235,9 +235,9 @@ def table(rows, paper: Optional[dict]) -> str:
     head += ["Ours: after prune", "Ours %"]
     body = []
     for r in rows:
-        line = [r["layer"], f"{r['weights']:,}"]
+        line = [r.get("name", r.get("layer")), f"{r['weights']:,}"]
         if paper:
-            p = paper.get(r["layer"])
+            p = paper.get(r.get("name", r.get("layer")))
             line += [f"{p[1]:,}", f"{100 * p[1] / p[0]:.1f}%"] if p else ["", ""]
         line += [f"{r['nonzero']:,}", f"{100 * r['nonzero'] / r['weights']:.2f}%"]
         body.append(line)

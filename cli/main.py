@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 import sys
 import time
@@ -232,6 +233,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if not keep_workdir:
         shutil.rmtree(work, ignore_errors=True)
     report.phase_seconds["total"] = time.perf_counter() - t0
+    report.command = shlex.join(["admm-onnx", *ctx.obj.get("argv", [])])
     click.echo(report.table())
     if report.allocation:
         a = report.allocation
@@ -381,7 +383,8 @@ cli.add_command(_sensitivity)
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="admm-onnx", standalone_mode=False)
+        cli.main(args=argv, prog_name="admm-onnx", standalone_mode=False,
+                 obj={"argv": list(argv if argv is not None else sys.argv[1:])})
     except Interrupted as exc:
         click.echo(str(exc), err=True)
         return 130

@@ -53,8 +53,8 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
     body: List[Tuple[str, ...]] = []
     for r in list(rows) + ([totals] if totals is not None else []):
         body.append((
-            r.name, r.op, "x".join(str(d) for d in r.shape), f"{r.count:,}", f"{r.nonzero:,}",
-            f"{r.kept_pct:.2f}", r.storage, f"{r.stored_bytes:,}", f"{r.dense_bytes:,}", r.prunable,
+            r.name, r.op, "x".join(str(d) for d in r.shape), f"{r.weights:,}", f"{r.nonzero:,}",
+            f"{r.kept_percent:.2f}", r.storage, f"{r.stored_bytes:,}", f"{r.dense_bytes:,}", r.prunable,
         ))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     left = {0, 1, 2, 6, 9}
@@ -128,8 +128,8 @@ def inspect_cmd(model_path: Path, as_json: bool) -> None:
         return
     click.echo(format_table(table, totals))
     click.echo(
-        f"{model_path}: {file_bytes:,} bytes on disk; weights {totals.nonzero:,} of {totals.count:,} nonzero "
-        f"({totals.kept_pct:.2f}% kept), stored {totals.stored_bytes:,} of {totals.dense_bytes:,} dense bytes "
+        f"{model_path}: {file_bytes:,} bytes on disk; weights {totals.nonzero:,} of {totals.weights:,} nonzero "
+        f"({totals.kept_percent:.2f}% kept), stored {totals.stored_bytes:,} of {totals.dense_bytes:,} dense bytes "
         f"({_ratio(totals.dense_bytes, totals.stored_bytes)})"
     )
 

@@ -30,9 +30,9 @@ def test_prune_writes_model_report_and_table(lenet5_small, data_npz, tmp_path, c
     assert "| Layer" in printed and "| Total" in printed and "Compression: 4.0x" in printed
     data = json.loads(report.read_text())
     assert data["total"]["compression"] == pytest.approx(4.0, rel=1e-3)
-    assert [r["layer"] for r in data["layers"]] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+    assert [r["name"] for r in data["layers"]] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
     assert data["config"]["rho"] == 0.01 and data["config"]["seed"] == 1
-    assert len(data["residuals"]) == 1 and set(data["residuals"][0]["fc1.weight"]) == {"primal", "dual"}
+    assert len(data["residuals"]) == 1 and set(data["residuals"][0]["fc1.weight"]) == {"primal", "dual", "rho"}
     assert 0.0 <= data["accuracy_after"] <= 1.0
     umask = os.umask(0)
     os.umask(umask)

@@ -56,7 +56,14 @@ def test_rules_per_layer_exclude_and_no_retraining(lenet5_small, data, tmp_path)
     )
     report = _run(lenet5_small, data, out, config)
     weights, original = _weights(out), _weights(lenet5_small)
-    assert [r.layer for r in report.layers] == ["fc1.weight", "fc2.weight"]
+    assert [r.name for r in report.layers] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+    assert [r.name for r in report.layers if r.pruned] == ["fc1.weight", "fc2.weight"]
+    assert {r.name: r.reason for r in report.layers if not r.pruned} == dict.fromkeys(
+        ["conv1.weight", "conv2.weight"], "excluded by the config")
+    # whole-model totals: the excluded weights count
+    assert report.total_weights == sum(w.size for n, w in weights.items() if w.ndim >= 2)
+    assert report.total_nonzero == sum(np.count_nonzero(w) for n, w in weights.items() if w.ndim >= 2)
+    assert "conv1.weight (not pruned)" in report.table()
     assert (weights["fc1.weight"] == 0).mean() >= 0.95
     assert (weights["fc2.weight"] == 0).mean() >= 0.5
     assert np.count_nonzero(weights["conv1.weight"]) == weights["conv1.weight"].size
@@ -114,7 +121,7 @@ def test_pytorch_exports_prune_end_to_end(fixture, tmp_path):
     m = onnx.load(str(out))
     weights = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     for row in report.layers:
-        assert (weights[row.layer] == 0).mean() >= 0.5, row.layer
+        assert (weights[row.name] == 0).mean() >= 0.5, row.name
     sess = ort.InferenceSession(str(out))
     assert [o.name for o in sess.get_outputs()] == [o.name for o in onnx.load(str(src), load_external_data=False).graph.output]
     assert report.max_output_diff <= 1e-4

@@ -189,7 +189,7 @@ def test_inspect_dense_csr_coo_agree(dense):
     for kind, table in tables.items():
         assert [r.name for r in table] == list(PAPER)
         assert [r.op for r in table] == ["Conv", "Conv", "Gemm", "Gemm"]
-        assert table.totals.count == 430_500
+        assert table.totals.weights == 430_500
         assert table.totals.nonzero == tables["dense"].totals.nonzero
     assert {r.storage for r in tables["dense"]} == {"dense"}
     assert {r.storage for r in tables["csr"]} == {"csr-fp32"}
@@ -197,7 +197,7 @@ def test_inspect_dense_csr_coo_agree(dense):
     assert tables["dense"].totals.stored_bytes == 430_500 * 4
     assert tables["csr"].totals.stored_bytes < tables["coo"].totals.stored_bytes < 430_500 * 4
     rows = tables["dense"]
-    assert [round(r.kept_pct, 1) for r in rows] == [20.0, 8.0, 0.9, 7.0]
+    assert [round(r.kept_percent, 1) for r in rows] == [20.0, 8.0, 0.9, 7.0]
     json.dumps(tables["csr"].to_dict())
 
 
@@ -349,7 +349,7 @@ def test_cli_export_inspect_densify(pruned_file, tmp_path, feeds):
     assert res.exit_code == 0 and "fc1.weight" in res.output and "csr-fp32" in res.output
     res = invoke(inspect_cmd, csr, "--json")
     doc = json.loads(res.output)
-    assert doc["totals"]["count"] == 430_500 and doc["file_bytes"] == csr.stat().st_size
+    assert doc["total"]["weights"] == 430_500 and doc["file_bytes"] == csr.stat().st_size
 
     back = tmp_path / "back.onnx"
     res = invoke(densify_cmd, csr, "-o", back)

@@ -54,7 +54,7 @@ def test_projection_is_the_exact_top_k_for_a_group(resnet):
 
 def test_projection_zeroes_every_member_of_dropped_channels(resnet):
     m, a = resnet
-    counts = ChannelTargets(sparsity=0.5).keep_counts(a)
+    counts = ChannelTargets(sparsity=0.5, round_to=1).keep_counts(a)
     c = ChannelGroups(a, counts)
     z = c.project(_values(m, c.tensors, seed=1))
     kept = c.kept(z)
@@ -74,10 +74,10 @@ def test_targets_uniform_rounding_and_mac_budget(resnet):
     assert all(v % 4 == 0 or v == g.size for g in a.prunable for v in [k[g.id]])
     total = a.counts()["macs"]
     for f in (0.3, 0.5):
-        k = ChannelTargets(target_macs=f).keep_counts(a)
+        k = ChannelTargets(target_macs=f, round_to=1).keep_counts(a)
         assert a.counts({g: range(n) for g, n in k.items()})["macs"] <= f * total
     with pytest.raises(ConfigError):
-        ChannelTargets(target_macs=1e-4).keep_counts(a)
+        ChannelTargets(target_macs=1e-4, round_to=1).keep_counts(a)
     with pytest.raises(ConfigError):
         ChannelTargets(sparsity=0.5, target_macs=0.5)
     with pytest.raises(ConfigError):
@@ -88,7 +88,7 @@ def test_prune_structure_channel_writes_a_smaller_dense_model(tmp_path, capsys):
     from admm_onnx.cli.main import main
 
     src, out, rep = tmp_path / "r.onnx", tmp_path / "p.onnx", tmp_path / "rep.json"
-    onnx.save(resnet_cifar((1, 8, 8), 10, blocks=1, width=8), str(src))
+    onnx.save(resnet_cifar((1, 8, 8), 10, blocks=1, width=16), str(src))  # 16/32/64: room for --round-to 8
     before = src.read_bytes()
     code = main(["prune", str(src), "-o", str(out), "-d", "digits", "--structure", "channel", "--target-macs", "0.5",
                  "--admm-iters", "1", "--retrain-epochs", "1", "--report", str(rep), "-q", "--threads", "1"])
@@ -101,6 +101,7 @@ def test_prune_structure_channel_writes_a_smaller_dense_model(tmp_path, capsys):
     report = json.loads(rep.read_text())
     assert report["totals_after"]["macs"] <= 0.5 * report["totals_before"]["macs"]
     assert report["groups"] and all(r["channels_after"] < r["channels"] for r in report["groups"])
+    assert all(r["channels_after"] % 8 == 0 for r in report["groups"])
     assert not any(n.op_type == "Mul" and "mask" in n.name for n in small.graph.node)
     assert sum(numpy_helper.to_array(t).size for t in small.graph.initializer) == report["totals_after"]["params"]
     import onnxruntime as ort

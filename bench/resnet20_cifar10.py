@@ -109,7 +109,8 @@ def main(argv=None):
 
     from admm_onnx.config import PruneConfig
     from admm_onnx.data import ArrayReader
-    from admm_onnx.io import save_model
+    from admm_onnx.graph.bn_recalibrate import recalibrate_batchnorm
+    from admm_onnx.io import load_model, save_model
     from admm_onnx.models import build
     from admm_onnx.pipeline import evaluate, prune, train
     from admm_onnx.structured import analyse
@@ -134,7 +135,12 @@ def main(argv=None):
     if not args.skip_train:
         init = args.work / "resnet20_init.onnx"
         save_model(build("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=args.seed), init)
-        train(init, dense, train_reader, args.epochs, eval_reader, config)
+        train(init, dense, train_reader, args.epochs, None, config)
+        # ORT training normalises with batch statistics and does not write the running ones
+        # back: re-estimate them on training batches before the dense model is evaluated.
+        model = load_model(dense)
+        recalibrate_batchnorm(model, iter(train_reader), "input")
+        save_model(model, dense)
     t_dense = time.time() - t0
     t0 = time.time()
     report = prune(dense, pruned, train_reader, config, eval_reader,
@@ -142,8 +148,6 @@ def main(argv=None):
     t_prune = time.time() - t0
     top1_dense = evaluate(dense, eval_reader).accuracy
     top1_pruned = evaluate(pruned, eval_reader).accuracy
-    from admm_onnx.io import load_model
-
     counts_dense = analyse(load_model(dense)).counts()
     counts_pruned = analyse(load_model(pruned)).counts()
     lat = json.loads(subprocess.run(

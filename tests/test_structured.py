@@ -333,3 +333,79 @@ def test_groups_cli(tmp_path, capsys):
     assert main(["groups", str(path)]) == 0
     assert "layer2.0.conv2+1" in capsys.readouterr().out
     assert main(["groups", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_per_channel_scale_stored_as_a_vector_and_unsqueezed():
+    """Caffe2 exports keep a BN scale as [C] and Unsqueeze it to [C, 1, 1] before Mul."""
+    net = Net()
+    x = net.conv("input", 3, 6)
+    scale = net.op("Unsqueeze", [net.param(net.randn(6), "scale"), net.param(np.array([1, 2], np.int64), "axes")])
+    y = net.op("Relu", [net.op("Mul", [x, scale])])
+    m = net.model(net.head(net.conv(y, 6, 4), 4))
+    a = analyse(m)
+    g = by_producer(a, "conv1")
+    assert g.prunable and any(mb.init.startswith("scale") for mb in g.members)
+    check_shrinks(m, a)
+
+
+FAST_ZOO = ("squeezenet", "inception_v1", "shufflenet")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST_ZOO else pytest.mark.slow) for n in
+                                  ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
+                                   "shufflenet", "squeezenet", "vgg19", "zfnet512")])
+def test_zoo_models_shrink_and_verify_or_say_why_not(name):
+    from admm_onnx.graph.materialize import light_model
+    from admm_onnx.structured.targets import ChannelTargets
+
+    m = light_model(name)
+    a = analyse(m)
+    assert all(g.blocked or g.prunable or not g.members or g.size == 1 for g in a.groups)
+    if not a.prunable:  # ShuffleNet: grouped convs and their channel shuffles
+        assert all(g.blocked for g in a.groups if g.members)
+        return
+    counts = ChannelTargets(sparsity=0.5).keep_counts(a)
+    rng = np.random.default_rng(0)
+    sizes = {g.id: g.size for g in a.groups}
+    keep = {gid: np.sort(rng.choice(sizes[gid], k, replace=False)) for gid, k in counts.items()}
+    small = shrink(m, a, keep)
+    verify(masked(m, a, keep), small)
+    assert a.counts(keep)["macs"] < a.counts()["macs"]
+
+
+def test_pytorch_exports():
+    from pathlib import Path
+
+    from admm_onnx.io import load_model
+
+    here = Path(__file__).parent / "fixtures"
+    train = analyse(load_model(here / "torch_legacy_train.onnx"))
+    assert any("training mode" in r for g in train.groups for r in g.blocked)
+    for path in (here / "torch_legacy_eval.onnx", here / "torch_dynamo_ext" / "model.onnx"):
+        m = load_model(path)
+        a = check_shrinks(m, seeds=2)
+        assert len(a.prunable) == 3
+
+
+def test_batchnorm_recalibration_uses_the_batch_statistics():
+    from admm_onnx.graph.bn_recalibrate import recalibrate_batchnorm
+
+    net = Net()
+    x = net.conv("input", 3, 4, bias=False)
+    y = net.bn(x, 4)
+    m = net.model(y)
+    rng = np.random.default_rng(0)
+    batches = [{"input": rng.standard_normal((8, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
+    assert recalibrate_batchnorm(m, iter(batches)) == 1
+    w = numpy_helper.to_array(m.graph.initializer[0])
+    import onnxruntime as ort  # the conv output's statistics, computed by ORT from the first node alone
+
+    g = helper.make_graph([m.graph.node[0]], "c", [m.graph.input[0]], [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+                          [m.graph.initializer[0]])
+    cm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(cm.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [sess.run(None, b)[0] for b in batches]
+    mean = np.mean([o.mean(axis=(0, 2, 3)) for o in outs], axis=0)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert w.shape == (4, 3, 3, 3)
+    np.testing.assert_allclose(inits[m.graph.node[1].input[3]], mean, rtol=1e-4, atol=1e-5)

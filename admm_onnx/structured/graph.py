@@ -69,6 +69,7 @@ class GraphView:
         self.uses: Counter = Counter(i for n in graph.node for i in n.input if i)
         self.graph_outputs = {o.name for o in graph.output}
         self.graph_inputs = {i.name for i in graph.input if i.name not in self._init_protos}
+        self.producer = {o: n for n in graph.node for o in n.output if o}
         self.nodes = self._toposort(list(graph.node))
 
     @staticmethod
@@ -114,6 +115,22 @@ class GraphView:
         if name in self.constants:
             return self.constants[name]
         return self.init(name)
+
+    def const_source(self, name: str):
+        """(initializer name, value) if ``name`` is an initializer read only here, or a view
+        of one (Identity/Unsqueeze/Squeeze/Reshape/Flatten chains, each read once: a Caffe2
+        per-channel scale [C] unsqueezed to [C, 1, 1]); None otherwise."""
+        seen = 0
+        while name and seen < 8:
+            if self.is_init(name):
+                return (name, self.init(name)) if self.uses[name] == 1 else None
+            node = self.producer.get(name)
+            if node is None or node.op_type not in ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten") \
+                    or self.uses[name] != 1:
+                return None
+            name = node.input[0]
+            seen += 1
+        return None
 
     def shape(self, name: str) -> Optional[List[Dim]]:
         return self.shapes.get(name)

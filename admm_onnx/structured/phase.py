@@ -6,6 +6,9 @@ Called by :func:`admm_onnx.pipeline.prune` when it is given ``channels=ChannelTa
 2. ADMM: every trainable member tensor (conv/gemm weights, biases, BatchNorm scale and shift)
    is penalised towards T = Z - U; the Z-update is :class:`ChannelGroups.project` (exact
    top-k channel projection per group);
+   (BatchNorm running statistics are first re-estimated on training batches: ORT training
+   normalises with batch statistics and never writes the running ones back, so a model
+   trained by the tool carries stale ones; again after the shrink and after retraining);
 3. hard step: the channels that the current weights (not Z) score highest are kept;
 4. shrink the graph, and verify that it computes what the masked model computes (ORT, random
    inputs; a mismatch raises, see verify.py);
@@ -93,11 +96,24 @@ class ChannelPruneReport(PruneReport):
                 f"hard-pruned {acc(self.accuracy_hard_pruned)}, after retraining {acc(self.accuracy_after)}")
 
 
+def _recalibrate(model, reader, input_name) -> int:
+    """BatchNorm running statistics from training batches (graph/bn_recalibrate.py: ORT training
+    normalises with batch statistics and never writes the running ones back)."""
+    from ..graph.bn_recalibrate import recalibrate_batchnorm
+
+    n = recalibrate_batchnorm(model, iter(reader), input_name)
+    if n:
+        log.info("BatchNorm running statistics of %d node(s) re-estimated on training batches", n)
+    return n
+
+
 def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targets: ChannelTargets,
                    eval_reader=None, progress: Progress = NO_PROGRESS, workdir: Optional[Path] = None) -> ChannelPruneReport:
     from ..pipeline import _epoch, _set_epoch, _trainer, _workdir, evaluate, output_model, prepare_model, with_weights
 
     base = output_model(prepared, {})
+    if _recalibrate(base, train_reader, prepared.input_name):
+        prepared = prepare_model(base, prepared.output_name)
     analysis = analyse(base)
     counts = targets.keep_counts(analysis)
     trainable = set(prepared.info.trainable)
@@ -145,6 +161,7 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     log.info("shrunk model == masked model (max |diff| %.3g)", report.max_shrink_diff)
     report.totals_before, report.totals_after = analysis.counts(), analysis.counts(keep)
     report.groups = shrink_rows(analysis, keep)
+    _recalibrate(small, train_reader, prepared.input_name)
     if eval_reader is not None:
         report.accuracy_hard_pruned = evaluate(small, eval_reader, prepared.output_name).accuracy
         log.info("hard-pruned and shrunk: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
@@ -168,6 +185,7 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
         trainer.close()
     report.phase_seconds["retrain"] = time.perf_counter() - t0
     final = output_model(small_prepared, weights)
+    _recalibrate(final, train_reader, prepared.input_name)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     before = {t.name: int(np.prod(t.dims)) for t in base.graph.initializer}

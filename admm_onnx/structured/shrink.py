@@ -81,10 +81,19 @@ def shrink(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mapping[int,
         arrays[name] = np.take(arr, np.flatnonzero(m), axis=axis)
     for name, arr in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    for vi in out.graph.input:  # IR < 4 lists initializers as inputs too: their shapes follow
+        if vi.name in arrays and vi.type.tensor_type.HasField("shape"):
+            for d, n in zip(vi.type.tensor_type.shape.dim, arrays[vi.name].shape):
+                d.dim_value = n
     kept = analysis.kept_atoms(keep)
     nodes = out.graph.node
     for index, fix in analysis.fixes:
         fix(out, nodes[index], kept)
+    if out.ir_version < 4:  # IR < 4: every initializer must also be a graph input
+        listed = {i.name for i in out.graph.input}
+        for t in out.graph.initializer:
+            if t.name not in listed:
+                out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     del out.graph.value_info[:]
     inferred = onnx.shape_inference.infer_shapes(out, strict_mode=False)
     out.graph.value_info.extend(inferred.graph.value_info)

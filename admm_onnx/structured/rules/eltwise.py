@@ -84,6 +84,12 @@ def broadcast(node, ins, ctx, names):
         if dim == length and value is not None:
             res.members.append(Slice(name, j, ref))
             continue
+        source = ctx.view.const_source(name) if dim == length else None
+        if source is not None:  # a view of a per-channel constant: slice the stored tensor
+            big = [i for i, d in enumerate(source[1].shape) if d > 1]
+            if len(big) == 1 and source[1].shape[big[0]] == length:
+                res.members.append(Slice(source[0], big[0], ref))
+                continue
         if dim == length and ctx.view.is_init(name):
             return Blocked(f"{node.op_type} {node.name!r}: per-channel constant {name!r} is read by other nodes too")
         if dim is None or not isinstance(dim, int):

@@ -249,3 +249,22 @@ def test_cli_prune_with_compression(trained, tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert code == 0 and "Compression: 10.0x" in printed and "Allocation for 10x" in printed
     assert json.loads(report.read_text())["allocation"]["compression"] == pytest.approx(10.0, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_ray_cluster_gives_the_same_curves_and_ratios_as_local_processes(trained, tmp_path):
+    """Starts a local Ray cluster (needs the [ray] extra)."""
+    pytest.importorskip("ray")
+    from admm_onnx.allocation.runners import RayRunner
+    from admm_onnx.allocation.plan import apply_budget
+
+    _, prepared, x, y, data = trained
+    local = run_sensitivity(prepared, x, y, LEVELS, "loss", runner=ProcessRunner(2), cache_dir=None, batch_size=128)
+    ray_result = run_sensitivity(prepared, x, y, LEVELS, "loss", runner=RayRunner("local", 2), cache_dir=None,
+                                 batch_size=128)
+    assert ray_result.to_dict()["layers"] == local.to_dict()["layers"]
+    tr, _, _ = make_readers(prepared, data, 32)
+    config = PruneConfig(compression="12x", sensitivity_samples=300)
+    a, rec_a = apply_budget(prepared, config, tr, cache_dir=None, runner=ProcessRunner(2))
+    b, rec_b = apply_budget(prepared, config, tr, cache_dir=None, runner=RayRunner("local", 2))
+    assert a.rules == b.rules and rec_a["layers"] == rec_b["layers"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
@@ -46,6 +48,25 @@ def _indexed(task_and_fn):
     return index, fn(t)
 
 
+@contextmanager
+def _main_not_reimported():
+    """Keep ``spawn`` children from re-running the user's ``__main__`` (a script without an
+    ``if __name__ == "__main__"`` guard would start the sweep again in every worker): the tasks
+    are functions of this package, so the children never need it."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    try:
+        for k in saved:
+            if k == "__spec__":
+                main.__spec__ = None
+            else:
+                delattr(main, k)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 class ProcessRunner:
     name = "processes"
 
@@ -58,7 +79,8 @@ class ProcessRunner:
         workers = min(self.workers, len(tasks))
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=setup, initargs=setup_args) as pool:
-            futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
+            with _main_not_reimported():  # the workers start here
+                futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):
                     yield futures[fut], fut.result()

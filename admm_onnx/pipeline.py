@@ -485,7 +485,10 @@ class _PruneRun:
             self.prepared, self.prepared.training, work.path / "admm", c, penalty, penalty.frozen_params, c.lr,
             checkpoint=work.existing_checkpoint("admm") if start else None,
         )
-        state = AdmmState(self.plan, policy=c.rho_policy())
+        from .allocation.plan import admm_variables
+
+        variables, rho = admm_variables(self.plan, report.allocation)  # the plan, or a global top-k
+        state = AdmmState(variables, policy=c.rho_policy(), rho=rho)
         if start:
             state.load(work.path / "admm_state.npz")
         else:

@@ -270,6 +270,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--then", action="append", default=[], metavar="RATIOS",
                     help="progressive pruning: after the first prune, prune the pruned model again to these ratios "
                          "(same schedule; repeatable), as in the progressive ADMM follow-up papers")
+    ap.add_argument("--compression", default=None, metavar="C",
+                    help="instead of --ratios: a budget (e.g. 71x) and no per-layer ratios; prune chooses them "
+                         "(sensitivity sweep on 2,000 training images + allocator, admm_onnx/allocation)")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--augment-shift", type=int, default=None,
                     help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
@@ -293,8 +296,10 @@ def main(argv=None) -> dict:
     for k in sched:
         if getattr(args, k) is not None:
             sched[k] = getattr(args, k)
-    ratio_spec = args.ratios or DEFAULT_RATIOS[args.model]
-    stages = [(spec, parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
+    if args.compression and args.ratios:
+        raise SystemExit("--compression and --ratios exclude each other")
+    ratio_spec = f"auto {args.compression}" if args.compression else (args.ratios or DEFAULT_RATIOS[args.model])
+    stages = [(spec, {} if spec.startswith("auto ") else parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
     keep = stages[-1][1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,9 +320,10 @@ def main(argv=None) -> dict:
     data = load_idx_dir(args.mnist)
     timings["load_data"] = time.perf_counter() - t0
 
-    def stage_config(stage_keep: Dict[str, float]) -> PruneConfig:
+    def stage_config(stage_keep: Dict[str, float], spec: str = "") -> PruneConfig:
         return PruneConfig(
             rules=tuple(Rule(sparsity=1.0 - k, names=(n,)) for n, k in stage_keep.items()),
+            compression=spec[len("auto "):] if spec.startswith("auto ") else None,
             admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
             rho=sched["rho"], rho_growth=sched["rho_growth"], rho_mode="growth", admm_tol=0.0,  # the paper's schedule
             lr=sched["lr"], retrain_lr=sched["retrain_lr"],
@@ -350,8 +356,16 @@ def main(argv=None) -> dict:
         target = pruned_path if k == len(stages) else out / f"{args.model}_pruned_stage{k}.onnx"
         if k > 1 and isinstance(train_reader, ShiftReader) and sched["augment_phase"] != "all":
             train_reader.from_pass = train_reader.passes + admm_passes  # augment this stage's retraining only
-        report = prune(source, target, train_reader, stage_config(stage_keep), eval_reader)
+        report = prune(source, target, train_reader, stage_config(stage_keep, spec), eval_reader)
         reports.append(report)
+        if report.allocation:  # --compression: the ratios the allocator chose
+            stage_keep.update({n: v["fraction_kept"] for n, v in report.allocation["layers"].items()})
+            print("Chosen split: " + ", ".join(f"{n.split('.')[0]} {100 * v:.3g}%" for n, v in stage_keep.items())
+                  + "; hand (conv6k): " + ", ".join(f"{n.split('.')[0]} {100 * v:.3g}%" for n, v in
+                                                     RATIOS.get(args.model, {}).get("conv6k", {}).items())
+                  + f"; predicted one-shot loss {report.allocation['predicted_one_shot_metric']:.4f}, measured "
+                  f"{report.allocation['measured_one_shot_metric']:.4f} (dense {report.allocation['dense_metric']:.4f})",
+                  flush=True)
         timings["admm"] += report.phase_seconds.get("admm", 0.0)
         timings["retrain"] += report.phase_seconds.get("retrain", 0.0)
         stage_results.append({"ratios": spec, "nonzero": report.total_nonzero,
@@ -427,6 +441,7 @@ def main(argv=None) -> dict:
         "csr_bytes": csr_path.stat().st_size, "dense_file_bytes": pruned_path.stat().st_size,
         "residuals": [r.residuals for r in reports], "epochs": dense.epochs + [e for r in reports for e in r.epochs],
         "max_output_diff": report.max_output_diff,
+        "allocation": reports[0].allocation,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result

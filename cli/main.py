@@ -144,6 +144,9 @@ def _common_training_options(f):
               "per-layer ratios chosen from a sensitivity sweep (rules in --config still pin or exclude).")
 @click.option("--target-params", type=int, default=None, help="Budget: number of weights kept in total.")
 @click.option("--target-macs", type=float, default=None, help="Budget: fraction of the MACs kept, e.g. 0.5.")
+@click.option("--allocation", type=click.Choice(["sensitivity", "global"]), default=None,
+              help="With a budget: per-layer ratios from a sensitivity sweep, or a global top-k in the ADMM "
+                   "Z-step (the split emerges during training).  [default: sensitivity]")
 @click.option("--min-keep", type=float, default=None,
               help="With a budget: least fraction any allocated weight keeps.  [default: the lowest sensitivity level, 0.002]")
 @click.option("--max-keep", type=float, default=None, help="With a budget: most fraction any allocated weight keeps.  [default: 1]")
@@ -173,7 +176,8 @@ def _common_training_options(f):
 @click.option("--round-to", type=int, default=None, help="With --structure channel: kept channels a multiple of N (8: ORT's fast conv layout).  [default: 8]")
 @_common_training_options
 @click.pass_context
-def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, min_keep, max_keep,
+def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, allocation, min_keep,
+          max_keep,
           admm_iters, epochs_per_iter, retrain_epochs, bits, rho, rho_mode, rho_growth, admm_tol,
           retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, structure, round_to, data, lr, batch_size,
           seed, workers, threads, loss, output_name, quiet):
@@ -204,7 +208,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         if sparsity is not None:
             raise ConfigError("--sparsity and a budget (--compression, --target-params, --target-macs) exclude each other")
         config = config.replace(compression=compression, target_params=target_params, target_macs=target_macs)
-    config = config.replace(min_keep=min_keep, max_keep=max_keep)
+    config = config.replace(min_keep=min_keep, max_keep=max_keep, allocation=allocation)
     check_output_path(out, model)
     for extra in (report_path, sparse_output):
         if extra:
@@ -235,7 +239,10 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     report.phase_seconds["total"] = time.perf_counter() - t0
     report.command = shlex.join(["admm-onnx", *ctx.obj.get("argv", [])])
     click.echo(report.table())
-    if report.allocation:
+    if report.allocation and report.allocation.get("global"):
+        click.echo(f"Allocation for {report.allocation['budget']}: global top-k across "
+                   f"{', '.join(report.allocation['global']['tensors'])} (split above)")
+    elif report.allocation:
         a = report.allocation
         click.echo(f"Allocation for {a['budget']}: predicted one-shot {a['metric']} {a['predicted_one_shot_metric']:.4f}, "
                    f"measured {a['measured_one_shot_metric']:.4f} (dense {a['dense_metric']:.4f}, {a['samples']:,} "

@@ -268,3 +268,36 @@ def test_ray_cluster_gives_the_same_curves_and_ratios_as_local_processes(trained
     a, rec_a = apply_budget(prepared, config, tr, cache_dir=None, runner=ProcessRunner(2))
     b, rec_b = apply_budget(prepared, config, tr, cache_dir=None, runner=RayRunner("local", 2))
     assert a.rules == b.rules and rec_a["layers"] == rec_b["layers"]
+
+
+# -- global top-k in the ADMM Z-step -------------------------------------------------------------
+def test_global_topk_projection_keeps_the_budget_floors_and_is_idempotent():
+    from admm_onnx.allocation.global_topk import GlobalTopK
+
+    rng = np.random.default_rng(0)
+    values = {"big": rng.standard_normal((40, 50)) * 10, "small": rng.standard_normal((30,)) * 0.01}
+    c = GlobalTopK("global", ["big", "small"], keep=100, floors={"big": 1, "small": 5})
+    z = c.project(values)
+    assert sum(int(np.count_nonzero(v)) for v in z.values()) == 100
+    assert np.count_nonzero(z["small"]) == 5  # only its floor: its magnitudes lose globally
+    kept = np.abs(values["big"])[z["big"] != 0]
+    assert kept.min() >= np.abs(values["big"])[z["big"] == 0].max()  # the largest ones
+    again = c.project(z)
+    assert all(np.array_equal(again[t], z[t]) for t in z)
+    assert {t: m.sum() for t, m in c.mask(values).items()} == {"big": 95, "small": 5}
+
+
+def test_prune_with_global_allocation_meets_the_budget(trained, tmp_path):
+    path, prepared, _, _, data = trained
+    tr, _, _ = make_readers(prepared, data, 32)
+    config = PruneConfig(compression="10x", allocation="global", admm_iters=2, retrain_epochs=1, batch_size=32,
+                         rules=(Rule(names=("fc2.weight",), sparsity=0.5),))
+    report = prune(path, tmp_path / "p.onnx", tr, config, None)
+    total = sum(w.size for w in prepared.info.prunable.values())
+    rows = {r.layer: r.nonzero for r in report.layers}
+    assert sum(rows.values()) <= round(total / 10) and sum(rows.values()) >= round(total / 10) - 5
+    assert rows["fc2.weight"] <= 1000
+    assert min(rows.values()) >= 1 and report.allocation["global"]["keep"] == round(total / 10) - 1000
+    assert "global" in report.residuals[-1]
+    with pytest.raises(ConfigError, match="weights budget"):
+        prune(path, tmp_path / "q.onnx", tr, PruneConfig(target_macs=0.5, allocation="global"), None)

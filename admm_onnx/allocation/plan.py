@@ -89,8 +89,6 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
     without one is returned as is, with None."""
     if not has_budget(config):
         return config, None
-    if config.allocation == "global":
-        raise ConfigError("allocation = 'global' is not available in this version", hint="use the default 'sensitivity'")
     from ..config import Rule
     from .runners import make_runner
     from .sensitivity import DEFAULT_LEVELS, joint_metric, run_sensitivity
@@ -111,6 +109,9 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
     left = total - fixed
     if left <= 0:
         raise ConfigError(f"the pinned and excluded weights alone use more than the budget ({budget.label})")
+
+    if config.allocation == "global":
+        return _global(config, info, budget, sizes, costs, pinned, excluded, free, int(round(left)))
 
     x, y = reader_samples(train_reader, config.sensitivity_samples, seed=config.seed)
     from ..data import fit_to_input
@@ -155,6 +156,60 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
              budget.label, metric, ", ".join(f"{n} {100 * kept[n] / sizes[n]:.3g}%" for n in sizes), metric,
              record["predicted_one_shot_metric"], measured, result.baseline)
     return new, record
+
+
+GLOBAL_FLOOR = 0.002  # the lowest sensitivity level: every layer keeps at least this much
+
+
+def _global(config, info, budget, sizes, costs, pinned, excluded, free, left):
+    """The global top-k variant: nominal per-layer rules (the uniform split of ``left``), and a
+    record that :func:`admm_variables` turns into one :class:`GlobalTopK` variable."""
+    from ..config import Rule
+
+    if budget.kind != "params":
+        raise ConfigError("allocation 'global' takes a weights budget (compression or target_params), not target_macs")
+    if config.max_keep is not None:
+        raise ConfigError("max_keep is not supported with allocation 'global'")
+    floor_frac = config.min_keep if config.min_keep is not None else GLOBAL_FLOOR
+    floors = {n: max(1, int(np.ceil(floor_frac * sizes[n] - 1e-9))) for n in free}
+    if sum(floors.values()) > left:
+        raise ConfigError(f"the per-layer floors ({sum(floors.values()):,} weights) exceed the budget left ({left:,})",
+                          hint="lower min_keep")
+    free_total = sum(sizes[n] for n in free)
+    uniform = 1.0 - left / free_total
+    rules = tuple(Rule(names=(n,), sparsity=min(max(uniform, 0.0), 1.0 - 1.0 / sizes[n])) for n in free)
+    new = dataclasses.replace(config, rules=tuple(config.rules) + rules, compression=None, target_params=None,
+                              target_macs=None)
+    record = {
+        "budget": budget.label, "kind": budget.kind, "allocation": "global",
+        "global": {"tensors": list(free), "keep": int(left), "floors": floors},
+        "kept_weights": int(left + sum(keep_count(sizes[n], s) for n, s in pinned.items())
+                            + sum(sizes[n] for n in excluded)),
+        "total_weights": int(sum(sizes.values())),
+        "layers": {n: {"weights": sizes[n], "how": "excluded" if n in excluded else (
+            "pinned" if n in pinned else "global"), "floor": floors.get(n)} for n in sizes},
+    }
+    log.info("allocation for %s: global top-%d across %s (floor %g of each); the split emerges during ADMM",
+             budget.label, left, ", ".join(free), floor_frac)
+    return new, record
+
+
+def admm_variables(plan, allocation):
+    """(what ``AdmmState`` takes, initial rho per variable or None): the plan itself, or with
+    ``allocation = "global"`` one :class:`GlobalTopK` over the allocated weights plus one
+    variable per other weight."""
+    g = (allocation or {}).get("global")
+    if not g:
+        return plan, None
+    from ..constraints import constraint_for
+    from .global_topk import GlobalTopK
+
+    tensors = [n for n in g["tensors"] if n in plan]
+    variables = [GlobalTopK("global", tensors, g["keep"], g["floors"])]
+    variables += [constraint_for(p) for n, p in plan.items() if n not in tensors]
+    rho = {"global": plan[tensors[0]].rho} if plan[tensors[0]].rho is not None else {}
+    rho.update({n: p.rho for n, p in plan.items() if n not in tensors and p.rho is not None})
+    return variables, rho
 
 
 def _sparsity(size: int, kept: int) -> float:

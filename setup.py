@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9,<3.13",
-    packages=["admm_onnx", "admm_onnx.graph", "admm_onnx.allocation", "admm_onnx.cli", "admm_onnx.models"],
+    packages=["admm_onnx", "admm_onnx.graph", "admm_onnx.allocation", "admm_onnx.cli", "admm_onnx.models", "admm_onnx.structured", "admm_onnx.structured.rules"],
     package_dir={
         "admm_onnx": "admm_onnx",
         "admm_onnx.cli": "cli",

@@ -8,8 +8,8 @@
   for any keep set, see ChannelAnalysis.counts).
 ``round_to`` m rounds kept counts up to a multiple of m (never above the group's size); the
 default 8 is the channel block of ONNX Runtime's fast CPU convolution layout (NCHWc, 8 floats
-on AVX2): measured on ResNet-20 (onnxruntime 1.32, batch 1 and 32), kept counts of 11/21/41
-ran 1.2x *slower* than the dense 16/32/64 model, 8/16/40 ran 2.2x faster (bench/README.md).
+on AVX2): measured on ResNet-20 (bench/channel_layout.py, onnxruntime 1.32), kept counts of
+11/21/41 ran mostly *slower* than the dense 16/32/64 model, 8/16/40 1.5-2.4x faster.
 Every group keeps at least ``min_keep`` channels.
 """
 from __future__ import annotations

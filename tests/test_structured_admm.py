@@ -32,6 +32,7 @@ def test_projection_is_the_exact_top_k_for_a_group(resnet):
     m, a = resnet
     g = next(g for g in a.prunable if g.producers == ["layer1.0.conv1"])  # members in no other group's rows
     c = ChannelGroups(a, {g.id: 3})
+    assert c.name == "channels" and not c.freeze
     vals = _values(m, c.tensors)
     own = {(mb.init, mb.axis) for mb in g.members}
     best = None

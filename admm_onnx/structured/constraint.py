@@ -1,8 +1,9 @@
 """The ADMM constraint of channel pruning: in every group g, at most k_g channels are nonzero.
 
-Protocol (the engine's constraint plug-in shape): ``project(values) -> values`` over a dict
-tensor name -> array holding the variable's tensors (W + U in the Z-update), and
-``masks(values)``: the 0/1 masks the hard step applies.
+A :class:`~admm_onnx.constraints.Constraint` of the engine: one ADMM variable spanning every
+trainable member tensor of the pruned groups (a conv's weight belongs to its output group and
+to its input group, so the groups cannot be separate variables); ``project(values)`` over
+tensor name -> array (W + U in the Z-update), ``mask(values)``: the support the hard step keeps.
 
 Math: a channel's score is the summed squared norm of all its member slices (producer rows,
 biases, BatchNorm scale and shift, consumers' input columns, SE/residual partners) in the
@@ -22,11 +23,12 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..constraints import Constraint
 from ..projection import _top_mask
 from .analysis import ChannelAnalysis
 
 
-class ChannelGroups:
+class ChannelGroups(Constraint):
     """At most ``keep[g]`` nonzero channels in each group ``g`` (group id -> count)."""
 
     def __init__(self, analysis: ChannelAnalysis, keep: Mapping[int, int], tensors: Optional[Sequence[str]] = None):
@@ -41,9 +43,11 @@ class ChannelGroups:
                 raise ValueError(f"group {g.name!r}: keep {k} of {g.size} channels")
         self.groups = [by_id[g] for g in self.keep]
         allowed = None if tensors is None else set(tensors)
+        self.name = "channels"
+        self.freeze = False
         #: the tensors this constraint reads and writes (trainable member tensors)
-        self.tensors = sorted({m.init for g in self.groups for m in g.members if not m.stat
-                               and (allowed is None or m.init in allowed)})
+        self.tensors = tuple(sorted({m.init for g in self.groups for m in g.members if not m.stat
+                                     and (allowed is None or m.init in allowed)}))
 
     def scores(self, values: Mapping[str, np.ndarray]) -> Dict[int, np.ndarray]:
         """Group id -> per-channel summed squared norm of the member slices in ``values``."""
@@ -63,7 +67,7 @@ class ChannelGroups:
         """Group id -> sorted indices of the channels the projection keeps."""
         return {gid: np.flatnonzero(_top_mask(s, self.keep[gid])) for gid, s in self.scores(values).items()}
 
-    def masks(self, values: Mapping[str, np.ndarray], kept: Optional[Mapping[int, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    def mask(self, values: Mapping[str, np.ndarray], kept: Optional[Mapping[int, np.ndarray]] = None) -> Dict[str, np.ndarray]:
         """Tensor name -> boolean mask (broadcastable to the tensor) of the entries kept."""
         kept = self.kept(values) if kept is None else kept
         pos = self.analysis.position_keep(kept)
@@ -83,5 +87,9 @@ class ChannelGroups:
 
     def project(self, values: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Euclidean projection (see the module docstring) of ``values``: dropped slices zeroed."""
-        masks = self.masks(values)
+        masks = self.mask(values)
         return {n: np.where(masks[n], values[n], np.zeros((), np.asarray(values[n]).dtype)) for n in masks}
+
+    def describe(self, values: Mapping[str, np.ndarray]) -> Dict[str, Dict[str, object]]:
+        kept = self.kept(values)
+        return {g.name: {"channels": g.size, "kept": int(len(kept[g.id]))} for g in self.groups}

@@ -3,9 +3,10 @@ dense retraining of the smaller model, write.
 
 Called by :func:`admm_onnx.pipeline.prune` when it is given ``channels=ChannelTargets(...)``.
 1. analysis of the user's graph (BatchNorm in inference form, as written), budgets per group;
-2. ADMM: every trainable member tensor (conv/gemm weights, biases, BatchNorm scale and shift)
-   is penalised towards T = Z - U; the Z-update is :class:`ChannelGroups.project` (exact
-   top-k channel projection per group);
+2. ADMM: one engine variable (:class:`ChannelGroups`, admm_onnx.constraints protocol) spans
+   every trainable member tensor (conv/gemm weights, biases, BatchNorm scale and shift),
+   penalised towards T = Z - U; the Z-update is the exact top-k channel projection per group;
+   rho as configured (auto: from the loss gradient; the engine's policy adapts it);
    (BatchNorm running statistics are first re-estimated on training batches: ORT training
    normalises with batch statistics and never writes the running ones back, so a model
    trained by the tool carries stale ones; again after the shrink and after retraining);
@@ -27,8 +28,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..admm import AdmmState, Residual
-from ..config import PruneConfig, WeightPlan
+from ..admm import AdmmState
+from ..config import PruneConfig
 from ..errors import TrainingError
 from ..graph.penalty import AdmmPenalty
 from ..io import save_model
@@ -43,39 +44,6 @@ from .targets import ChannelTargets
 from .verify import verify
 
 log = logging.getLogger(__name__)
-
-
-class GroupAdmmState(AdmmState):
-    """Z, U, rho per member tensor; the Z-update projects all of them jointly (ChannelGroups)."""
-
-    def __init__(self, plan, constraint: ChannelGroups, rho_growth: float = 1.0):
-        super().__init__(plan, rho_growth)
-        self.constraint = constraint
-
-    def initialize(self, weights) -> None:
-        w = {n: np.asarray(weights[n]) for n in self.plan}
-        self.Z = self.constraint.project(w)
-        self.U = {n: np.zeros_like(v) for n, v in w.items()}
-        self.iteration, self.history = 0, []
-
-    def update(self, state) -> Dict[str, Residual]:
-        weights = self.read_weights(state)
-        for name, w in weights.items():
-            if not np.isfinite(w).all():
-                raise TrainingError(f"weight {name} contains NaN/Inf", hint="lower --lr or --rho")
-        z_new = self.constraint.project({n: w + self.U[n] for n, w in weights.items()})
-        residuals = {}
-        for name, w in weights.items():
-            norm = float(np.linalg.norm(w)) or 1.0
-            residuals[name] = Residual(float(np.linalg.norm(w - z_new[name])) / norm,
-                                       float(np.linalg.norm(z_new[name] - self.Z[name])) / norm)
-            self.U[name] = (self.U[name] + w - z_new[name]) / self.rho_growth
-            self.Z[name] = z_new[name]
-            self.rho[name] *= self.rho_growth
-        self.iteration += 1
-        self.history.append(residuals)
-        self.write(state)
-        return residuals
 
 
 @dataclass
@@ -109,7 +77,8 @@ def _recalibrate(model, reader, input_name) -> int:
 
 def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targets: ChannelTargets,
                    eval_reader=None, progress: Progress = NO_PROGRESS, workdir: Optional[Path] = None) -> ChannelPruneReport:
-    from ..pipeline import _epoch, _set_epoch, _trainer, _workdir, evaluate, output_model, prepare_model, with_weights
+    from ..pipeline import (_epoch, _gradient_norms, _PruneRun, _set_epoch, _trainer, _workdir, evaluate, output_model,
+                            prepare_model)
 
     base = output_model(prepared, {})
     if _recalibrate(base, train_reader, prepared.input_name):
@@ -118,31 +87,36 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     counts = targets.keep_counts(analysis)
     trainable = set(prepared.info.trainable)
     constraint = ChannelGroups(analysis, counts, tensors=trainable)
-    shapes = analysis.init_shapes
-    plan = {n: WeightPlan(n, 0.0, config.rho, "channel", 0, 1, shapes[n]) for n in constraint.tensors}
     report = ChannelPruneReport(config=dict(config.to_dict(), channels=targets.__dict__))
     for g in analysis.groups:
         if g.id in counts:
             log.info("group %s: keep %d of %d channels", g.name, counts[g.id], g.size)
     loss = ClassifierLoss(config.loss)
     with _workdir(workdir) as work:
-        penalty = AdmmPenalty(loss, list(plan))
+        penalty = AdmmPenalty(loss, list(constraint.tensors))
         trainer = _trainer(prepared, prepared.training, work / "admm", config, penalty, penalty.frozen_params, config.lr)
-        state = GroupAdmmState(plan, constraint, rho_growth=config.rho_growth)
+        state = AdmmState([constraint], policy=config.rho_policy(), rho=config.rho)
         state.initialize(state.read_weights(trainer))
         if eval_reader is not None:
             before = trainer.evaluate(eval_reader)
             report.accuracy_before, report.loss_before = before.accuracy, before.loss
             log.info("before pruning: top-1 %.2f%%", 100 * before.accuracy)
+        if config.rho is None:
+            norms = _gradient_norms(trainer, train_reader, state.tensors, _PruneRun.CALIBRATION_BATCHES)
+            for n, rho in state.calibrate(norms, state.read_weights(trainer), config.rho_ratio).items():
+                log.info("rho for %s: %.3g (auto)", n, rho)
         state.write(trainer)
         t0 = time.perf_counter()
         for it in range(config.admm_iters):
+            if state.converged():
+                break
             for e in range(config.epochs_per_iter):
                 _set_epoch(train_reader, it * config.epochs_per_iter + e)
                 _epoch(trainer, train_reader, None, f"ADMM {it + 1}/{config.admm_iters}", progress, report)
             residuals = state.update(trainer)
             worst = max(r.primal for r in residuals.values())
-            report.residuals.append({n: {"primal": r.primal, "dual": r.dual} for n, r in residuals.items()})
+            report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
+                                     for n, r in residuals.items()})
             log.info("ADMM %d/%d: largest primal residual %.4f", it + 1, config.admm_iters, worst)
             if not math.isfinite(worst) or worst > 1e3:
                 raise TrainingError(f"ADMM residuals exploded at iteration {it + 1}", hint="lower --rho or --rho-growth")
@@ -189,8 +163,8 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     before = {t.name: int(np.prod(t.dims)) for t in base.graph.initializer}
-    report.layers = [LayerRow(t.name, before[t.name], int(np.prod(t.dims)))
-                     for t in final.graph.initializer if t.name in before and t.name in plan]
+    report.layers = [LayerRow(t.name, before[t.name], int(np.prod(t.dims)), shape=tuple(t.dims), structure="channel")
+                     for t in final.graph.initializer if t.name in before and t.name in constraint.tensors]
     if eval_reader is not None:
         after = evaluate(final, eval_reader, prepared.output_name)
         report.accuracy_after, report.loss_after = after.accuracy, after.loss

@@ -32,7 +32,7 @@ setup(
     extras_require={
         # The embedded default data set (8x8 handwritten digits shipped inside scikit-learn).
         "demo": ["scikit-learn>=1.0"],
-        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.0"],
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.0", "matplotlib>=3.5"],
         # Sensitivity sweeps and other trials on a Ray cluster (--ray ADDRESS or RAY_ADDRESS).
         "ray": ["ray>=2.9"],
         # The sensitivity plot (admm-onnx sensitivity --plot).

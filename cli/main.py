@@ -169,6 +169,8 @@ def _common_training_options(f):
               help="Where the run keeps its state for --resume.  [default: OUTPUT.admm-work]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory after success.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also draw the report as FILE.(png|svg|html) (as 'admm-onnx plot').")
 @click.option("--structure", type=click.Choice(["element", "channel"]), default="element",
               help="channel: remove whole channels (coupled groups, see 'admm-onnx groups') and write a smaller dense "
                    "model; --sparsity is then the fraction of channels removed per group, --target-macs the MACs "
@@ -179,7 +181,7 @@ def _common_training_options(f):
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, allocation, min_keep,
           max_keep,
           admm_iters, epochs_per_iter, retrain_epochs, bits, rho, rho_mode, rho_growth, admm_tol,
-          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, structure, round_to, data, lr, batch_size,
+          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to, data, lr, batch_size,
           seed, workers, threads, loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
 
@@ -210,7 +212,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         config = config.replace(compression=compression, target_params=target_params, target_macs=target_macs)
     config = config.replace(min_keep=min_keep, max_keep=max_keep, allocation=allocation)
     check_output_path(out, model)
-    for extra in (report_path, sparse_output):
+    if plot_path:
+        from admm_onnx.plot import plot_format
+
+        plot_format(plot_path)  # fail on a bad suffix before training
+    for extra in (report_path, sparse_output, plot_path):
         if extra:
             check_output_path(extra, model)
             if Path(extra).resolve() == Path(out).resolve():
@@ -251,6 +257,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if sparse_output:
         _write_sparse(out, sparse_output)
     _write_json(report_path, report.to_dict())
+    if plot_path:
+        from admm_onnx.plot import plot_report
+
+        plot_report(report.to_dict(), plot_path)
+        click.echo(f"Wrote {plot_path}")
 
 
 def _channel_targets(structure, sparsity, target_macs, round_to):
@@ -385,6 +396,10 @@ from .sensitivity_cmd import sensitivity as _sensitivity  # noqa: E402
 
 cli.add_command(_groups, "groups")
 cli.add_command(_sensitivity)
+
+from .plot_cmd import plot as _plot  # noqa: E402
+
+cli.add_command(_plot)
 
 
 def main(argv=None) -> int:

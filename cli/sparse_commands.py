@@ -116,10 +116,18 @@ def densify_cmd(model_path: Path, output: Path) -> None:
 @click.command("inspect")
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect_cmd(model_path: Path, as_json: bool) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Also draw the kept fraction per weight as FILE.(png|svg|html).")
+def inspect_cmd(model_path: Path, as_json: bool, plot_path: Optional[Path]) -> None:
     """Show each weight's sparsity and storage (dense, csr or coo)."""
     model, _ = _load(model_path)
     table = sparse.inspect_model(model)
+    if plot_path is not None:
+        from admm_onnx.plot import kept_chart, write_charts
+
+        io.check_output_path(plot_path, model_path)
+        write_charts([kept_chart(table.to_dict()["layers"])], plot_path, f"admm-onnx inspect {model_path.name}")
+        click.echo(f"Wrote {plot_path}", err=as_json)
     totals = table.totals
     file_bytes = _footprint(model_path)
     if as_json:

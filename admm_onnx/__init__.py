@@ -37,10 +37,12 @@ from .graph.analysis import GraphInfo, WeightInfo, analyse
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty, rho_name, target_name
 from .pipeline import evaluate, export_pruned, make_readers, masked_model, prepare_model, prune, train
+from .progress import CallbackProgress, ProgressEvent, TextProgress, TqdmProgress
 from .projection import project, projection_mask
 from .report import PruneReport
 
 __all__ = [
+    "CallbackProgress", "ProgressEvent", "TextProgress", "TqdmProgress",
     "AdmmOnnxError", "AdmmPenalty", "AdmmState", "ArrayReader", "Constraint", "HardStep", "Levels", "RhoPolicy",
     "Slices", "TopK", "constraint_for", "ConfigError", "DataError", "DataReader",
     "Dataset", "GraphInfo", "IdxReader", "InstallError", "IterableReader", "LABELS", "ModelError", "NpzReader", "OutputError",

@@ -43,6 +43,7 @@ from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import ClassifierLoss
+from .progress import as_progress
 from .report import PruneReport, model_rows, utc_now, weight_histograms
 from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts, cosine_schedule
 
@@ -310,6 +311,7 @@ def train(
 ) -> PruneReport:
     """Dense training (no pruning) of all trainable parameters; writes ``model_output``."""
     config = config or PruneConfig()
+    progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
@@ -395,6 +397,7 @@ def prune(
     Returns a :class:`PruneReport`.
     """
     config = _as_config(config)
+    progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
     if channels is not None:

@@ -35,7 +35,8 @@ class ClickProgress(Progress):
         self._ctx = None
 
     def start(self, total: int, label: str) -> None:
-        if not self.enabled or not total:
+        # Not a terminal (a log file, CI): no bars; the per-epoch log line says the same once.
+        if not self.enabled or not total or not sys.stderr.isatty():
             return
         self._ctx = click.progressbar(
             length=total, label=label.ljust(24), file=sys.stderr, show_eta=True, show_percent=True, width=30
@@ -56,8 +57,22 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
+    handlers = [handler]
+    ctx = click.get_current_context(silent=True)
+    log_file = (ctx.find_root().obj or {}).get("log_file") if ctx is not None else None
+    if log_file:
+        # The whole log at INFO (DEBUG with --debug) with times, whatever -q says; appended.
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.DEBUG if debug else logging.INFO)
+        handlers.append(fh)
+        level = min(level, fh.level)
     root = logging.getLogger("admm_onnx")
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        if isinstance(old, logging.FileHandler):
+            old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
     root.propagate = False
 
@@ -74,12 +89,15 @@ def _write_json(path: Optional[str], data) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also append the full log, with times, to FILE (even with -q).")
 @click.version_option(package_name="admm-onnx")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, log_file):
     """ADMM weight pruning for ONNX models, with sparse ONNX export."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["log_file"] = log_file
 
 
 def _output_option(help_text: str, required: bool = True):

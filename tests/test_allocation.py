@@ -31,8 +31,8 @@ def _curve(scale, levels=LEVELS):
 @settings(max_examples=60, deadline=None)
 @given(
     sizes=st.lists(st.integers(10, 50_000), min_size=1, max_size=5),
-    scales=st.lists(st.floats(0.0, 10.0), min_size=5, max_size=5),
-    frac=st.floats(0.02, 0.9),
+    scales=st.lists(st.floats(0.0, 10.0, allow_subnormal=False), min_size=5, max_size=5),
+    frac=st.floats(0.02, 0.9, allow_subnormal=False),
 )
 def test_allocator_meets_a_weights_budget_exactly_within_bounds(sizes, scales, frac):
     names = [f"w{i}" for i in range(len(sizes))]
@@ -75,7 +75,7 @@ def test_allocator_rejects_unreachable_budgets():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(-1.0, 5.0), min_size=2, max_size=8))
+@given(st.lists(st.floats(-1.0, 5.0, allow_subnormal=False), min_size=2, max_size=8))
 def test_curves_are_made_monotone_and_interpolated_between_levels(values):
     levels = sorted(np.geomspace(0.001, 0.9, len(values)))
     k, d = monotone(levels, values)

@@ -37,7 +37,7 @@ from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
-from .graph.outputs import output_view
+from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
@@ -100,7 +100,7 @@ def prepare_model(
         )
     outputs = [o.name for o in training.graph.output]
     if output is None:
-        output = outputs[0]
+        output = default_output(training)  # first float output computed from weights
     elif output not in outputs:
         raise ConfigError(f"--output {output!r} is not a model output; outputs: {', '.join(outputs)}")
     info = analyse(training, output)
@@ -449,7 +449,9 @@ def prune(
     (written,) = sess.run([prepared.output_name], _model_feed(sess, probe))
     # The training copy outputs (N, C) logits; the user's graph may add a Softmax or keep
     # an (N, C, 1, 1) shape (graph/outputs.py): compare like with like.
-    expected = output_view(prepared.original, prepared.output_name).from_logits(reference, like=written)
+    view = output_view(prepared.original, prepared.output_name)
+    written = view.as_tensor(written)  # a ZipMap output's maps as an (N, C) array
+    expected = view.from_logits(reference, like=written)
     report.max_output_diff = float(np.max(np.abs(written.astype(np.float64) - expected)))
     log.info("written model vs trained model on one batch: max |output difference| %.3g", report.max_output_diff)
     if report.max_output_diff > 1e-3 * max(1.0, float(np.max(np.abs(expected)))):

@@ -92,3 +92,19 @@ def replace_nodes(
     graph.node.extend(new_nodes)
     checked(model, what)
     return count
+
+
+def scalar(graph: onnx.GraphProto, names: "NameScope", base: str, value: float, elem_type: int) -> str:
+    """Append a 0-d initializer ``value`` of ONNX element type ``elem_type``; returns its name."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    name = names(base)
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+    return name
+
+
+def float_type(types: dict, name: str) -> int:
+    """The element type of tensor ``name`` from ``types`` (float32 when unknown)."""
+    return types.get(name) or onnx.TensorProto.FLOAT

@@ -15,7 +15,8 @@ Contract:
   ``WeightInfo.shared_with`` (pruning the head prunes those embedding entries too).
 - A *trainable parameter* is a float initializer with at least one use that is a
   differentiable parameter slot (weights, biases, normalisation scale/shift, embeddings,
-  elementwise tensors with more than one element) and that affects the training output
+  elementwise tensors with more than one element, tensors of more than one element read
+  through Expand/Tile/Slice/Split/Pad/Concat such as ViT's cls token) and that affects the training output
   (``output``, default the first graph output): parameters that only feed other outputs get
   no gradient, and ORT refuses to build a graph for them. Never trainable: BatchNormalization
   running statistics, shape or index tensors, scalar constants (Clip bounds, exponents...).
@@ -58,6 +59,13 @@ _PARAM_SLOTS: Dict[str, Tuple[int, ...]] = {
 #: Elementwise ops whose constant operands are parameters when they have more than one element
 #: (MatMul + Add biases, layer-scale multipliers, positional embeddings).
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Einsum"}
+#: Ops that carry a constant operand into the computation unchanged in value (broadcast,
+#: repeated, concatenated, cut): a float operand of more than one element in these slots is a
+#: parameter (ViT's cls token read through ``Expand`` then ``Concat``, a position table cut with
+#: ``Slice``, a learned token repeated with ``Tile``). ``None``: every input slot.
+_CARRIERS: Dict[str, Optional[Tuple[int, ...]]] = {
+    "Expand": (0,), "Tile": (0,), "Slice": (0,), "Split": (0,), "Pad": (0,), "Concat": None,
+}
 
 #: View-only ops followed from an initializer to its real use.
 _VIEW_OPS = {"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
@@ -319,6 +327,9 @@ def analyse(model: onnx.ModelProto, output: Optional[str] = None) -> GraphInfo:
                     trainable = trainable or size > 1 or u.node.op_type == "PRelu"
                 elif u.node.op_type in _ELEMENTWISE and size > 1:
                     trainable = True
+                elif u.node.op_type in _CARRIERS and size > 1:
+                    slots = _CARRIERS[u.node.op_type]
+                    trainable = trainable or slots is None or u.slot in slots
         if trainable:
             info.trainable.append(name)
 

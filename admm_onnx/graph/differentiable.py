@@ -3,9 +3,12 @@
 Contract: ORT training 1.19.2 builds the backward graph from per-op gradient builders. A node
 needs one when a float tensor flows from a trainable parameter through it to the trained
 output. :data:`GRADIENT_OPS` lists the op types that have a builder in 1.19.2 (read from the
-library and confirmed by building artifacts for one-op graphs; Sum, LRN, PRelu, Elu, Selu,
-Softplus, HardSigmoid, HardSwish, Mish, InstanceNormalization, GroupNormalization, Einsum,
-GlobalMaxPool, ReduceMax/Min/Prod, DepthToSpace, CumSum... have none).
+library and confirmed by building artifacts for one-op graphs; Sum, Mean, LRN, PRelu, Elu,
+Selu, Celu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, ThresholdedRelu, Shrink,
+InstanceNormalization, GroupNormalization, LpNormalization, Einsum, GlobalMaxPool, LpPool,
+ReduceMax/Min/Prod/SumSquare/LogSum, DepthToSpace, SpaceToDepth, CumSum, Upsample, Mod,
+Atan/Tan/Asin/Acos/Sinh/Cosh/Atanh have none; the graph rewrites in prepare.py cover the common
+ones).
 
 - :func:`undifferentiable_nodes` lists the nodes on a differentiable path that have no builder.
 - :func:`check_differentiable` raises a one-line :class:`~admm_onnx.errors.TrainingError`
@@ -47,7 +50,9 @@ _HINTS = {
     "Sum": "admm_onnx rewrites Sum itself; is this Sum in a subgraph?",
     "LRN": "admm_onnx rewrites LRN itself; is this LRN in a subgraph?",
     "PRelu": "admm_onnx rewrites PRelu itself; is this PRelu in a subgraph?",
-    "Elu": "export the activation as Relu or LeakyRelu, or freeze the layers before it",
+    "Elu": "admm_onnx rewrites Elu itself; is this Elu in a subgraph?",
+    "HardSwish": "admm_onnx rewrites HardSwish itself; is this HardSwish in a subgraph?",
+    "HardSigmoid": "admm_onnx rewrites HardSigmoid itself; is this HardSigmoid in a subgraph?",
     "InstanceNormalization": "export it as ReduceMean/Sub/Mul/Div or as LayerNormalization over the spatial axes",
     "Einsum": "export the contraction as MatMul/Transpose",
 }

@@ -17,7 +17,14 @@ bare (N, C, 1, ..., 1) output), so it holds (N, C) logits; the old producer writ
 tensor that stays available to any other consumer. The user's graph is not rewritten: the
 written model still ends in its Softmax and original shape. :class:`OutputView` converts
 between the two (``to_logits`` for evaluating a written model, ``from_logits`` to compare the
-trained model's output with the written one).
+trained model's output with the written one). A scikit-learn ``ZipMap`` output (a list of
+{label: probability} maps, trained as its (N, C) tensor: see zipmap.py) is read back as an
+array by :meth:`OutputView.as_tensor`.
+
+Default output (:func:`default_output`): the first graph output that is a float tensor and
+depends on a float initializer of more than one element (a weight); int64 labels, ZipMap maps
+and outputs computed from the inputs alone are never chosen. Run it on the training copy
+(after zipmap.py), where a ZipMap output is already a float tensor.
 """
 from __future__ import annotations
 
@@ -28,8 +35,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..errors import ModelError
 from ._util import NameScope, attr, checked, opset_version
 from .shapes import tensor_shapes
+from .zipmap import is_zipmap
 
 #: Ops that only change the view of a tensor, never its values.
 VIEW_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -46,11 +55,20 @@ class OutputView:
     flattened: bool = False
     #: The logits tensor in the graph this view was made from (None if the output itself).
     logits: Optional[str] = None
+    #: The written output is a ZipMap (list of maps) with these class labels, in order.
+    zipmap: Optional[Tuple[object, ...]] = None
+
+    def as_tensor(self, written) -> np.ndarray:
+        """The written model's output as an array (a ZipMap's maps as (N, C) in label order)."""
+        if isinstance(written, (list, tuple)) and written and isinstance(written[0], dict):
+            keys = list(self.zipmap) if self.zipmap else list(written[0].keys())
+            return np.array([[row[k] for k in keys] for row in written], dtype=np.float32)
+        return np.asarray(written)
 
     def to_logits(self, written: np.ndarray) -> np.ndarray:
         """The written model's output as (N, C) logits: log-probabilities for a softmax output
         (same argmax, same cross-entropy), trailing singleton dims dropped."""
-        x = np.asarray(written)
+        x = self.as_tensor(written)
         if x.ndim > 2 and all(d == 1 for d in x.shape[2:]):
             x = x.reshape(x.shape[0], x.shape[1])
         if self.softmax:
@@ -64,8 +82,10 @@ class OutputView:
             z = x - x.max(axis=-1, keepdims=True)
             e = np.exp(z)
             x = e / e.sum(axis=-1, keepdims=True)
-        if like is not None and x.size == np.asarray(like).size:
-            x = x.reshape(np.asarray(like).shape)
+        if like is not None:
+            like = self.as_tensor(like)
+            if x.size == like.size:
+                x = x.reshape(like.shape)
         return x
 
 
@@ -90,9 +110,22 @@ def _softmax_over_classes(node: onnx.NodeProto, opset: int, shape) -> bool:
     return all(d == 1 for d in shape[1:axis]) and all(d == 1 for d in shape[axis + 1 :])
 
 
+def _zipmap_labels(model: onnx.ModelProto, output: str) -> Optional[Tuple[object, ...]]:
+    for node in model.graph.node:
+        if is_zipmap(node) and node.output[0] == output:
+            for a in node.attribute:
+                if a.name.startswith("classlabels"):
+                    values = helper.get_attribute_value(a)
+                    return tuple(v.decode() if isinstance(v, bytes) else v for v in values)
+            return ()
+    return None
+
+
 def _find(model: onnx.ModelProto, output: str, shapes: Dict[str, list]) -> Tuple[Optional[onnx.NodeProto], bool]:
     """(the class Softmax behind ``output`` or None, whether the output needs flattening)."""
     producers = {o: n for n in model.graph.node for o in n.output if o}
+    if output in producers and is_zipmap(producers[output]):
+        output = producers[output].input[0]
     opset = opset_version(model)
     out_shape = shapes.get(output)
     classes = _per_sample(out_shape)
@@ -119,7 +152,34 @@ def output_view(model: onnx.ModelProto, output: str, shapes: Optional[Dict[str, 
     """How ``output`` of ``model`` (the user's graph) maps to training logits."""
     shapes = shapes if shapes is not None else tensor_shapes(model)
     softmax, flatten = _find(model, output, shapes)
-    return OutputView(output, softmax is not None, flatten, softmax.input[0] if softmax is not None else None)
+    return OutputView(
+        output, softmax is not None, flatten, softmax.input[0] if softmax is not None else None,
+        _zipmap_labels(model, output),
+    )
+
+
+def default_output(model: onnx.ModelProto) -> str:
+    """The first graph output that is a float tensor computed from a weight (module docstring)."""
+    from .analysis import FLOAT_TYPES, _reaching
+
+    graph = model.graph
+    weights = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES and int(np.prod(t.dims)) > 1}
+    floats = [o.name for o in graph.output
+              if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in FLOAT_TYPES]
+    for name in floats:
+        if _reaching(graph, name) & weights:
+            return name
+    if floats:
+        return floats[0]
+    kinds = ", ".join(f"{o.name} ({_type_name(o)})" for o in graph.output)
+    raise ModelError(f"the model has no float tensor output to train on; outputs: {kinds}")
+
+
+def _type_name(value: onnx.ValueInfoProto) -> str:
+    t = value.type
+    if t.HasField("tensor_type"):
+        return helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).name
+    return t.WhichOneof("value") or "unknown"
 
 
 def train_on_logits(model: onnx.ModelProto) -> int:

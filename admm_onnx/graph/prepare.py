@@ -14,6 +14,7 @@ import onnx
 
 from .batchnorm_frozen import freeze_batchnorm
 from .dropout import enable_dropout
+from .hard_activations import hard_activations
 from .initializer_inputs import drop_initializer_inputs
 from .layernorm_outputs import add_layernorm_outputs
 from .lrn import lrn_to_pool
@@ -23,7 +24,9 @@ from .pool_phases import split_pool_phases
 from .outputs import train_on_logits
 from .prelu import prelu_to_relu
 from .retie import retie_embeddings
+from .smooth_activations import smooth_activations
 from .sum_to_add import sum_to_add
+from .zipmap import zipmap_to_identity
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,12 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("Sum -> chain of Add", sum_to_add),
     ("LRN -> Pow/AveragePool/Div", lrn_to_pool),
     ("PRelu -> Relu(x) - slope * Relu(-x)", prelu_to_relu),
+    ("HardSigmoid/HardSwish -> Clip forms", hard_activations),
+    ("Elu/Selu/Celu/Softplus/Softsign/Mish -> Relu/Exp/Log forms", smooth_activations),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),
     ("BatchNormalization with frozen running statistics", freeze_batchnorm),
     ("Dropout active while training", enable_dropout),
+    ("ZipMap outputs trained as their (N, C) tensor", zipmap_to_identity),
     ("class outputs trained as (N, C) logits", train_on_logits),
 ]
 

@@ -31,8 +31,9 @@ def _levels(text):
 @click.option("--samples", type=int, default=2000, show_default=True, help="Training samples evaluated (a seeded subset).")
 @click.option("--metric", type=click.Choice(["loss", "top1", "kl"]), default="loss", show_default=True,
               help="Cross-entropy, top-1 error, or KL divergence to the dense model's outputs (no labels needed).")
-@click.option("--structure", type=click.Choice(["element", "filter", "channel"]), default="element", show_default=True,
-              help="Prune single weights, whole output channels (filter) or whole input channels.")
+@click.option("--structure", type=click.Choice(["element", "filter", "channel", "groups"]), default="element",
+              show_default=True, help="Prune single weights, whole output channels (filter) or input channels of one "
+              "weight, or the channel groups of 'admm-onnx groups' (every tensor a removed channel touches).")
 @click.option("--workers", type=int, default=None, help="Local worker processes. [default: the number of cores]")
 @click.option("--ray", "ray_address", default=None,
               help="Run on the Ray cluster at ADDRESS (or set RAY_ADDRESS; 'local' starts one here).")

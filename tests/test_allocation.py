@@ -301,3 +301,17 @@ def test_prune_with_global_allocation_meets_the_budget(trained, tmp_path):
     assert "global" in report.residuals[-1]
     with pytest.raises(ConfigError, match="weights budget"):
         prune(path, tmp_path / "q.onnx", tr, PruneConfig(target_macs=0.5, allocation="global"), None)
+
+
+def test_sensitivity_of_channel_groups(trained):
+    """--structure groups: one curve per prunable channel group of admm_onnx/structured."""
+    from admm_onnx.structured.analysis import analyse as channel_analysis
+
+    _, prepared, x, y, _ = trained
+    result = run_sensitivity(prepared, x, y, (0.5, 0.1), "loss", structure="groups", cache_dir=None, batch_size=128)
+    expected = [g.name for g in channel_analysis(prepared.original).groups if g.prunable]
+    assert list(result.curves) == expected and expected
+    c = result.curves[expected[0]]
+    assert c.nonzero == [max(1, round(0.1 * c.params)), c.params // 2, c.params]
+    assert c.value[0] > result.baseline  # keeping 10% of the channels hurts a trained model
+    assert "| Group" in result.table()

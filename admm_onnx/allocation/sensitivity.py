@@ -69,7 +69,7 @@ def check_levels(levels: Iterable[float]) -> Tuple[float, ...]:
 
 
 # -- the model every worker evaluates ----------------------------------------------------------
-def evaluation_model(prepared) -> onnx.ModelProto:
+def evaluation_model(prepared, extra: Sequence[str] = ()) -> onnx.ModelProto:
     """The user's graph (BatchNorm in inference mode) with every prunable weight, and every
     initializer derived from one, also listed as a graph input (overridable)."""
     from ..graph.batchnorm_frozen import freeze_batchnorm
@@ -81,6 +81,7 @@ def evaluation_model(prepared) -> onnx.ModelProto:
         model.ir_version = 4  # IR < 4 already lists initializers as inputs; 4 keeps them overridable
     inputs = {i.name for i in model.graph.input}
     names = set(prepared.info.prunable) | {d for d, (src, _) in prepared.info.derived.items() if src in prepared.info.prunable}
+    names |= set(extra)
     for t in model.graph.initializer:
         if t.name in names and t.name not in inputs:
             model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -162,6 +163,12 @@ def _per_sample(logp: np.ndarray) -> np.ndarray:
 
 
 def _pruned_feeds(name: str, keep: float, structure: str) -> Dict[str, np.ndarray]:
+    if structure == "groups":  # a channel group of admm_onnx/structured: every member tensor
+        from ..structured.constraint import ChannelGroups
+
+        analysis, group = _W["analysis"], _W["groups"][name]
+        c = ChannelGroups(analysis, {group.id: max(1, keep_count(group.size, 1.0 - keep))})
+        return c.project({t: _W["members"][t] for t in c.tensors})
     w, out_axis, in_axis, derived = _W["weights"][name]
     mask = projection_mask(w, 1.0 - keep, structure, out_axis, in_axis)
     pruned = np.where(mask, w, np.zeros_like(w))
@@ -253,17 +260,19 @@ class SensitivityResult:
 
     def table(self) -> str:
         levels = self.levels
-        head = ["Layer", "Weights", "MACs/sample"] + [f"{100 * k:g}%" for k in levels]
+        groups = self.structure == "groups"
+        head = (["Group", "Channels"] if groups else ["Layer", "Weights", "MACs/sample"]) + [f"{100 * k:g}%" for k in levels]
         rows = []
         for n, c in self.curves.items():
             by_keep = dict(zip(c.keep, c.deltas(self.baseline)))
-            rows.append([n, f"{c.params:,}", f"{c.macs:,}"] + [f"{by_keep[k]:+.4f}" if k in by_keep else "" for k in levels])
+            rows.append([n, f"{c.params:,}"] + ([] if groups else [f"{c.macs:,}"])
+                        + [f"{by_keep[k]:+.4f}" if k in by_keep else "" for k in levels])
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
         fmt = lambda cells: "| " + " | ".join(  # noqa: E731
             c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
         sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
         what = {"loss": "cross-entropy", "top1": "top-1 error", "kl": "KL to the dense outputs"}[self.metric]
-        lines = [f"Change in {what} (dense: {self.baseline:.4f}) when one weight keeps the given fraction "
+        lines = [f"Change in {what} (dense: {self.baseline:.4f}) when one {'channel group' if groups else 'weight'} keeps the given fraction "
                  f"({self.structure}), every other weight dense; {self.samples:,} samples", fmt(head), sep]
         lines += [fmt(r) for r in rows]
         for n, why in self.flags().items():
@@ -321,8 +330,8 @@ def run_sensitivity(
     """
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if structure not in STRUCTURES:
-        raise ConfigError(f"structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
+    if structure not in STRUCTURES + ("groups",):
+        raise ConfigError(f"structure must be one of {', '.join(STRUCTURES + ('groups',))}, got {structure!r}")
     if metric != "kl" and y is None:
         raise DataError(f"metric {metric!r} needs labels; use --metric kl for data without labels")
     if len(x) == 0:
@@ -331,13 +340,19 @@ def run_sensitivity(
     info = prepared.info
     if not info.prunable:
         raise ConfigError("the model has no prunable weights")
+    group_spec = {}
+    if structure == "groups":
+        group_spec = _channel_groups(prepared)
+        units = group_spec["groups"]
+    else:
+        units = info.prunable
     if names is None:
-        names = list(info.prunable)
+        names = list(units)
     for n in names:
-        if n not in info.prunable:
-            raise ConfigError(f"no prunable weight named {n!r}")
+        if n not in units:
+            raise ConfigError(f"no prunable {'channel group' if structure == 'groups' else 'weight'} named {n!r}")
     runner = runner or SerialRunner()
-    model = evaluation_model(prepared)
+    model = evaluation_model(prepared, list(group_spec.get("members", ())))
     try:
         model_bytes = model.SerializeToString()
     except ValueError:
@@ -345,7 +360,7 @@ def run_sensitivity(
     costs: Dict[str, LayerCost] = layer_costs(prepared.original, info)
     weights = {}
     inits = {t.name: t for t in prepared.original.graph.initializer}
-    for n in names:
+    for n in (names if structure != "groups" else ()):
         w = info.prunable[n]
         derived = [(d, perm) for d, (src, perm) in info.derived.items() if src == n]
         weights[n] = (numpy_helper.to_array(inits[n]), w.out_axis, w.in_axis, derived)
@@ -372,7 +387,7 @@ def run_sensitivity(
     if tasks:
         spec = {"model": model_bytes, "x": x, "y": labels, "output": prepared.output_name,
                 "input": prepared.input_name, "softmax": view.softmax, "weights": weights,
-                "metric": metric, "batch": batch, "fixed_batch": bool(prepared.fixed_batch)}
+                "metric": metric, "batch": batch, "fixed_batch": bool(prepared.fixed_batch), **group_spec}
         log.info("sensitivity: %d evaluations of %d samples on %s (%d cached)", len(tasks), len(x), runner.describe(), cached)
         done = 0
         for index, result in runner.run(_setup, (spec,), _dispatch, tasks):
@@ -386,8 +401,15 @@ def run_sensitivity(
     baseline = cache.data[_task_key("", 1.0, "dense")][0]
     curves = {}
     for n in names:
-        w = info.prunable[n]
         ks = sorted(levels)
+        if structure == "groups":
+            g = group_spec["groups"][n]
+            vals = [cache.data[_task_key(n, k, structure)] for k in ks]
+            nz = [max(1, keep_count(g.size, 1.0 - k)) for k in ks]
+            curves[n] = Curve(n, g.size, 0, ks + [1.0], [v[0] for v in vals] + [baseline], [v[1] for v in vals] + [0.0],
+                              nz + [g.size])
+            continue
+        w = info.prunable[n]
         vals = [cache.data[_task_key(n, k, structure)] for k in ks]
         if structure == "element":
             nz = [keep_count(w.size, 1.0 - k) for k in ks]
@@ -398,6 +420,23 @@ def run_sensitivity(
                           [v[1] for v in vals] + [0.0], nz + [w.size])
     return SensitivityResult(metric, structure, baseline, len(x), curves, list(levels), key, seconds,
                              len(tasks), cached, runner.describe())
+
+
+def _channel_groups(prepared) -> dict:
+    """The prunable channel groups of admm_onnx/structured (``admm-onnx groups``) and their
+    member tensors, for ``structure = "groups"`` (a curve per group; sizes in channels)."""
+    try:
+        from ..structured.analysis import analyse as channel_analysis
+    except ImportError:  # pragma: no cover - the structured package ships with admm_onnx
+        raise ConfigError("channel groups need admm_onnx.structured") from None
+    analysis = channel_analysis(prepared.original)
+    groups = {g.name: g for g in analysis.groups if g.prunable}
+    if not groups:
+        raise ConfigError("the model has no prunable channel group", hint="'admm-onnx groups MODEL' says why")
+    inits = {t.name: t for t in prepared.original.graph.initializer}
+    members = {m.init: numpy_helper.to_array(inits[m.init]) for g in groups.values() for m in g.members
+               if not m.stat and m.init in inits}
+    return {"analysis": analysis, "groups": groups, "members": members}
 
 
 def _dispatch(task):

@@ -22,7 +22,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -162,6 +162,15 @@ def load_npz(path) -> Dataset:
             f"{p} has arrays {sorted(keys) or 'none'}; expected x_train and y_train (optionally x_test, y_test) or x and y"
         )
     return Dataset(x_tr, y_tr, x_te, y_te, name=p.stem)
+
+
+def dataset_paths(spec: str) -> List[Path]:
+    """The files and folders a data spec reads (for output-path checks); [] for ``digits``."""
+    if spec == "digits":
+        return []
+    if spec.startswith("mnist:"):
+        return [Path(spec[len("mnist:") :])]
+    return [Path(spec)]
 
 
 def load_dataset(spec: str) -> Dataset:

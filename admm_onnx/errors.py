@@ -5,6 +5,24 @@ one-line message and exit code 2. Anything else escaping the library is a bug.
 """
 
 
+import errno
+import re
+from typing import Optional
+
+# ONNX Runtime's messages carry C++ source locations ("/onnxruntime_src/.../graph.cc:1234
+# onnxruntime::Graph::Resolve(...)"): users get the sentence, not the paths.
+_CPP_LOCATION = re.compile(r"/[\w./-]+\.(?:cc|cpp|cxx|c|h|hpp):\d+(?:\s+[\w:~<>,*& ]+\([^)]*\)(?:\s*const)?)?")
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+
+
+def clean_message(text: str) -> str:
+    """One line of ``text`` without C++ source paths and ORT's error-code prefix."""
+    text = _ORT_PREFIX.sub("", str(text))
+    text = _CPP_LOCATION.sub("", text)
+    text = " ".join(text.split())
+    return text.strip(" :")
+
+
 class AdmmOnnxError(Exception):
     """Base class of every error admm-onnx raises on purpose."""
 
@@ -17,9 +35,9 @@ class AdmmOnnxError(Exception):
             self.hint = hint
 
     def one_line(self) -> str:
-        text = " ".join(str(self).split())
+        text = clean_message(str(self))
         if self.hint:
-            text += f" ({' '.join(self.hint.split())})"
+            text += f" ({clean_message(self.hint)})"
         return text
 
 
@@ -45,3 +63,22 @@ class OutputError(AdmmOnnxError):
 
 class InstallError(AdmmOnnxError, ImportError):
     """The installed ONNX Runtime is not the training build admm-onnx needs (see ``_install``)."""
+
+
+def as_user_error(exc: BaseException) -> "Optional[AdmmOnnxError]":
+    """The user-facing error for an exception that escaped the library, if its cause is the
+    user's environment rather than a bug (disk full, out of memory, permission denied)."""
+    if isinstance(exc, MemoryError):
+        return AdmmOnnxError("out of memory", hint="use a smaller --batch-size or model, or free memory")
+    if isinstance(exc, RecursionError):
+        return AdmmOnnxError("input nested too deeply to process")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutputError("no space left on the device", hint="free some disk space and retry")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = f": {exc.filename}" if exc.filename else ""
+            return OutputError(f"permission denied{where}")
+    text = str(exc)
+    if "No space left on device" in text:
+        return OutputError("no space left on the device", hint="free some disk space and retry")
+    return None

@@ -1,26 +1,53 @@
-"""Loading and saving ONNX models safely.
+"""Every file admm-onnx reads or writes goes through here: the safety rules in one place.
 
-Contract:
-- :func:`load_model` turns every way a model file can be wrong into a one-line
-  :class:`~admm_onnx.errors.ModelError`, and loads external data (``.onnx.data``) eagerly.
-- :func:`save_model` writes atomically: everything goes to temporary names in the target
-  directory and is renamed into place only when complete, so a failure never leaves a
-  half-written model behind. Large models (or ``external_data=True``) are written with their
-  tensors in ``<name>.data`` beside the model.
-- Neither function ever modifies its input file.
+Reading a model -- :func:`load_model` (used by every command):
+
+- the model must be a regular, readable, non-empty file (never a FIFO or device: no hangs);
+- before any external data is read, every tensor stored outside the model is checked
+  (:func:`external_data_files`): its ``location`` must resolve (``realpath``, so symlinks are
+  followed) to a regular file *inside the model's folder*, and its declared ``offset`` and
+  ``length`` must fit that file and match the tensor's dtype and shape; tensors over 2 GB are
+  refused. ONNX Runtime sessions opened on a model path are safe once this passed.
+- every way a model file can be wrong becomes one :class:`~admm_onnx.errors.ModelError` line.
+
+Deciding outputs -- :class:`OutputPlan` (one per command run, checked before any work)::
+
+    plan = OutputPlan()
+    plan.add_model_input(model_path)          # the model and its external data files
+    plan.add_input(data_path, config_path)    # any other file the run reads (None is skipped)
+    out = plan.add_output(out_path, "-o", model=True, external=False)  # claims OUT and OUT.data
+    rep = plan.add_output(report_path, "--report")                      # None is skipped
+    plan.add_workdir(work_path)               # outputs and inputs may not live in it
+
+Each ``add_*`` call checks at once and raises :class:`~admm_onnx.errors.OutputError`: an output
+must be a regular file or not exist yet (never a directory, device, FIFO or socket), its folder
+must exist and be writable, and it may not be any input of the run (compared by ``realpath`` and
+inode), another output, or inside the work directory. A model output also claims ``OUT.data``:
+it may not be an input, and a user's existing ``OUT.data`` is never deleted, nor overwritten
+unless the existing ``OUT`` is the model that uses it.
+
+Writing -- :func:`atomic_path` / :func:`write_text` / :func:`save_model`: everything is written
+to a temporary name in the target folder and renamed into place when complete, so a failure
+never leaves a half-written output, and the temporary file is removed on every exit path.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, OutputError
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,63 +68,385 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def load_model(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model from ``path`` or raise a :class:`ModelError` saying what is wrong."""
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_input_file(path: PathLike, what: str = "input", error=ModelError) -> Path:
+    """``path`` exists, is (or links to) a regular readable file: raise ``error`` otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelError(f"model path is a directory, not an ONNX file: {path}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except OSError as exc:
+        raise error(f"cannot access {what} file {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode) and error is ModelError:
+        raise error(f"{what} path is a directory, not an ONNX file: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} path {path} is {_kind(st.st_mode)}; only regular files are read")
     if not os.access(path, os.R_OK):
-        raise ModelError(f"model file is not readable: {path}")
+        raise error(f"{what} file is not readable: {path}")
+    return path
+
+
+# -- reading models -----------------------------------------------------------------------
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers, sparse ones, attributes, subgraphs, functions."""
+
+    def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        yield from node_tensors(graph.node)
+
+    def node_tensors(nodes) -> Iterator[onnx.TensorProto]:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for g in attr.graphs:
+                    yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+    for function in model.functions:
+        yield from node_tensors(function.node)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> Optional[int]:
+    """Bytes the raw data of ``tensor`` must hold, or None if the dtype has no fixed size."""
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    dt = tensor.data_type
+    four_bit = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4") if hasattr(onnx.TensorProto, n)}
+    if dt in four_bit:
+        return (count + 1) // 2
+    if dt in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt)).itemsize
+    except Exception:  # unknown / newer dtype: size not checked
+        return None
+    return count * itemsize
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def external_data_files(model: onnx.ModelProto, model_path: PathLike) -> List[Path]:
+    """Check every external-data reference of ``model`` (loaded from ``model_path``) and return
+    the resolved data files. Nothing is read: only ``stat``. Raises :class:`ModelError`."""
+    model_path = Path(model_path)
+    base = os.path.dirname(os.path.abspath(model_path))
+    real_base = os.path.realpath(base)
+    sizes: Dict[str, int] = {}
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        name = tensor.name or "<unnamed>"
+        location = info.get("location", "")
+        where = f"{model_path}: tensor {name!r} stores its data in {location!r}"
+        if not location or os.path.isabs(location) or "\x00" in location:
+            raise ModelError(f"{where}; external data must be a relative path inside the model's folder")
+        real = os.path.realpath(os.path.join(base, location))
+        if not _inside(real, real_base):
+            raise ModelError(
+                f"{where}, which resolves outside the model's folder ({real})",
+                hint="external data must be a file inside the folder of the model; refusing to read it",
+            )
+        if real not in sizes:
+            try:
+                st = os.stat(real)
+            except OSError:
+                raise ModelError(f"{where}, which does not exist", hint="copy the .data file beside the model") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelError(f"{where}, which is {_kind(st.st_mode)}; external data must be a regular file")
+            sizes[real] = st.st_size
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") not in (None, "") else None
+        except ValueError:
+            raise ModelError(f"{where} with a non-numeric offset or length") from None
+        size = sizes[real]
+        needed = _tensor_nbytes(tensor)
+        if offset < 0 or (length is not None and length < 0):
+            raise ModelError(f"{where} at a negative offset or length")
+        if needed is not None and needed > PROTOBUF_LIMIT:
+            raise ModelError(
+                f"{model_path}: tensor {name!r} holds {needed / 2**30:.1f} GiB; tensors over 2 GiB are not supported",
+            )
+        end = offset + (length if length is not None else max(size - offset, 0))
+        if offset > size or end > size:
+            raise ModelError(
+                f"{where} at bytes {offset}..{end}, but the file has only {size} bytes",
+                hint="the .data file is truncated or belongs to another model",
+            )
+        have = end - offset
+        if needed is not None and have != needed:
+            raise ModelError(
+                f"{where}: {have} bytes declared, but a {onnx.TensorProto.DataType.Name(tensor.data_type)} tensor of shape "
+                f"{list(tensor.dims)} needs {needed}",
+                hint="the .data file does not match the model",
+            )
+    return [Path(p) for p in sizes]
+
+
+def _parse(path: Path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise ModelError(f"model file is empty: {path}")
+    if path.stat().st_size > PROTOBUF_LIMIT:
+        raise ModelError(
+            f"model file {path} is over 2 GiB; ONNX files must keep large weights in external data",
+        )
     try:
         model = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
         raise ModelError(f"not an ONNX model (protobuf decode failed): {path}") from exc
+    except MemoryError:
+        raise ModelError(f"not enough memory to read {path}") from None
     except Exception as exc:  # onnx raises assorted errors on garbage input
-        raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+        raise ModelError(f"cannot read ONNX model {path}: {' '.join(str(exc).split())[:200]}") from exc
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelError(f"not an ONNX model (no graph found): {path}")
-    if load_external_data and uses_external_data(model):
+    return model
+
+
+def load_model(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model from ``path`` or raise a :class:`ModelError` saying what is wrong.
+
+    External-data references are always checked (see :func:`external_data_files`), also when
+    ``load_external_data=False``, so a path handed to ONNX Runtime afterwards is safe too."""
+    path = check_input_file(path, "model")
+    model = _parse(path)
+    files = external_data_files(model, path)
+    if load_external_data and files:
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except MemoryError:
+            raise ModelError(f"not enough memory to load the external data of {path}") from None
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the external data of {path}: {exc}") from exc
     return model
 
 
-def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
-    """Validate an output path: its directory exists and it is none of the inputs."""
-    out = Path(output)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory does not exist: {parent}")
-    if out.is_dir():
-        raise OutputError(f"output path is a directory: {out}")
+def model_files(path: PathLike) -> List[Path]:
+    """The files a model occupies: ``path`` and its (checked) external data files.
+
+    A model that cannot be read yields just ``[path]``: :func:`load_model` reports why."""
+    path = Path(path)
+    try:
+        return [path] + external_data_files(_parse(check_input_file(path, "model")), path)
+    except ModelError:
+        return [path]
+
+
+# -- deciding outputs ---------------------------------------------------------------------
+def _real(path: PathLike) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _same(a: PathLike, b: PathLike) -> bool:
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _references(model_path: Path, data_path: Path) -> bool:
+    """True if the existing model ``model_path`` keeps its external data in ``data_path``."""
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+        return any(_same(f, data_path) for f in external_data_files(model, model_path))
+    except Exception:
+        return False
+
+
+class OutputPlan:
+    """Every input and output of one run, checked against each other before any work is done.
+
+    See the module docstring for the rules and an example."""
+
+    def __init__(self):
+        self.inputs: List[Tuple[Path, str]] = []
+        self.outputs: List[Tuple[Path, str]] = []
+        self.workdir: Optional[Path] = None
+
+    # inputs ----------------------------------------------------------------------------
+    def add_input(self, *paths: Optional[PathLike], what: str = "an input") -> None:
+        """Register files (or folders: every file under them counts) the run reads."""
+        for p in paths:
+            if p is None or str(p) == "":
+                continue
+            p = Path(p)
+            self.inputs.append((p, what))
+            if p.is_dir():
+                with contextlib.suppress(OSError):
+                    for child in sorted(p.iterdir())[:1000]:
+                        self.inputs.append((child, what))
+
+    def add_model_input(self, path: Optional[PathLike]) -> None:
+        """Register a model file and its external data files."""
+        if path is None:
+            return
+        files = model_files(path)
+        self.add_input(files[0], what="the input model")
+        for f in files[1:]:
+            self.add_input(f, what="the input model's external data")
+
+    def _clash(self, path: Path) -> Optional[str]:
+        for other, what in self.inputs:
+            if _same(path, other):
+                return what
+        for other, what in self.outputs:
+            if _same(path, other):
+                return f"also the {what} output"
+        return None
+
+    # outputs ---------------------------------------------------------------------------
+    def add_output(
+        self, path: Optional[PathLike], option: str = "-o", model: bool = False, external: Optional[bool] = None
+    ) -> Optional[Path]:
+        """Check and claim an output path (None: nothing to do). ``model=True`` also claims
+        ``OUT.data``; ``external=True`` says the model will be written with external data."""
+        if path is None:
+            return None
+        out = Path(path)
+        if str(path) == "" or out.name in ("", ".", ".."):
+            raise OutputError(f"{option}: {str(path)!r} is not a file name")
+        parent = out.parent
+        if not parent.is_dir():
+            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{option}: cannot write in {parent} (permission denied)")
+        try:
+            st = os.stat(out)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise OutputError(f"{option}: cannot use {out}: {exc.strerror}") from None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{option}: {out} is {_kind(st.st_mode)}; outputs are only written as regular files")
+        clash = self._clash(out)
+        if clash:
+            raise OutputError(f"{option}: {out} is {clash} of this run", hint=f"choose another {option} path")
+        if self.workdir is not None and _inside(_real(out), _real(self.workdir)):
+            raise OutputError(f"{option}: {out} is inside the work directory {self.workdir}")
+        if model:
+            self._check_companion(out, option, external)
+        self.outputs.append((out, option))
+        return out
+
+    def _check_companion(self, out: Path, option: str, external: Optional[bool]) -> None:
+        data = out.parent / (out.name + ".data")
+        clash = self._clash(data)
+        if clash:
+            raise OutputError(
+                f"{option}: the model would keep its weights in {data}, which is {clash} of this run",
+                hint=f"choose another {option} path",
+            )
+        self.outputs.append((data, f"{option} external data"))
+        try:
+            st = os.stat(data)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{option}: {data} (where the model's weights would go) is {_kind(st.st_mode)}")
+        if external and not _references(out, data):
+            raise OutputError(
+                f"{option}: {data} exists and is not the external data of {out}; refusing to overwrite it",
+                hint="move it away or choose another output name",
+            )
+
+    def add_workdir(self, path: Optional[PathLike], option: str = "--workdir") -> Optional[Path]:
+        """Check the work directory: not an input, no input or output inside it, parent writable."""
+        if path is None:
+            return None
+        work = Path(path)
+        parent = work.parent
+        if not parent.is_dir():
+            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
+        if not os.access(parent, os.W_OK | os.X_OK) and not work.is_dir():
+            raise OutputError(f"{option}: cannot create {work} (no write permission in {parent})")
+        if work.exists() and (not work.is_dir() or work.is_symlink()):
+            raise OutputError(f"{option}: {work} exists and is not a directory")
+        if work.is_dir() and not os.access(work, os.W_OK | os.X_OK):
+            raise OutputError(f"{option}: cannot write in {work} (permission denied)")
+        real = _real(work)
+        for other, what in self.inputs + self.outputs:
+            if _inside(_real(other), real):
+                kind = what if (other, what) in self.inputs else f"the {what} output"
+                raise OutputError(f"{option}: {work} contains {kind} ({other})", hint="use a separate folder")
+        self.workdir = work
+        return work
+
+
+def check_output_path(output: PathLike, *inputs: Optional[PathLike]) -> Path:
+    """Check one output path against ``inputs`` (model paths count with their external data).
+
+    A shortcut for commands with one output; see :class:`OutputPlan` for the rules."""
+    plan = OutputPlan()
     for inp in inputs:
-        if inp is not None and Path(inp).exists() and out.exists() and os.path.samefile(out, inp):
-            raise OutputError(f"output path is the input file: {out}", hint="choose another -o")
-        if inp is not None and out.resolve() == Path(inp).resolve():
-            raise OutputError(f"output path is the input file: {out}", hint="choose another -o")
-    return out
+        if inp is not None:
+            if str(inp).endswith(".onnx") and Path(inp).is_file():
+                plan.add_model_input(inp)
+            else:
+                plan.add_input(inp)
+    return plan.add_output(output, "-o")
+
+
+# -- writing --------------------------------------------------------------------------------
+def _disk_error(exc: OSError, target: Path) -> OutputError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"no space left on the device to write {target}", hint="free some disk space and retry")
+    return OutputError(f"cannot write {target}: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only.
+
+    The temporary file is removed on every exit path; OS errors become :class:`OutputError`."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent or ".")
+    except OSError as exc:
+        raise _disk_error(exc, target) from exc
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
     try:
+        os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as exc:
+        raise _disk_error(exc, target) from exc
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            if tmp_path.exists():
+                tmp_path.unlink()
+
+
+def write_text(target: PathLike, text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``target``."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
 
 
 def save_model(
@@ -106,6 +455,7 @@ def save_model(
     """Atomically save ``model`` to ``path`` (external data in ``<name>.data`` if needed).
 
     ``external_data=None`` chooses: external data when the model would not fit in one protobuf.
+    An existing ``<name>.data`` is left alone when the model is written without external data.
     """
     path = Path(path)
     if external_data is None:
@@ -118,8 +468,8 @@ def save_model(
                 onnx.save_model(model, str(tmp))
                 if check:
                     onnx.checker.check_model(str(tmp))
-            if data_target.exists():  # stale data file from an earlier external save
-                data_target.unlink()
+            if data_target.exists():
+                log.info("left %s in place (the new %s does not use it)", data_target, path.name)
             return path
         # External data: onnx writes the data file under the name given in `location`,
         # relative to the model's directory. Write both under temporary names, then rename the
@@ -149,7 +499,9 @@ def save_model(
     except onnx.checker.ValidationError as exc:
         raise OutputError(f"refusing to write an invalid model to {path}: {exc}") from exc
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
+        raise _disk_error(exc, path) from exc
+    except ValueError as exc:  # protobuf: message too large
+        raise OutputError(f"cannot write {path}: {' '.join(str(exc).split())[:200]}") from exc
 
 
 def _copy_for_external_save(model: onnx.ModelProto) -> onnx.ModelProto:

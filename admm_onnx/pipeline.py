@@ -235,10 +235,24 @@ def _num_classes(prepared: PreparedModel) -> Optional[int]:
 
 # -- phases --------------------------------------------------------------------------------
 @contextmanager
-def _workdir(path: Optional[Path]) -> Iterator[Path]:
+def _workdir(path: Optional[Path], keep: bool = True) -> Iterator[Path]:
+    """A work directory for one run: ``path`` claimed (created, marked, locked: see
+    workdir.WorkDir.claim) or a temporary folder. What the run wrote is removed on the way out
+    unless ``keep`` and there is progress to resume from."""
     if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        yield Path(path)
+        work = WorkDir(path)
+        work.claim()
+        try:
+            yield Path(path)
+        except BaseException:
+            if not (keep and work.has_progress()):
+                work.remove()  # nothing to resume from: leave no debris
+            raise
+        else:
+            if not keep:
+                work.remove()
+        finally:
+            work.release()
         return
     tmp = Path(tempfile.mkdtemp(prefix="admm-onnx-"))
     try:
@@ -308,14 +322,18 @@ def train(
     eval_reader: Optional[DataReader] = None,
     config: Optional[PruneConfig] = None,
     progress: Progress = NO_PROGRESS,
+    workdir: Optional[Path] = None,
 ) -> PruneReport:
-    """Dense training (no pruning) of all trainable parameters; writes ``model_output``."""
+    """Dense training (no pruning) of all trainable parameters; writes ``model_output``.
+
+    ``workdir``: where the training artifacts go (claimed like prune's, always removed after);
+    a temporary folder by default."""
     config = config or PruneConfig()
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
-    with _workdir(None) as work:
+    with _workdir(workdir, keep=False) as work:
         trainer = _trainer(prepared, prepared.training, work / "dense", config, ClassifierLoss(config.loss), (), config.lr)
         if eval_reader is not None:
             before = trainer.evaluate(eval_reader)

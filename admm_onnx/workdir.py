@@ -9,22 +9,50 @@ Layout::
     pruned.npz        trainable weights and masks right after the hard prune
     retrain/          masked retraining artifacts; retrain/state.ckpt
 
+    .admm-onnx-workdir   the marker: this folder belongs to admm-onnx
+    run.lock             held (flock) by the running process; holds its pid
+
 Every file is written to a temporary name and renamed; ``progress.json`` is written last, so
 whatever it says is complete on disk.
+
+Ownership (:meth:`WorkDir.claim`): a work directory is created by the tool and marked; an
+existing folder is used only if it is empty or holds nothing but the files above (a folder
+with any other file is refused, so ``--workdir .`` can never touch a user's files). A second
+run on the same folder is refused while the first holds the lock, naming its pid.
+:meth:`WorkDir.remove` deletes only the names above, and the folder itself only if the tool
+created it and it is then empty.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+MARKER = ".admm-onnx-workdir"
+LOCK = "run.lock"
+#: Every name the tool writes in a work directory (files and folders); nothing else is deleted.
+OWN_NAMES = frozenset(
+    {MARKER, LOCK, "run.json", "progress.json", "admm", "retrain", "dense", "admm_state.npz", "pruned.npz"}
+)
+# atomic_path's temporary names: ".<name>.<random>.tmp[.npz]"
+_TEMP = re.compile(r"^\.(run\.json|progress\.json|admm_state\.npz|pruned\.npz)\..+\.tmp(\.npz)?$")
+
+
+def _own(name: str) -> bool:
+    return name in OWN_NAMES or bool(_TEMP.match(name))
 
 
 def fingerprint_file(path) -> str:
@@ -44,6 +72,107 @@ class WorkDir:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+
+    # -- ownership ---------------------------------------------------------------------------
+    def foreign_files(self) -> List[str]:
+        """Names in the folder that admm-onnx did not write."""
+        try:
+            return sorted(n for n in os.listdir(self.path) if not _own(n))
+        except FileNotFoundError:
+            return []
+
+    def claim(self) -> None:
+        """Create (or adopt an empty / own) work directory, mark it and take its lock.
+
+        Raises :class:`OutputError` for a folder holding other files, a path that is not a
+        folder, or one that cannot be written, and :class:`ConfigError` when another run holds
+        the lock."""
+        p = self.path
+        created = False
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise OutputError(f"work directory {p} exists and is not a folder", hint="choose another --workdir")
+        if not p.exists():
+            try:
+                p.mkdir()
+            except FileNotFoundError:
+                raise OutputError(f"cannot create work directory {p}: its parent folder does not exist") from None
+            except OSError as exc:
+                raise OutputError(f"cannot create work directory {p}: {exc.strerror}") from None
+            created = True
+        foreign = self.foreign_files()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise OutputError(
+                f"work directory {p} holds files admm-onnx did not write ({shown}); refusing to use it",
+                hint="give --workdir a new or empty folder",
+            )
+        try:
+            self._lock()
+            marker = p / MARKER
+            if not marker.exists():
+                self.write_json(marker, {"tool": "admm-onnx", "created_folder": created})
+        except BaseException:
+            self.release()
+            if created:
+                self.remove()
+            raise
+
+    def _lock(self) -> None:
+        import fcntl
+
+        path = self.path / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot write in work directory {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise ConfigError(
+                f"work directory {self.path} is in use by another admm-onnx run (pid {pid})",
+                hint="wait for it to finish, or give this run another -o or --workdir",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the lock file stays until :meth:`remove`)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def remove(self) -> None:
+        """Delete what admm-onnx wrote here; the folder too if the tool created it and it is empty."""
+        p = self.path
+        if not p.is_dir() or p.is_symlink():
+            return
+        created = True
+        with contextlib.suppress(Exception):
+            created = bool(json.loads((p / MARKER).read_text(encoding="utf-8")).get("created_folder", True))
+        for name in os.listdir(p):
+            if not _own(name) or name == MARKER:
+                continue
+            target = p / name
+            with contextlib.suppress(OSError):
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+        rest = self.foreign_files()
+        if rest:
+            log.warning("left %s in place: it holds files admm-onnx did not write (%s)", p, ", ".join(rest[:5]))
+            return
+        with contextlib.suppress(OSError):
+            (p / MARKER).unlink()
+            if created:
+                p.rmdir()
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -59,7 +188,7 @@ class WorkDir:
 
     def start(self, identity: Dict[str, Any]) -> None:
         """Start a fresh run here (the directory must hold no earlier run's progress)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(exist_ok=True)
         for child in ("admm", "retrain"):
             shutil.rmtree(self.path / child, ignore_errors=True)
         for name in ("progress.json", "admm_state.npz", "pruned.npz"):
@@ -67,20 +196,46 @@ class WorkDir:
         self.write_json(self.run_file, identity)
 
     def check_identity(self, identity: Dict[str, Any]) -> None:
-        """Refuse to resume a work directory that belongs to another model or plan."""
+        """Refuse to resume a work directory that belongs to another run, naming what changed."""
         if not self.run_file.is_file() or not self.has_progress():
             raise ConfigError(f"nothing to resume in {self.path}", hint="run without --resume to start")
-        saved = json.loads(self.run_file.read_text(encoding="utf-8"))
+        saved = self._read_json(self.run_file)
         for key in ("model", "plan"):
             if saved.get(key) != identity.get(key):
                 raise ConfigError(
                     f"{self.path} holds a run of a different {'model' if key == 'model' else 'pruning plan'}",
                     hint="resume with the same model and rules, or delete the work directory",
                 )
+        old = saved.get("config") or {}
+        new = json.loads(json.dumps(identity.get("config") or {}, default=float))  # as saved: lists, floats
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed:
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            raise ConfigError(
+                f"--resume with settings that differ from the interrupted run: {shown}"
+                + (", ..." if len(changed) > 4 else ""),
+                hint="resume with the same options (only --workers and --threads may change)",
+            )
+
+    def _read_json(self, path: Path) -> Dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ConfigError(
+                f"{path} is damaged ({type(exc).__name__}); this run cannot be resumed",
+                hint=f"remove {self.path} and start again",
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is damaged; this run cannot be resumed", hint=f"remove {self.path} and start again")
+        return data
 
     # -- progress -------------------------------------------------------------------------
     def read_progress(self) -> Dict[str, Any]:
-        return json.loads(self.progress_file.read_text(encoding="utf-8"))
+        data = self._read_json(self.progress_file)
+        if data.get("phase") not in ("admm", "retrain") or not isinstance(data.get("step"), int) or "report" not in data:
+            raise ConfigError(f"{self.progress_file} is damaged; this run cannot be resumed",
+                              hint=f"remove {self.path} and start again")
+        return data
 
     def write_progress(self, progress: Dict[str, Any]) -> None:
         self.write_json(self.progress_file, progress)

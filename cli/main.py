@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,14 +15,18 @@ from typing import Optional
 
 import click
 
-from admm_onnx.errors import AdmmOnnxError, ConfigError
+from admm_onnx.errors import AdmmOnnxError, ConfigError, as_user_error, clean_message
 from admm_onnx.training import Progress
 
 log = logging.getLogger("admm_onnx.cli")
 
 
 class Interrupted(Exception):
-    """Ctrl-C with a message saying how to go on."""
+    """Ctrl-C (or SIGTERM / SIGHUP: ``signum``) with a message saying how to go on."""
+
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class ClickProgress(Progress):
@@ -78,13 +81,12 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 
 
 def _write_json(path: Optional[str], data) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (the path was checked by an OutputPlan)."""
     if not path:
         return
-    from admm_onnx.io import atomic_path, check_output_path
+    from admm_onnx.io import write_text
 
-    out = check_output_path(path)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,9 +209,10 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     crash or a kill, the same command with --resume continues from the last completed step.
     """
     from admm_onnx.config import PruneConfig, load_config
-    from admm_onnx.data import load_dataset
-    from admm_onnx.io import check_output_path
+    from admm_onnx.data import dataset_paths, load_dataset
+    from admm_onnx.io import OutputPlan, load_model, uses_external_data
     from admm_onnx.pipeline import make_readers, prepare_model, prune as run_prune
+    from admm_onnx.workdir import WorkDir
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
@@ -229,37 +232,48 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             raise ConfigError("--sparsity and a budget (--compression, --target-params, --target-macs) exclude each other")
         config = config.replace(compression=compression, target_params=target_params, target_macs=target_macs)
     config = config.replace(min_keep=min_keep, max_keep=max_keep, allocation=allocation)
-    check_output_path(out, model)
     if plot_path:
         from admm_onnx.plot import plot_format
 
         plot_format(plot_path)  # fail on a bad suffix before training
-    for extra in (report_path, sparse_output, plot_path):
-        if extra:
-            check_output_path(extra, model)
-            if Path(extra).resolve() == Path(out).resolve():
-                raise ConfigError(f"{extra} is also the -o output; choose another path")
+    work = Path(workdir) if workdir else Path(str(out) + ".admm-work")
+    # Every input and output of the run, checked against each other before anything is written.
+    external = uses_external_data(load_model(model, load_external_data=False)) or None
+    plan = OutputPlan()
+    plan.add_model_input(model)
+    plan.add_input(config_path, what="the --config file")
+    plan.add_input(*dataset_paths(data), what="the -d data")
+    plan.add_output(out, "-o", model=True, external=external)
+    plan.add_output(sparse_output, "--sparse-output", model=True, external=external)
+    plan.add_output(report_path, "--report")
+    plan.add_output(plot_path, "--plot")
+    plan.add_workdir(work)
+    dataset = load_dataset(data)
     prepared = prepare_model(model, config.output)
     if channels is not None:
         if resume:
             raise ConfigError("--resume is not supported with --structure channel")
     elif config.compression is None and config.target_params is None and config.target_macs is None:
         config.plan(prepared.info)  # fail on bad rules before loading data
-    dataset = load_dataset(data)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
-    work = Path(workdir) if workdir else Path(str(out) + ".admm-work")
     t0 = time.perf_counter()
     try:
         report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
                            channels=channels)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        raise Interrupted(f"Interrupted. Progress is saved in {work}: run the same command with --resume to continue.")
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        signum = getattr(exc, "signum", None)
+        how = f"by signal {signum}" if signum else ""
+        if (work / "progress.json").exists():
+            raise Interrupted(f"Interrupted{' ' + how if how else ''}. Progress is saved in {work}: "
+                              "run the same command with --resume to continue.", signum) from None
+        raise Interrupted(f"Interrupted{' ' + how if how else ''} before the first step completed; nothing to resume.",
+                          signum) from None
     except AdmmOnnxError as exc:
         if (work / "progress.json").exists() and not isinstance(exc, (ConfigError,)):
             exc.hint = (exc.hint + "; " if exc.hint else "") + f"progress so far is in {work}, continue with --resume"
         raise
     if not keep_workdir:
-        shutil.rmtree(work, ignore_errors=True)
+        WorkDir(work).remove()  # only what the run wrote
     report.phase_seconds["total"] = time.perf_counter() - t0
     report.command = shlex.join(["admm-onnx", *ctx.obj.get("argv", [])])
     click.echo(report.table())
@@ -315,8 +329,8 @@ def _write_sparse(model_path, output) -> None:
 def train(ctx, model, out, out_old, epochs, data, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
     """Dense training of MODEL on DATA (e.g. from scratch) before pruning."""
     from admm_onnx.config import PruneConfig
-    from admm_onnx.data import load_dataset
-    from admm_onnx.io import check_output_path
+    from admm_onnx.data import dataset_paths, load_dataset
+    from admm_onnx.io import OutputPlan, load_model, uses_external_data
     from admm_onnx.pipeline import make_readers, prepare_model, train as run_train
 
     _setup_logging(quiet, ctx.obj["debug"])
@@ -325,10 +339,15 @@ def train(ctx, model, out, out_old, epochs, data, lr, batch_size, seed, workers,
         raise click.BadParameter("must be at least 1", param_hint="--epochs")
     config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name, threads=threads,
                                    workers=workers)
-    check_output_path(out, model)
+    plan = OutputPlan()
+    plan.add_model_input(model)
+    plan.add_input(*dataset_paths(data), what="the -d data")
+    plan.add_output(out, "-o", model=True, external=uses_external_data(load_model(model, load_external_data=False)) or None)
+    work = plan.add_workdir(Path(str(out) + ".admm-work"), option="-o")
+    dataset = load_dataset(data)
     prepared = prepare_model(model, config.output)
-    train_reader, eval_reader, _ = make_readers(prepared, load_dataset(data), config.batch_size, config.seed)
-    report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet))
+    train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
+    report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
     click.echo(f"Top-1 {100 * report.accuracy_after:.2f}% (loss {report.loss_after:.4f}) after {epochs} epoch(s); wrote {out}")
 
 
@@ -420,19 +439,84 @@ from .plot_cmd import plot as _plot  # noqa: E402
 cli.add_command(_plot)
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, handled like Ctrl-C (state committed, resume hint)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    raise _Signalled(signum)
+
+
+def _install_signal_handlers() -> dict:
+    import signal
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError, TypeError):
+            pass
+
+
+def _split_debug(argv):
+    """``--debug`` anywhere before ``--`` is the global flag (also after the subcommand)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    cut = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:cut]
+    if debug:
+        args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
+        args.insert(0, "--debug")
+    return args, debug
+
+
+def _usage_line(exc: click.exceptions.UsageError) -> str:
+    command = exc.ctx.command_path if exc.ctx is not None else "admm-onnx"
+    message = " ".join(exc.format_message().split())
+    return f"error: {message} (see '{command} --help')"
+
+
 def main(argv=None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args, debug = _split_debug(argv)
+    previous = _install_signal_handlers()
     try:
-        cli.main(args=argv, prog_name="admm-onnx", standalone_mode=False,
+        cli.main(args=args, prog_name="admm-onnx", standalone_mode=False,
                  obj={"argv": list(argv if argv is not None else sys.argv[1:])})
     except Interrupted as exc:
         click.echo(str(exc), err=True)
-        return 130
+        return 128 + exc.signum if getattr(exc, "signum", None) else 130
+    except _Signalled as exc:
+        click.echo(f"Interrupted by signal {exc.signum}.", err=True)
+        return 128 + exc.signum
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Interrupted.", err=True)
         return 130
+    except click.exceptions.UsageError as exc:
+        if debug:
+            raise
+        click.echo(_usage_line(exc), err=True)
+        return 2
     except click.exceptions.ClickException as exc:
-        exc.show()
+        if debug:
+            raise
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -441,6 +525,19 @@ def main(argv=None) -> int:
             raise
         click.echo(f"error: {exc.one_line()}", err=True)
         return 2
+    except Exception as exc:  # anything else escaping the library is a bug
+        user_error = as_user_error(exc)
+        if debug:
+            raise
+        if user_error is not None:
+            click.echo(f"error: {user_error.one_line()}", err=True)
+            return 2
+        text = clean_message(str(exc))[:300]
+        click.echo(f"error: internal error: {type(exc).__name__}{': ' + text if text else ''} "
+                   f"(this is a bug; run with --debug for the traceback)", err=True)
+        return 1
+    finally:
+        _restore_signal_handlers(previous)
     return 0
 
 

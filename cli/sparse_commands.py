@@ -25,6 +25,13 @@ def _load(path: Path) -> Tuple[onnx.ModelProto, bool]:
     return model, external
 
 
+def _plan_output(model_path: Path, output: Path, external: bool) -> None:
+    """Refuse an output that is the input model, its external data, a device, a folder..."""
+    plan = io.OutputPlan()
+    plan.add_model_input(model_path)
+    plan.add_output(output, "-o", model=True, external=True if external else None)
+
+
 def _footprint(path: Path) -> int:
     """Bytes on disk of a model file plus the external data files it points to."""
     total = path.stat().st_size
@@ -82,7 +89,7 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
 def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str) -> None:
     """Store the sparse weights of PRUNED.onnx compactly in a new ONNX file."""
     model, external = _load(model_path)
-    io.check_output_path(output, model_path)
+    _plan_output(model_path, output, external)
     result, report = sparse.export_sparse(model, fmt=fmt, min_sparsity=min_sparsity, values=values)
     io.save_model(result, output, external_data=True if external else None)
     rows = report.rows
@@ -107,7 +114,7 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
 def densify_cmd(model_path: Path, output: Path) -> None:
     """Turn a sparse ONNX file (csr or coo) back into plain dense weights."""
     model, external = _load(model_path)
-    io.check_output_path(output, model_path)
+    _plan_output(model_path, output, external)
     dense = sparse.densify(model)
     io.save_model(dense, output, external_data=True if external else None)
     click.echo(f"wrote {output}: {_footprint(model_path):,} -> {_footprint(output):,} bytes")

@@ -128,8 +128,8 @@ def _bad_cases(tmp, model, good_npz, data):
         "string data": (["-d", str(_npz(tmp / "t.npz", x=np.array(["a"] * 20), y=np.zeros(20, np.int64)))], "numeric"),
         "missing data": (["-d", str(tmp / "nodata.npz")], "not found"),
         "unknown data spec": (["-d", "imagenet"], "unknown data spec"),
-        "output is input": (["-o", str(model)], "output path is the input"),
-        "output dir missing": (["-o", str(tmp / "no" / "dir" / "out.onnx")], "output directory does not exist"),
+        "output is input": (["-o", str(model)], "is the input model"),
+        "output dir missing": (["-o", str(tmp / "no" / "dir" / "out.onnx")], "does not exist"),
     }
 
 

@@ -153,6 +153,9 @@ class PruneConfig:
     #: ADMM stops when every layer's relative primal residual ||W - Z|| / ||W|| is at most this
     #: (0: always run admm_iters).
     admm_tol: float = 0.02
+    #: Z/U update (and rho change) every this many optimizer steps inside the ADMM epochs, and
+    #: at the end of every ADMM iteration; 0: only at the end of every iteration (the paper).
+    admm_update_steps: int = 0
     lr: float = 1e-3
     retrain_lr: Optional[float] = None
     #: "constant" or "cosine" (decay to 0 over the retraining phase) for masked retraining.
@@ -196,6 +199,7 @@ class PruneConfig:
         _check_positive(self.rho_growth, "rho_growth")
         _check_positive(self.rho_ratio, "rho_ratio")
         _check_positive(self.admm_tol, "admm_tol", allow_zero=True)
+        _check_positive(self.admm_update_steps, "admm_update_steps", allow_zero=True, integer=True)
         _check_positive(self.lr, "lr")
         if self.retrain_lr is not None:
             _check_positive(self.retrain_lr, "retrain_lr")

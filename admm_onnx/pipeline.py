@@ -291,9 +291,10 @@ def _epoch(
     label: str,
     progress: Progress,
     report: PruneReport,
+    after_step=None,
 ) -> Optional[EpochStats]:
     """One training epoch (+ evaluation if a reader is given), logged and recorded in ``report``."""
-    stats = trainer.train_epoch(reader, progress, label)
+    stats = trainer.train_epoch(reader, progress, label, after_step)
     report.samples_seen += stats.samples
     ev = trainer.evaluate(eval_reader) if eval_reader is not None else None
     report.epochs.append(
@@ -526,25 +527,50 @@ class _PruneRun:
                     log.info("rho for %s: %.3g (auto)", n, rho)
             self._commit("admm", 0)
         state.write(trainer)
+        every = c.admm_update_steps
+        pending = [0]  # optimizer steps since the last Z/U update
+
+        def z_u_update(label: str) -> bool:
+            """One Z/U update from the current weights; True once ADMM has converged."""
+            pending[0] = 0
+            residuals = state.update(trainer)
+            report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
+                                     for n, r in residuals.items()})
+            for n, r in residuals.items():
+                log.debug("%s update %d %s: primal %.4f, dual %.4f, rho %.2e", label, state.iteration, n, r.primal,
+                          r.dual, state.rho[n])
+            if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
+                raise TrainingError(
+                    f"ADMM residuals exploded at update {state.iteration}; the last good state is in {work.path}",
+                    hint="lower --rho or --rho-growth",
+                )
+            return state.converged()
+
         for it in range(start, c.admm_iters):
             if state.converged():
                 break
             t0 = time.perf_counter()
             label = f"ADMM {it + 1}/{c.admm_iters}"
+
+            def after_step(label=label) -> bool:
+                pending[0] += 1
+                if not every or pending[0] < every:
+                    return False
+                done = z_u_update(label)
+                trainer.begin_training()  # workers see the new targets and rho
+                return done
+
             for e in range(c.epochs_per_iter):
                 _set_epoch(self.train_reader, it * c.epochs_per_iter + e)
                 sub = f" epoch {e + 1}/{c.epochs_per_iter}" if c.epochs_per_iter > 1 else ""
-                _epoch(trainer, self.train_reader, None, label + sub, self.progress, report)
-            residuals = state.update(trainer)
-            report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
-                                     for n, r in residuals.items()})
-            for n, r in residuals.items():
-                log.info("%s %s: primal %.4f, dual %.4f, rho %.2e", label, n, r.primal, r.dual, state.rho[n])
-            if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
-                raise TrainingError(
-                    f"ADMM residuals exploded at iteration {it + 1}; the last good state is in {work.path}",
-                    hint="lower --rho or --rho-growth",
-                )
+                _epoch(trainer, self.train_reader, None, label + sub, self.progress, report, after_step)
+                if state.converged():
+                    break
+            if pending[0] or not every:
+                z_u_update(label)
+            for n, r in state.residuals().items():
+                log.info("%s %s: primal %.4f, dual %.4f, rho %.2e (%d Z/U updates so far)", label, n, r.primal, r.dual,
+                         state.rho[n], state.iteration)
             report.phase_seconds["admm"] = report.phase_seconds.get("admm", 0.0) + time.perf_counter() - t0
             work.save_checkpoint(trainer, "admm")
             work.save_state(state)

@@ -316,8 +316,13 @@ class Trainer:
         self.step += 1
         return loss, logits
 
-    def train_epoch(self, reader: DataReader, progress: Progress = NO_PROGRESS, label: str = "train") -> EpochStats:
-        """One pass over ``reader`` with an optimizer step per batch."""
+    def train_epoch(self, reader: DataReader, progress: Progress = NO_PROGRESS, label: str = "train",
+                    after_step: Optional[Callable[[], bool]] = None) -> EpochStats:
+        """One pass over ``reader`` with an optimizer step per batch.
+
+        ``after_step`` (optional) is called after every step; when it returns True the epoch
+        ends there (e.g. ADMM converged mid-epoch). It may rewrite frozen parameters: call
+        :meth:`begin_training` from it so worker processes see them."""
         total_loss, correct, seen = 0.0, 0, 0
         try:
             total = len(reader)
@@ -338,6 +343,8 @@ class Trainer:
                 correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
                 seen += n
                 progress.advance(1, loss=loss)
+                if after_step is not None and after_step():
+                    break
         finally:
             progress.finish()
         dt = time.perf_counter() - t0

@@ -324,18 +324,28 @@ def train(
     config: Optional[PruneConfig] = None,
     progress: Progress = NO_PROGRESS,
     workdir: Optional[Path] = None,
+    schedule: str = "constant",
 ) -> PruneReport:
     """Dense training (no pruning) of all trainable parameters; writes ``model_output``.
 
     ``workdir``: where the training artifacts go (claimed like prune's, always removed after);
-    a temporary folder by default."""
+    a temporary folder by default. ``schedule``: "constant" (``config.lr`` throughout) or
+    "cosine" (from ``config.lr`` down to 0 over the ``epochs``; needs a reader with a length)."""
     config = config or PruneConfig()
+    if schedule not in ("constant", "cosine"):
+        raise ConfigError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
     with _workdir(workdir, keep=False) as work:
         trainer = _trainer(prepared, prepared.training, work / "dense", config, ClassifierLoss(config.loss), (), config.lr)
+        if schedule == "cosine":
+            try:
+                steps_per_epoch = len(train_reader)
+            except TypeError:
+                raise ConfigError("a cosine schedule needs a training reader with a length") from None
+            trainer.schedule = cosine_schedule(config.lr, steps_per_epoch * epochs)
         if eval_reader is not None:
             before = trainer.evaluate(eval_reader)
             report.accuracy_before, report.loss_before = before.accuracy, before.loss

@@ -84,6 +84,7 @@ def check_shrinks(model, analysis=None, seeds=4):
         rng = np.random.default_rng(seed)
         keep = {g.id: np.sort(rng.choice(g.size, rng.integers(1, g.size), replace=False)) for g in groups}
         small = shrink(model, analysis, keep)
+        onnx.checker.check_model(small, full_check=True)
         onnx.shape_inference.infer_shapes(small, strict_mode=True)
         verify(masked(model, analysis, keep), small, seed=seed)
         original = {t.name for t in model.graph.initializer}

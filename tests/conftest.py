@@ -52,3 +52,18 @@ def mlp_small(tmp_path) -> Path:
     path = tmp_path / "mlp.onnx"
     onnx.save(build("lenet300-100", input_shape=(1, 8, 8), num_classes=4), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def deploy_env():
+    """Plain onnxruntime (the newest release) in ``.venv-deploy``, created on first use (see
+    tests/deploy_env.py). Skipped only when ADMM_ONNX_NO_DEPLOY_ENV=1; a runtime that cannot be
+    created fails the tests that need it."""
+    from deploy_env import SKIP_VAR, DeployEnvError, get_env
+
+    if os.environ.get(SKIP_VAR) == "1":
+        pytest.skip(f"{SKIP_VAR}=1: deployment runtime checks skipped")
+    try:
+        return get_env()
+    except DeployEnvError as exc:
+        pytest.fail(f"deployment runtime unavailable (set {SKIP_VAR}=1 to skip deliberately): {exc}")

@@ -1,0 +1,74 @@
+"""Export formats: one module per way of storing weights, behind a registry.
+
+A format (:class:`~admm_onnx.formats.base.Format`) knows how to *encode* a model's weights
+(returning a new model and an :class:`~admm_onnx.formats.base.ExportReport`), how to recognise a
+model it wrote (``detect``), how to turn such a model back into plain dense initializers
+(``decode``), and how much each weight costs (``stored``, for ``inspect``). Its ``limits`` text
+says what other tools and runtime settings do to its files.
+
+``REGISTRY`` maps a name to its format; ``admm-onnx export --format NAME``, ``densify`` and
+``inspect`` go through it. A new format is one module calling :func:`register`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import onnx
+
+from ..errors import ConfigError
+from .base import ExportReport, Format, WeightRow, WeightTable
+
+#: name -> format, in registration order (the CLI lists them in this order).
+REGISTRY: Dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    """Add ``fmt`` under ``fmt.name`` (a name may be registered once)."""
+    if fmt.name in REGISTRY and REGISTRY[fmt.name] is not fmt:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> Format:
+    """The format called ``name``; :class:`ConfigError` naming the choices otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+def names() -> Tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def detect(model: onnx.ModelProto) -> Optional[Format]:
+    """The registered format that wrote ``model`` (``None`` for a plain dense model)."""
+    for fmt in REGISTRY.values():
+        if fmt.name != "dense" and fmt.detect(model):
+            return fmt
+    return None
+
+
+def export(model: onnx.ModelProto, fmt: str = "csr", **options) -> Tuple[onnx.ModelProto, ExportReport]:
+    """``get(fmt).encode(model, **options)``; the input model is never modified."""
+    return get(fmt).encode(model, **options)
+
+
+def decode(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every stored weight back as a plain dense initializer."""
+    from ..errors import ModelError
+
+    fmt = detect(model)
+    if fmt is None:
+        raise ModelError("the model has no encoded weights to densify")
+    return fmt.decode(model)
+
+
+# Registration order = CLI order. Imported last: the modules import the names above.
+from . import dense as _dense  # noqa: E402,F401
+from . import csr as _csr  # noqa: E402,F401
+from . import coo as _coo  # noqa: E402,F401
+
+__all__ = ["REGISTRY", "Format", "ExportReport", "WeightRow", "WeightTable", "register", "get", "names",
+           "detect", "export", "decode"]

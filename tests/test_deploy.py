@@ -1,0 +1,103 @@
+"""Every registered export format in the deployment runtime (plain onnxruntime, newest release).
+
+For each format: the exported file loads in onnxruntime, its outputs equal bit for bit those of
+the same weights stored dense (``fmt.decode`` of the file), the decode subgraph is gone from the
+graph onnxruntime runs (folded at session creation) and batch-1 latency is within 5% of dense
+(interleaved in one process, median of paired ratios, repeated when the machine is loaded).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from admm_onnx import formats
+
+#: Op types of the graph a dense MLP runs after onnxruntime's optimizations (with fusions).
+MODEL_OPS = {"Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Relu", "Add", "Flatten"}
+#: Allowed batch-1 slowdown against dense.
+TOLERANCE = 1.05
+
+
+def mlp(sizes=(256, 768, 768, 10), keep=0.1, seed=0, opset=17) -> onnx.ModelProto:
+    """An MLP of Gemm + Relu with magnitude-pruned weights (``keep`` of each kept nonzero), big
+    enough that batch 1 takes a few hundred microseconds."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    x = "input"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32)
+        cut = np.quantile(np.abs(w), 1 - keep)
+        w[np.abs(w) < cut] = 0
+        bias = (0.1 * rng.standard_normal(b)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"fc{i}.weight"), numpy_helper.from_array(bias, f"fc{i}.bias")]
+        y = f"h{i}" if i < len(sizes) - 2 else "output"
+        nodes.append(helper.make_node("Gemm", [x, f"fc{i}.weight", f"fc{i}.bias"], [f"g{i}" if y != "output" else y],
+                                      transB=1))
+        if y != "output":
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [y]))
+        x = y
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", sizes[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", sizes[-1]])], initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mlp()
+
+
+@pytest.fixture(scope="module")
+def feeds():
+    return {"input": np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)}
+
+
+def _exported(model, name):
+    fmt = formats.get(name)
+    out, _ = fmt.encode(model)
+    return fmt, out
+
+
+def _ops(path) -> set:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+#: Formats known not to meet the bar yet, with the reason (strict: an unexpected pass fails).
+KNOWN_BAD = {
+    "csr": "its decode uses Compress, whose output shape onnxruntime >= 1.27 cannot estimate, so the "
+           "constant-folding size guard skips it and everything after it",
+}
+FORMATS = [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BAD[n], strict=True)) if n in KNOWN_BAD
+           else pytest.param(n) for n in formats.names()]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_bit_exact_and_folded(deploy_env, model, feeds, name, tmp_path):
+    fmt, out = _exported(model, name)
+    decoded = fmt.decode(out)
+    res = deploy_env.run({"file": out, "decoded": decoded, "dense": model}, feeds, optimized=True, workdir=tmp_path)
+    for a, b in zip(res.outputs["file"], res.outputs["decoded"]):
+        assert a.dtype == b.dtype and np.array_equal(a, b), f"{name}: outputs differ from the decoded dense model"
+    # lossless formats: the decoded model is the input model
+    for a, b in zip(res.outputs["decoded"], res.outputs["dense"]):
+        assert np.array_equal(a, b)
+    left = _ops(res.optimized["file"]) - _ops(res.optimized["dense"])
+    assert not left, f"{name}: decode ops left in the graph onnxruntime {res.onnxruntime} runs: {sorted(left)}"
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_batch1_latency_as_dense(deploy_env, model, feeds, name):
+    fmt, out = _exported(model, name)
+    ratios = []
+    for attempt in range(4):  # the machine is shared: retry before calling a slowdown real
+        res = deploy_env.run({"file": out, "dense": model}, feeds, runs=300, warmup=30)
+        ratios.append(res.ratio("file", "dense"))
+        if ratios[-1] <= TOLERANCE:
+            break
+    assert min(ratios) <= TOLERANCE, (
+        f"{name}: batch-1 time / dense = {', '.join(f'{r:.3f}' for r in ratios)} in onnxruntime {res.onnxruntime} "
+        f"(dense median {res.median('dense') * 1e6:.0f} us)"
+    )

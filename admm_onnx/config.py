@@ -231,14 +231,16 @@ class PruneConfig:
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
 
-    def with_sparsity(self, sparsity: Optional[float], bits: Optional[int] = None) -> "PruneConfig":
+    def with_sparsity(self, sparsity: Optional[float], bits: Optional[int] = None,
+                      quant_scale: str = "channel") -> "PruneConfig":
         """Prepend a rule pruning every prunable weight to ``sparsity`` and, with ``bits``, quantizing
-        it (file rules still override)."""
-        return dataclasses.replace(self, rules=(Rule(sparsity=sparsity, bits=bits),) + self.rules)
+        it with one scale per ``quant_scale`` ("channel" or "tensor"; file rules still override)."""
+        rule = Rule(sparsity=sparsity, bits=bits, quant_scale=quant_scale)
+        return dataclasses.replace(self, rules=(rule,) + self.rules)
 
-    def with_bits(self, bits: int) -> "PruneConfig":
+    def with_bits(self, bits: int, quant_scale: str = "channel") -> "PruneConfig":
         """Prepend a rule quantizing every prunable weight to ``bits`` (no sparsity)."""
-        return self.with_sparsity(None, bits)
+        return self.with_sparsity(None, bits, quant_scale)
 
     def rho_policy(self):
         """The :class:`~admm_onnx.admm.RhoPolicy` of this configuration."""

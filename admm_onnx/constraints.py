@@ -112,7 +112,8 @@ class Levels(Constraint):
     then the kept entries are moved onto levels with the scale fitted to them
     (:func:`~admm_onnx.quantization.fit_levels`). Entries that round to zero stay free in
     :meth:`mask` (the mask is the support, not the nonzeros). After the hard step the tensor is
-    frozen on its levels (``freeze = True``).
+    on its levels (``freeze = True``); the pipeline's retraining keeps it there through fake
+    quantization (graph/fake_quant.py) rather than freezing it.
     """
 
     freeze = True

@@ -10,7 +10,8 @@ Phases of :func:`prune`:
    primal residual is under ``admm_tol``;
 3. hard step: each variable projected onto its constraint set (sparsity, levels, ...);
 4. masked retraining, ``retrain_epochs`` epochs with a fresh optimizer, W * M in the graph,
-   quantized weights frozen on their levels;
+   quantized weights read through fake quantization (graph/fake_quant.py: levels in the forward
+   pass, straight-through gradient, scales refitted per epoch), written on their levels;
 5. the original graph written back with the trained weights, pruned ones exactly zero.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .io import check_output_path, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import ClassifierLoss
 from .progress import as_progress
+from .quantization import QuantSpec, fit_levels, max_level, read_quantization
 from .report import PruneReport, model_rows, utc_now, weight_histograms
 from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts, cosine_schedule
 
@@ -599,7 +601,10 @@ class _PruneRun:
                 report.hard_prune_gap = report.accuracy_after_admm - report.accuracy_hard_pruned
                 log.info("hard-prune gap: %.2f points", 100 * report.hard_prune_gap)
         arrays = {f"w/{n}": trainer.get(n) for n in self.prepared.info.trainable}
-        arrays.update({f"m/{n}": m for n, m in hard.masks.items() if n not in hard.frozen})
+        # Quantized weights (frozen on levels by the engine) retrain through fake quantization:
+        # their support mask is kept when it is not everything.
+        arrays.update({f"m/{n}": m for n, m in hard.masks.items()
+                       if n not in hard.frozen or (n in hard.info and not np.all(m))})
         arrays.update({f"f/{n}": np.ones(0, np.int8) for n in hard.frozen})
         work.save_arrays("pruned.npz", arrays)
         self._commit("retrain", 0)
@@ -611,11 +616,15 @@ class _PruneRun:
         arrays = work.load_arrays("pruned.npz")
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
         masks = {k[2:]: v.astype(bool) for k, v in arrays.items() if k.startswith("m/")}
-        frozen = [k[2:] for k in arrays if k.startswith("f/")]  # fixed entirely (quantization levels)
+        quant = read_quantization(report.to_dict())  # the hard step's levels
+        # Fixed entirely; quantized weights instead retrain through fake quantization (STE).
+        frozen = [k[2:] for k in arrays if k.startswith("f/") and k[2:] not in quant]
         model, mask_params = masked_model(self.prepared.training, weights, masks)
+        fq = _FakeQuant(quant, weights, masks)
         lr = c.retrain_lr or c.lr
         trainer = _trainer(
-            self.prepared, model, work.path / "retrain", c, ClassifierLoss(c.loss), mask_params + frozen, lr,
+            self.prepared, model, work.path / "retrain", c, ClassifierLoss(c.loss),
+            mask_params + fq.insert(model) + frozen, lr,
             checkpoint=work.existing_checkpoint("retrain") if start else None,
             trainable=[n for n in self.prepared.info.trainable if n not in frozen],
         )
@@ -630,6 +639,7 @@ class _PruneRun:
             t0 = time.perf_counter()
             _set_epoch(self.train_reader, c.admm_iters * c.epochs_per_iter + e)
             label = f"retrain {e + 1}/{c.retrain_epochs}"
+            fq.refit(trainer)  # scales fitted to the latent weights; the epoch trains and evaluates with them
             _epoch(trainer, self.train_reader, self.eval_reader, label, self.progress, report)
             report.phase_seconds["retrain"] = report.phase_seconds.get("retrain", 0.0) + time.perf_counter() - t0
             work.save_checkpoint(trainer, "retrain")
@@ -637,10 +647,55 @@ class _PruneRun:
         weights = {n: trainer.get(n) for n in self.prepared.info.trainable}
         for n, m in masks.items():
             weights[n] = np.where(m, weights[n], np.zeros_like(weights[n]))
+        report.quantization.update(fq.finish(trainer, weights))  # exactly on the levels, final scales
         probe = _first_batch(self.eval_reader if self.eval_reader is not None else self.train_reader)
         logits = trainer.logits(probe)
         trainer.close()
         return weights, logits, probe
+
+
+class _FakeQuant:
+    """The quantized weights of masked retraining: fake quantization in the graph
+    (graph/fake_quant.py), scales refitted per epoch, exact levels at the end."""
+
+    def __init__(self, specs, weights, masks):
+        self.specs, self.masks = dict(specs), masks
+        self.shapes = {n: np.shape(weights[n]) for n in self.specs}
+
+    def insert(self, model: onnx.ModelProto) -> List[str]:
+        """Insert Q(W) for every quantized weight; returns the scale parameter names (frozen)."""
+        from .graph.fake_quant import insert_fake_quant, scale_array
+
+        if not self.specs:
+            return []
+        return list(insert_fake_quant(model, {
+            n: (max_level(s.bits), scale_array(s.scale, self.shapes[n], s.axis)) for n, s in self.specs.items()
+        }).values())
+
+    def _latent(self, trainer, name):
+        w = trainer.get(name)
+        m = self.masks.get(name)
+        return w if m is None else np.where(m, w, np.zeros_like(w))
+
+    def refit(self, trainer) -> None:
+        """Scales fitted (quantization.fit_levels) to the latent weights, written to the graph."""
+        from .graph.fake_quant import scale_array, scale_name
+
+        for n, s in self.specs.items():
+            _, scale = fit_levels(self._latent(trainer, n), s.bits, s.axis, self.masks.get(n))
+            trainer.set(scale_name(n), scale_array(scale, self.shapes[n], s.axis))
+
+    def finish(self, trainer, weights: Dict[str, np.ndarray]) -> Dict[str, Dict[str, object]]:
+        """Write the quantized weights (as the graph computed them, exactly on the levels of the
+        scales of the last epoch) into ``weights``; returns their report facts."""
+        from .graph.fake_quant import quantize_like_graph, scale_name
+
+        out = {}
+        for n, s in self.specs.items():
+            scale = trainer.get(scale_name(n))
+            _, weights[n] = quantize_like_graph(weights[n], scale, max_level(s.bits))
+            out[n] = QuantSpec(s.bits, tuple(float(x) for x in scale.reshape(-1)), s.axis).to_dict()
+        return out
 
 
 def _gradient_norms(trainer: Trainer, reader: DataReader, names: Sequence[str], batches: int) -> Dict[str, float]:

@@ -36,6 +36,8 @@ class LayerRow:
     prunable: bool = True
     #: why the weight was not pruned (excluded by the config, or not prunable), else None
     reason: Optional[str] = None
+    #: k of the weight's k-bit levels when it was quantized, else None
+    bits: Optional[int] = None
 
     @property
     def kept_percent(self) -> float:
@@ -60,6 +62,7 @@ class LayerRow:
         return cls(
             r.get("name", r.get("layer")), r["weights"], r["nonzero"], r.get("target_sparsity", r.get("sparsity_target")),
             r.get("op", ""), tuple(r.get("shape", ())), r.get("structure"), r.get("prunable", True), r.get("reason"),
+            r.get("bits"),
         )
 
 
@@ -212,6 +215,7 @@ def model_rows(model, info=None, plan=None) -> List[LayerRow]:
                        shape=tuple(int(d) for d in arr.shape))
         if name in plan:
             row.target_sparsity, row.structure = float(plan[name].sparsity), plan[name].structure
+            row.bits = getattr(plan[name], "bits", None)
         elif info is not None and name in info.prunable:
             row.reason = "excluded by the config" if plan else "not pruned (dense training)"
         elif info is not None:
@@ -251,11 +255,14 @@ def weight_histograms(before: Dict[str, np.ndarray], after: Dict[str, np.ndarray
 
 
 def layer_table(rows: List[LayerRow]) -> str:
-    header = ("Layer", "Weights", "Weights after prune", "% kept")
+    """The paper's table; a Bits column (k of the k-bit levels, "32" for float) when any weight was quantized."""
+    bits = any(r.bits for r in rows)
+    header = ("Layer", "Weights", "Weights after prune", "% kept") + (("Bits",) if bits else ())
     body = [(r.name + ("" if r.reason is None else " (not pruned)"), f"{r.weights:,}", f"{r.nonzero:,}", f"{r.kept_percent:.2f}%")
-            for r in rows]
+            + ((str(r.bits or 32),) if bits else ()) for r in rows]
     total_w, total_nz = sum(r.weights for r in rows), sum(r.nonzero for r in rows)
-    body.append(("Total", f"{total_w:,}", f"{total_nz:,}", f"{100.0 * total_nz / max(1, total_w):.2f}%"))
+    body.append(("Total", f"{total_w:,}", f"{total_nz:,}", f"{100.0 * total_nz / max(1, total_w):.2f}%")
+                + (("",) if bits else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     fmt = lambda cells: "| " + " | ".join(  # noqa: E731
         str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))

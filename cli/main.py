@@ -175,6 +175,8 @@ def _common_training_options(f):
 @click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed).  [default: 4]")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Quantize every prunable weight to symmetric k-bit levels (with --sparsity: both).")
+@click.option("--quant-scale", type=click.Choice(["channel", "tensor"]), default="channel",
+              help="With --bits: one scale per output channel or one per weight tensor.  [default: channel]")
 @click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho.  [default: auto, per layer from the loss gradient]")
 @click.option("--rho-mode", type=click.Choice(["balance", "growth"]), default=None,
               help="rho per layer from the residuals (balance) or times --rho-growth per iteration.  [default: balance]")
@@ -200,7 +202,7 @@ def _common_training_options(f):
 @click.pass_context
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, allocation, min_keep,
           max_keep,
-          admm_iters, epochs_per_iter, retrain_epochs, bits, rho, rho_mode, rho_growth, admm_tol,
+          admm_iters, epochs_per_iter, retrain_epochs, bits, quant_scale, rho, rho_mode, rho_growth, admm_tol,
           retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to, data, lr, batch_size,
           seed, workers, threads, loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
@@ -221,7 +223,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if channels is not None:
         sparsity = target_macs = None  # channel budgets, not weight rules
     if sparsity is not None or bits is not None:
-        config = config.with_sparsity(sparsity, None if bits is None else int(bits))
+        config = config.with_sparsity(sparsity, None if bits is None else int(bits), quant_scale)
     config = config.replace(
         admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, retrain_epochs=retrain_epochs, rho=rho,
         rho_mode=rho_mode, rho_growth=rho_growth, admm_tol=admm_tol, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,

@@ -45,7 +45,7 @@ from .io import check_output_path, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import ClassifierLoss
 from .progress import as_progress
-from .quantization import QuantSpec, fit_levels, max_level, read_quantization
+from .quantization import QuantSpec, fit_levels, mark_model, max_level, read_quantization
 from .report import PruneReport, model_rows, utc_now, weight_histograms
 from .training import NO_PROGRESS, EpochStats, Progress, Trainer, build_artifacts, cosine_schedule
 
@@ -470,8 +470,9 @@ def prune(
             saved = {"phase": "retrain", "step": 0}
         weights, reference, probe = run.retrain(start=saved["step"])
 
-    # The original graph with the new weights.
+    # The original graph with the new weights (and the quantized weights' specs, for exports).
     final = output_model(prepared, weights)
+    mark_model(final, report.quantization)
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     report.layers = model_rows(final, prepared.info, plan)

@@ -17,8 +17,11 @@ kept entries take part; the others are zero.
 Values are computed in float32 as ``float32(q) * float32(scale)``: the weights written by a
 run are exactly what ONNX ``DequantizeLinear(q, scale)`` computes, and :func:`to_integers`
 recovers ``q`` from them. Where the scales of a run are recorded: ``PruneReport.quantization``
-(``"quantization"`` in the report JSON), ``{weight: {"bits", "axis", "scale": [...]}}``;
-:func:`read_quantization` reads it back as :class:`QuantSpec` objects.
+(``"quantization"`` in the report JSON), ``{weight: {"bits", "axis", "scale": [...]}}``, and the
+written model itself (metadata key :data:`METADATA_KEY`, the same JSON: exports and
+``inspect`` read it from the file); :func:`read_quantization` reads either back as
+:class:`QuantSpec` objects, :func:`model_quantization` keeps only the specs the model's
+weights actually satisfy.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ import numpy as np
 #: Bit widths a rule may ask for.
 BITS = (2, 3, 4, 8)
 _STARTS = (1.0, 0.75, 0.5, 0.35)
+#: metadata_props key of a written model holding its quantized weights' specs (JSON).
+METADATA_KEY = "admm_onnx.quantization"
 
 
 def max_level(bits: int) -> int:
@@ -151,8 +156,41 @@ def to_integers(weight: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return q.astype(np.int8)
 
 
-def read_quantization(report: Union[str, Path, Mapping[str, object]]) -> Dict[str, QuantSpec]:
-    """Per-weight :class:`QuantSpec` from a run's report (a dict or the ``--report`` JSON path)."""
-    if not isinstance(report, Mapping):
+def read_quantization(report) -> Dict[str, QuantSpec]:
+    """Per-weight :class:`QuantSpec` from a run's report (a dict or the ``--report`` JSON path)
+    or from a model it wrote (an ``onnx.ModelProto``: its metadata, see :func:`mark_model`)."""
+    if hasattr(report, "metadata_props"):
+        entry = next((p.value for p in report.metadata_props if p.key == METADATA_KEY), None)
+        report = {"quantization": json.loads(entry) if entry else {}}
+    elif not isinstance(report, Mapping):
         report = json.loads(Path(report).read_text(encoding="utf-8"))
     return {name: QuantSpec.from_dict(d) for name, d in (report.get("quantization") or {}).items()}
+
+
+def mark_model(model, specs: Mapping[str, Union[QuantSpec, Mapping[str, object]]]) -> None:
+    """Record ``specs`` (weight -> QuantSpec or its dict) in ``model``'s metadata (in place,
+    replacing an earlier record; nothing is written for no specs)."""
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    if specs:
+        data = {n: (s.to_dict() if isinstance(s, QuantSpec) else dict(s)) for n, s in specs.items()}
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(data, sort_keys=True)
+
+
+def model_quantization(model) -> Dict[str, QuantSpec]:
+    """The specs recorded in ``model`` whose weights are exactly on their levels (a weight
+    changed since, e.g. by another tool, is left out)."""
+    from onnx import numpy_helper
+
+    specs = read_quantization(model)
+    out = {}
+    for t in model.graph.initializer:
+        if t.name in specs:
+            try:
+                to_integers(numpy_helper.to_array(t), specs[t.name])
+            except ValueError:
+                continue
+            out[t.name] = specs[t.name]
+    return out

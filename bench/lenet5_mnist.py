@@ -45,6 +45,7 @@ from admm_onnx.config import PruneConfig, Rule
 from admm_onnx.data import DataReader, load_idx_dir
 from admm_onnx.models import build
 from admm_onnx.pipeline import evaluate, make_readers, prepare_model, prune, train
+from admm_onnx.quantization import read_quantization
 from admm_onnx.sparse import export_sparse
 
 log = logging.getLogger("bench")
@@ -202,6 +203,25 @@ def parse_ratios(model: str, spec: str) -> Dict[str, float]:
     return out
 
 
+def parse_bits(spec: str, keep: Dict[str, float]) -> Dict[str, int]:
+    """--bits: one width for every weight of ``keep``, or name=bits,..."""
+    if "=" not in spec:
+        return {n: int(spec) for n in keep}
+    out = {}
+    for part in spec.split(","):
+        name, b = part.split("=", 1)
+        name = name.strip()
+        out[name if name.endswith(".weight") else name + ".weight"] = int(b)
+    return out
+
+
+def weight_bits_compression(rows) -> Optional[float]:
+    """Dense fp32 weight bits over the bits of the kept values alone (ADMM-NN's measure: no
+    index or container overhead), for quantized rows."""
+    stored = sum(r["nonzero"] * r.get("bits", 32) for r in rows)
+    return 32 * sum(r["weights"] for r in rows) / stored if stored else None
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -233,6 +253,9 @@ def table(rows, paper: Optional[dict]) -> str:
     if paper:
         head += ["Paper: after prune", "Paper %"]
     head += ["Ours: after prune", "Ours %"]
+    quant = any("bits" in r for r in rows)
+    if quant:
+        head += ["Bits"]
     body = []
     for r in rows:
         line = [r.get("name", r.get("layer")), f"{r['weights']:,}"]
@@ -240,13 +263,15 @@ def table(rows, paper: Optional[dict]) -> str:
             p = paper.get(r.get("name", r.get("layer")))
             line += [f"{p[1]:,}", f"{100 * p[1] / p[0]:.1f}%"] if p else ["", ""]
         line += [f"{r['nonzero']:,}", f"{100 * r['nonzero'] / r['weights']:.2f}%"]
+        if quant:
+            line += [str(r.get("bits", 32))]
         body.append(line)
     tw, tn = sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)
     total = ["Total", f"{tw:,}"]
     if paper:
         pn = sum(p[1] for p in paper.values())
         total += [f"{pn:,}", f"{100 * pn / tw:.2f}%"]
-    total += [f"{tn:,}", f"{100 * tn / tw:.2f}%"]
+    total += [f"{tn:,}", f"{100 * tn / tw:.2f}%"] + ([""] if quant else [])
     body.append(total)
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"  # noqa: E731
@@ -273,6 +298,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--compression", default=None, metavar="C",
                     help="instead of --ratios: a budget (e.g. 71x) and no per-layer ratios; prune chooses them "
                          "(sensitivity sweep on 2,000 training images + allocator, admm_onnx/allocation)")
+    ap.add_argument("--bits", default=None, metavar="SPEC",
+                    help="quantize the last stage's weights to k-bit levels as well (ADMM over sparsity + levels, "
+                         "fake-quantized retraining): one width (3) or name=bits,... (conv1=4,conv2=3,fc1=3,fc2=4)")
+    ap.add_argument("--quant-scale", choices=("channel", "tensor"), default="channel",
+                    help="with --bits: one scale per output channel or per tensor")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--augment-shift", type=int, default=None,
                     help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
@@ -301,6 +331,7 @@ def main(argv=None) -> dict:
     ratio_spec = f"auto {args.compression}" if args.compression else (args.ratios or DEFAULT_RATIOS[args.model])
     stages = [(spec, {} if spec.startswith("auto ") else parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
     keep = stages[-1][1]
+    bits = parse_bits(args.bits, keep) if args.bits else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.dataset_name or Path(args.mnist).name
@@ -320,9 +351,11 @@ def main(argv=None) -> dict:
     data = load_idx_dir(args.mnist)
     timings["load_data"] = time.perf_counter() - t0
 
-    def stage_config(stage_keep: Dict[str, float], spec: str = "") -> PruneConfig:
+    def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
+        bits = bits or {}
         return PruneConfig(
-            rules=tuple(Rule(sparsity=1.0 - k, names=(n,)) for n, k in stage_keep.items()),
+            rules=tuple(Rule(sparsity=1.0 - k, names=(n,), bits=bits.get(n), quant_scale=args.quant_scale)
+                        for n, k in stage_keep.items()),
             compression=spec[len("auto "):] if spec.startswith("auto ") else None,
             admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
             rho=sched["rho"], rho_growth=sched["rho_growth"], rho_mode="growth", admm_tol=0.0,  # the paper's schedule
@@ -356,7 +389,8 @@ def main(argv=None) -> dict:
         target = pruned_path if k == len(stages) else out / f"{args.model}_pruned_stage{k}.onnx"
         if k > 1 and isinstance(train_reader, ShiftReader) and sched["augment_phase"] != "all":
             train_reader.from_pass = train_reader.passes + admm_passes  # augment this stage's retraining only
-        report = prune(source, target, train_reader, stage_config(stage_keep, spec), eval_reader)
+        stage_bits = bits if k == len(stages) else None
+        report = prune(source, target, train_reader, stage_config(stage_keep, spec, stage_bits), eval_reader)
         reports.append(report)
         if report.allocation:  # --compression: the ratios the allocator chose
             stage_keep.update({n: v["fraction_kept"] for n, v in report.allocation["layers"].items()})
@@ -392,6 +426,13 @@ def main(argv=None) -> dict:
     inits = {t.name: numpy_helper.to_array(t) for t in pruned_model.graph.initializer}
     rows = [{"layer": n, "weights": int(inits[n].size), "nonzero": int(np.count_nonzero(inits[n])),
              "keep_target": keep[n]} for n in keep]
+    quant = read_quantization(report.to_dict())
+    for r in rows:
+        if r["layer"] in quant:
+            spec = quant[r["layer"]]
+            spec.integers(inits[r["layer"]])  # raises unless the written weight is exactly on its levels
+            r["bits"] = spec.bits
+            r["levels_used"] = int(np.unique(inits[r["layer"]]).size)
     total_w, total_nz = sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)
     dense_samples = len(train_reader) * batch * sched["dense_epochs"]
     samples = dense_samples + samples_pruning
@@ -409,6 +450,10 @@ def main(argv=None) -> dict:
           f"{pct(report.accuracy_after_admm)}, hard-pruned {pct(report.accuracy_hard_pruned)}"
           + (f"; after stage 1 {pct(reports[0].accuracy_after)}" if len(stages) > 1 else "") + f"); CSR file {pct(csr_eval.accuracy)}"
           + (f"; paper {pct(PAPER_TOP1)}" if paper else ""))
+    if quant:
+        print("Quantized: " + ", ".join(f"{r['layer'].split('.')[0]} {r['bits']}-bit" for r in rows if "bits" in r)
+              + f" ({args.quant_scale} scales); weight-bits compression (values only, no indices) "
+              f"{weight_bits_compression(rows):.0f}x")
     print(f"Prior art: {PRIOR_ART[args.model]}")
     print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print(f"Throughput: dense {dense_samples / timings['dense']:,.0f} samples/s (incl. per-epoch eval), "
@@ -442,6 +487,9 @@ def main(argv=None) -> dict:
         "residuals": [r.residuals for r in reports], "epochs": dense.epochs + [e for r in reports for e in r.epochs],
         "max_output_diff": report.max_output_diff,
         "allocation": reports[0].allocation,
+        "bits": bits or None, "quant_scale": args.quant_scale if bits else None,
+        "quantization": report.quantization or None,
+        "weight_bits_compression": weight_bits_compression(rows) if quant else None,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result

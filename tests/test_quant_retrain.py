@@ -10,7 +10,7 @@ from admm_onnx.config import PruneConfig, Rule
 from admm_onnx.graph.fake_quant import FRACTION_BITS, insert_fake_quant, quantize_like_graph, scale_array, scale_name
 from admm_onnx.graph.masks import insert_masks
 from admm_onnx.pipeline import make_readers, prepare_model, prune
-from admm_onnx.quantization import QuantSpec, fit_levels, max_level, read_quantization, to_integers
+from admm_onnx.quantization import QuantSpec, fit_levels, max_level, model_quantization, read_quantization, to_integers
 from admm_onnx.report import LayerRow, layer_table
 
 
@@ -120,3 +120,10 @@ def test_pruned_and_quantized_weights_are_retrained_on_their_levels(lenet5_small
     assert rows["conv1.weight"].bits == 3 and rows["fc1.weight"].bits == 4
     assert "Bits" in report.table()
     assert report.max_output_diff < 1e-3
+    # The written file carries the specs itself (exports and inspect read them from there).
+    model = onnx.load(str(out))
+    assert read_quantization(model) == specs and model_quantization(model) == specs
+    i = [t.name for t in model.graph.initializer].index("conv1.weight")  # moved off its levels: not reported
+    moved_off = numpy_helper.to_array(model.graph.initializer[i]) * np.float32(1.1) + np.float32(1e-3)
+    model.graph.initializer[i].CopyFrom(numpy_helper.from_array(moved_off, "conv1.weight"))
+    assert set(model_quantization(model)) == set(specs) - {"conv1.weight"}

@@ -55,16 +55,21 @@ def _ratio(a: int, b: int) -> str:
 
 
 def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.WeightRow] = None) -> str:
-    """A plain-text table of weight rows (name, op, shape, count, nonzero, kept, storage, bytes)."""
-    header = ("weight", "op", "shape", "weights", "nonzero", "kept %", "storage", "bytes", "dense bytes", "prunable")
+    """A plain-text table of weight rows (name, op, shape, count, nonzero, kept, storage, bits per
+    stored value, bytes)."""
+    header = ("weight", "op", "shape", "weights", "nonzero", "kept %", "storage", "bits", "bytes", "dense bytes",
+              "prunable")
     body: List[Tuple[str, ...]] = []
-    for r in list(rows) + ([totals] if totals is not None else []):
+    all_rows = list(rows) + ([totals] if totals is not None else [])
+    for i, r in enumerate(all_rows):
+        total = totals is not None and i == len(all_rows) - 1
         body.append((
             r.name, r.op, "x".join(str(d) for d in r.shape), f"{r.weights:,}", f"{r.nonzero:,}",
-            f"{r.kept_percent:.2f}", r.storage, f"{r.stored_bytes:,}", f"{r.dense_bytes:,}", r.prunable,
+            f"{r.kept_percent:.2f}", r.storage, "" if total else str(r.bits), f"{r.stored_bytes:,}",
+            f"{r.dense_bytes:,}", r.prunable,
         ))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    left = {0, 1, 2, 6, 9}
+    left = {0, 1, 2, 6, 10}
 
     def line(cells: Iterable[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()

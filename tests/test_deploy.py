@@ -66,10 +66,7 @@ def _ops(path) -> set:
 
 
 #: Formats known not to meet the bar yet, with the reason (strict: an unexpected pass fails).
-KNOWN_BAD = {
-    "csr": "its decode uses Compress, whose output shape onnxruntime >= 1.27 cannot estimate, so the "
-           "constant-folding size guard skips it and everything after it",
-}
+KNOWN_BAD: dict = {}
 FORMATS = [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BAD[n], strict=True)) if n in KNOWN_BAD
            else pytest.param(n) for n in formats.names()]
 

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import onnx
 
 from ..errors import ConfigError
-from .base import ExportReport, Format, WeightRow, WeightTable
+from .base import METADATA_KEY, ExportReport, Format, StoredWeight, WeightRow, WeightTable
 
 #: name -> format, in registration order (the CLI lists them in this order).
 REGISTRY: Dict[str, Format] = {}
@@ -57,18 +57,15 @@ def export(model: onnx.ModelProto, fmt: str = "csr", **options) -> Tuple[onnx.Mo
 
 def decode(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every stored weight back as a plain dense initializer."""
-    from ..errors import ModelError
-
-    fmt = detect(model)
-    if fmt is None:
-        raise ModelError("the model has no encoded weights to densify")
-    return fmt.decode(model)
+    return densify(model)
 
 
 # Registration order = CLI order. Imported last: the modules import the names above.
 from . import dense as _dense  # noqa: E402,F401
 from . import csr as _csr  # noqa: E402,F401
 from . import coo as _coo  # noqa: E402,F401
+from .tables import csr_weights, densify, inspect_model, max_output_change, sample_feeds  # noqa: E402
 
-__all__ = ["REGISTRY", "Format", "ExportReport", "WeightRow", "WeightTable", "register", "get", "names",
-           "detect", "export", "decode"]
+__all__ = ["REGISTRY", "METADATA_KEY", "Format", "ExportReport", "StoredWeight", "WeightRow", "WeightTable",
+           "register", "get", "names", "detect", "export", "decode", "densify", "inspect_model", "csr_weights",
+           "sample_feeds", "max_output_change"]

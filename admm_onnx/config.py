@@ -165,6 +165,10 @@ class PruneConfig:
     loss: str = "cross_entropy"
     optimizer: str = "adamw"
     output: Optional[str] = None
+    #: Key of the labels in the feeds of a reader that is not an admm-onnx reader (an ORT
+    #: CalibrationDataReader) and in a .npz keyed by input names; None: "labels", "label" or "y"
+    #: when present (admm_onnx/feeds.py). Data without labels trains by distillation.
+    labels_key: Optional[str] = None
     #: ONNX Runtime intra-op threads for training (0: ORT's default, one per core). Not part
     #: of a run's identity (a resumed run may use another value); runs side by side go faster
     #: with 1 each.
@@ -212,6 +216,8 @@ class PruneConfig:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.labels_key is not None and (not isinstance(self.labels_key, str) or not self.labels_key):
+            raise ConfigError(f"labels_key must be a non-empty string, got {self.labels_key!r}")
         if self.output is not None and not isinstance(self.output, str):
             raise ConfigError(f"output must be a tensor name, got {self.output!r}")
         _check_positive(self.threads, "threads", allow_zero=True, integer=True)

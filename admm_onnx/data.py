@@ -10,9 +10,14 @@ Data set specs understood by :func:`load_dataset` (and the CLI's ``-d``):
   offline right after ``pip install "admm-onnx[demo]"``). Split 80/20 with a fixed seed.
 - ``mnist:DIR``: the four standard IDX ``.gz`` files (MNIST, Fashion-MNIST) in DIR.
 - ``FILE.npz``: arrays ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test``; or ``x``
-  and ``y`` (then 10% is held out for evaluation, with a fixed seed).
+  and ``y`` (then 10% is held out for evaluation, with a fixed seed); or, for any model, one
+  array per model input keyed by the input's name plus optional labels under ``labels``/``y``
+  (or a key the caller names), explicit evaluation arrays under ``test/NAME`` (see
+  :mod:`admm_onnx.feeds`).
 
-Images stored as uint8 are scaled to [0, 1] float32.
+Images stored as uint8 are scaled to [0, 1] float32 in the ``x``/``y`` forms. Arrays keyed by
+input names keep their dtype; readers fit every array to its model input (admm_onnx/feeds.py):
+float inputs get float data (uint8 scaled to [0, 1]), integer inputs (token ids) stay integer.
 """
 from __future__ import annotations
 
@@ -138,8 +143,10 @@ def load_idx_dir(directory) -> Dataset:
     )
 
 
-def load_npz(path) -> Dataset:
-    """Arrays from a ``.npz``: ``x_train``/``y_train`` (+ ``x_test``/``y_test``) or ``x``/``y``."""
+def load_npz(path, labels_key: Optional[str] = None):
+    """Arrays from a ``.npz``: ``x_train``/``y_train`` (+ ``x_test``/``y_test``) or ``x``/``y``
+    (a :class:`Dataset`); otherwise arrays keyed by input names (a
+    :class:`~admm_onnx.feeds.FeedDataset`, labels optional under ``labels_key``)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
@@ -149,19 +156,28 @@ def load_npz(path) -> Dataset:
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {p} as a NumPy .npz file: {exc}") from exc
     keys = set(arrays)
-    if {"x_train", "y_train"} <= keys:
-        x_tr, y_tr = _as_float(arrays["x_train"]), arrays["y_train"]
+    if labels_key is None and {"x_train", "y_train"} <= keys:
+        x_tr, y_tr = _numeric(arrays["x_train"]), arrays["y_train"]
         if {"x_test", "y_test"} <= keys:
-            x_te, y_te = _as_float(arrays["x_test"]), arrays["y_test"]
+            x_te, y_te = _numeric(arrays["x_test"]), arrays["y_test"]
         else:
             x_tr, y_tr, x_te, y_te = _split(x_tr, y_tr, 0.1)
-    elif {"x", "y"} <= keys:
-        x_tr, y_tr, x_te, y_te = _split(_as_float(arrays["x"]), arrays["y"], 0.1)
-    else:
+    elif labels_key is None and {"x", "y"} <= keys and len(keys) == 2:
+        x_tr, y_tr, x_te, y_te = _split(_numeric(arrays["x"]), arrays["y"], 0.1)
+    elif not keys:
         raise DataError(
-            f"{p} has arrays {sorted(keys) or 'none'}; expected x_train and y_train (optionally x_test, y_test) or x and y"
+            f"{p} has no arrays; expected arrays keyed by model input names (plus labels), x_train and y_train "
+            "(optionally x_test, y_test) or x and y"
         )
+    else:
+        from .feeds import load_feed_npz
+
+        return load_feed_npz(arrays, p.stem, labels_key)
     return Dataset(x_tr, y_tr, x_te, y_te, name=p.stem)
+
+
+def _numeric(x: np.ndarray) -> np.ndarray:
+    return _as_float(x)
 
 
 def dataset_paths(spec: str) -> List[Path]:
@@ -173,14 +189,15 @@ def dataset_paths(spec: str) -> List[Path]:
     return [Path(spec)]
 
 
-def load_dataset(spec: str) -> Dataset:
-    """Load a data set from a spec string (see the module docstring)."""
+def load_dataset(spec: str, labels_key: Optional[str] = None):
+    """Load a data set from a spec string (see the module docstring): a :class:`Dataset`, or a
+    :class:`~admm_onnx.feeds.FeedDataset` for a ``.npz`` keyed by input names."""
     if spec == "digits":
         return load_digits()
     if spec.startswith("mnist:"):
         return load_idx_dir(spec[len("mnist:") :])
     if spec.endswith(".npz"):
-        return load_npz(spec)
+        return load_npz(spec, labels_key)
     if os.path.isdir(spec):
         return load_idx_dir(spec)
     raise DataError(f"unknown data spec {spec!r}; use 'digits', 'mnist:DIR' or FILE.npz")
@@ -214,11 +231,14 @@ class ArrayReader(DataReader):
     pass from a generator seeded with ``seed`` (so passes are reproducible). With ``drop_last``
     a final partial batch is skipped; with ``pad_last`` it is padded to ``batch_size`` by
     repeating its first row and the feed carries ``"__valid__"``: the number of real rows.
+
+    ``x``: one array (fed as ``input_name``) or a dict input name -> array (several inputs,
+    each in its own dtype), all with the same number of rows. ``y`` (labels) is optional.
     """
 
     def __init__(
         self,
-        x: np.ndarray,
+        x: "np.ndarray | Dict[str, np.ndarray]",
         y: Optional[np.ndarray] = None,
         batch_size: int = 64,
         input_name: str = "input",
@@ -230,34 +250,39 @@ class ArrayReader(DataReader):
     ):
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
-        if len(x) == 0:
+        self.arrays: Dict[str, np.ndarray] = dict(x) if isinstance(x, dict) else {input_name: x}
+        rows = {len(a) for a in self.arrays.values()}
+        if len(rows) != 1:
+            raise DataError("input arrays have different numbers of rows" if rows else "no input arrays")
+        if rows.pop() == 0:
             raise DataError("no samples to read")
         self.x, self.y = x, y
+        self._rows = len(next(iter(self.arrays.values())))
         self.batch_size, self.input_name, self.label_name = batch_size, input_name, label_name
         self.shuffle, self.drop_last, self.pad_last = shuffle, drop_last, pad_last
         self.seed = seed
         self._rng = np.random.default_rng(seed)
-        self._order = np.arange(len(x))
+        self._order = np.arange(self._rows)
         self._pos = 0
-        if drop_last and len(x) < batch_size:
-            raise DataError(f"only {len(x)} samples, fewer than one batch of {batch_size}")
+        if drop_last and self._rows < batch_size:
+            raise DataError(f"only {self._rows} samples, fewer than one batch of {batch_size}")
         self.rewind()
 
     def rewind(self) -> None:
         self._pos = 0
         if self.shuffle:
-            self._order = self._rng.permutation(len(self.x))
+            self._order = self._rng.permutation(self._rows)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next passes' shuffles depend only on (seed, epoch): resumed runs match."""
         self._rng = np.random.default_rng([self.seed, epoch])
 
     def __len__(self) -> int:
-        n = len(self.x)
+        n = self._rows
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-        n = len(self.x)
+        n = self._rows
         if self._pos >= n or (self.drop_last and self._pos + self.batch_size > n):
             return None
         idx = self._order[self._pos : self._pos + self.batch_size]
@@ -265,7 +290,7 @@ class ArrayReader(DataReader):
         valid = len(idx)
         if self.pad_last and valid < self.batch_size:
             idx = np.concatenate([idx, np.full(self.batch_size - valid, idx[0])])
-        feed = {self.input_name: self.x[idx]}
+        feed = {name: a[idx] for name, a in self.arrays.items()}
         if self.y is not None:
             feed[self.label_name] = self.y[idx]
         if self.pad_last:
@@ -273,17 +298,21 @@ class ArrayReader(DataReader):
         return feed
 
 
-def _split_arrays(data: Dataset, split: str):
+def _split_arrays(data, split: str):
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if not isinstance(data, Dataset):  # a FeedDataset: arrays keyed by input name
+        return getattr(data, split), getattr(data, f"y_{split}")
     return getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
 
 
 class NpzReader(ArrayReader):
-    """Batches from a ``.npz`` file (see :func:`load_npz`); ``split`` is "train" or "test"."""
+    """Batches from a ``.npz`` file (see :func:`load_npz`); ``split`` is "train" or "test".
+    ``labels_key`` names the labels array of a ``.npz`` keyed by input names. The arrays are
+    fitted to the model's inputs by :func:`admm_onnx.prune` (dtype, shape)."""
 
-    def __init__(self, path, split: str = "train", batch_size: int = 64, **kwargs):
-        super().__init__(*_split_arrays(load_npz(path), split), batch_size=batch_size, **kwargs)
+    def __init__(self, path, split: str = "train", batch_size: int = 64, labels_key: Optional[str] = None, **kwargs):
+        super().__init__(*_split_arrays(load_npz(path, labels_key), split), batch_size=batch_size, **kwargs)
 
 
 class IdxReader(ArrayReader):

@@ -32,7 +32,8 @@ from onnx import numpy_helper
 
 from .admm import AdmmState
 from .config import PruneConfig, WeightPlan
-from .data import LABELS, ArrayReader, Dataset, DataReader, fit_to_input
+from .data import LABELS, ArrayReader, Dataset, DataReader
+from .feeds import FeedDataset, InputSpec, fit_dataset, input_specs, model_feed, reader_for
 from .errors import ConfigError, DataError, ModelError
 from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
@@ -67,6 +68,12 @@ class PreparedModel:
     input_shape: List[object]
     used_external_data: bool = False
     source: Optional[str] = None
+    #: Every real input of the model (name, dtype, shape): feeds carry one array per input.
+    inputs: List[InputSpec] = None
+
+    def __post_init__(self):
+        if self.inputs is None:
+            self.inputs = input_specs(self.training)
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -96,10 +103,6 @@ def prepare_model(
     inputs = graph_inputs(training)
     if not inputs:
         raise ModelError("the model has no inputs")
-    if len(inputs) > 1:
-        raise ModelError(
-            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); only single-input models are supported"
-        )
     outputs = [o.name for o in training.graph.output]
     if output is None:
         output = default_output(training)  # first float output computed from weights
@@ -200,17 +203,27 @@ def masked_model(
 
 # -- readers -----------------------------------------------------------------------------
 def make_readers(
-    prepared: PreparedModel, data: Dataset, batch_size: int, seed: int = 0
+    prepared: PreparedModel, data: "Dataset | FeedDataset", batch_size: int, seed: int = 0
 ) -> Tuple[ArrayReader, ArrayReader, int]:
-    """Training and evaluation readers fitted to the model's input; returns the batch size used.
+    """Training and evaluation readers fitted to the model's inputs; returns the batch size used.
 
+    ``data``: a :class:`~admm_onnx.data.Dataset` (one input array, labels) or a
+    :class:`~admm_onnx.feeds.FeedDataset` (arrays keyed by input name, labels optional); each
+    array is fitted to its input's dtype and shape (admm_onnx/feeds.py).
     A model whose batch dimension is fixed (zoo models often have 1 baked in) is trained and
     evaluated at that batch size whatever was asked, and the log says so.
     """
-    x_train = fit_to_input(data.x_train, prepared.input_shape, prepared.input_name)
-    x_test = fit_to_input(data.x_test, prepared.input_shape, prepared.input_name)
+    if isinstance(data, Dataset):
+        if len(prepared.inputs) > 1:
+            raise DataError(
+                f"the model takes {len(prepared.inputs)} inputs ({', '.join(s.name for s in prepared.inputs)}); give "
+                "a .npz with one array per input, keyed by the input names (plus labels)"
+            )
+        data = FeedDataset({prepared.input_name: data.x_train}, {prepared.input_name: data.x_test},
+                           data.y_train, data.y_test, name=data.name)
+    data = fit_dataset(data, prepared.inputs)
     classes = _num_classes(prepared)
-    if classes is not None and data.num_classes > classes:
+    if classes is not None and data.num_classes is not None and data.num_classes > classes:
         raise DataError(
             f"labels go up to {data.num_classes - 1} but the model output {prepared.output_name!r} has {classes} classes"
         )
@@ -220,10 +233,9 @@ def make_readers(
             prepared.input_name, prepared.fixed_batch, prepared.fixed_batch, batch_size,
         )
         batch_size = prepared.fixed_batch
-    train = ArrayReader(x_train, data.y_train, batch_size, prepared.input_name, shuffle=True, seed=seed, drop_last=True)
-    evaluate = ArrayReader(
-        x_test, data.y_test, batch_size, prepared.input_name, pad_last=prepared.fixed_batch is not None
-    )
+    train = ArrayReader(data.train, data.y_train, batch_size, shuffle=True, seed=seed, drop_last=True)
+    evaluate = ArrayReader(data.test, data.y_test, batch_size, pad_last=prepared.fixed_batch is not None)
+    train.fitted = evaluate.fitted = True
     return train, evaluate, batch_size
 
 
@@ -339,6 +351,7 @@ def train(
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
+    train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
     with _workdir(workdir, keep=False) as work:
         trainer = _trainer(prepared, prepared.training, work / "dense", config, ClassifierLoss(config.loss), (), config.lr)
@@ -386,6 +399,17 @@ def _plan_identity(plan: Dict[str, WeightPlan]) -> Dict[str, object]:
     return {n: [p.sparsity, p.structure] + ([p.bits, p.quant_scale] if p.bits else []) for n, p in plan.items()}
 
 
+def _readers(prepared: PreparedModel, config: PruneConfig, train_reader, eval_reader):
+    """The training and evaluation readers as the run uses them (admm_onnx/feeds.py
+    ``reader_for``): admm-onnx readers fitted to the inputs batch by batch, any other object
+    with ``get_next()`` (an ORT ``CalibrationDataReader``) read once and served in batches."""
+    fixed = prepared.fixed_batch
+    train = reader_for(train_reader, prepared.inputs, config.batch_size, config.seed, True, config.labels_key, fixed)
+    if train is None:
+        raise DataError("no training reader")
+    return train, reader_for(eval_reader, prepared.inputs, config.batch_size, config.seed, False, config.labels_key, fixed)
+
+
 def _set_epoch(reader: DataReader, epoch: int) -> None:
     if hasattr(reader, "set_epoch"):
         reader.set_epoch(epoch)
@@ -431,6 +455,7 @@ def prune(
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
+    train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     if channels is not None:
         from .structured.phase import prune_channels
 
@@ -764,10 +789,7 @@ def _session(model_input: ModelInput):
 
 
 def _model_feed(sess, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    name = sess.get_inputs()[0].name
-    if name in feed:
-        return {name: feed[name]}
-    return {name: next(v for k, v in feed.items() if k not in (LABELS, "__valid__"))}
+    return model_feed(feed, [i.name for i in sess.get_inputs()])
 
 
 def _first_batch(reader: DataReader) -> Dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import onnx
 
 from ._ort import api, artifacts, onnxblock
 from .data import LABELS, DataReader
-from .errors import TrainingError
+from .errors import DataError, TrainingError
 from .graph.ir_version import normalise_ir_file
 
 log = logging.getLogger(__name__)
@@ -275,17 +275,34 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------
     def _inputs(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
-        labels = np.asarray(feed[LABELS])
-        if self.loss_kind == "mse":
-            onehot = np.zeros((labels.shape[0], self.num_classes), np.float32)
-            onehot[np.arange(labels.shape[0]), labels] = 1.0
-            labels = onehot
-        else:
-            labels = labels.astype(np.int64, copy=False)
+        """The training graph's inputs from a feed: every model input (in its own dtype), the
+        labels when the loss reads them, and whatever else the loss declared (teacher outputs)."""
         out = []
         for name in self.input_names:
-            out.append(labels if name == LABELS else feed[name])
+            if name == LABELS:
+                out.append(self._labels(feed))
+            elif name in feed:
+                out.append(feed[name])
+            elif len(self.input_names) == 2 and LABELS in self.input_names:  # one model input under another name
+                from .feeds import model_feed
+
+                out.append(next(iter(model_feed(feed, [name]).values())))
+            else:
+                raise DataError(f"the feed has no {name!r} (it has {', '.join(sorted(feed))})")
         return out
+
+    def _labels(self, feed: Dict[str, np.ndarray]) -> np.ndarray:
+        if LABELS not in feed:
+            raise DataError("the loss needs labels but the data has none",
+                            hint="give labels, or a label-free loss (distillation)")
+        labels = np.asarray(feed[LABELS])
+        if self.loss_kind == "mse" and labels.dtype.kind in "iu":
+            onehot = np.zeros((*labels.shape, self.num_classes), np.float32)
+            np.put_along_axis(onehot, labels[..., None], 1.0, axis=-1)
+            return onehot
+        if labels.dtype.kind in "iu":
+            return labels.astype(np.int64, copy=False)
+        return labels.astype(np.float32, copy=False)
 
     def begin_training(self) -> None:
         """Training mode; with workers, hand them the current parameters (frozen ones such as ADMM
@@ -340,7 +357,8 @@ class Trainer:
                 loss, logits = self.train_step(feed)
                 n = len(logits)
                 total_loss += loss * n
-                correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
+                if LABELS in feed and np.shape(feed[LABELS]) == np.shape(logits)[:-1]:
+                    correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
                 seen += n
                 progress.advance(1, loss=loss)
                 if after_step is not None and after_step():

@@ -140,7 +140,10 @@ def _model_output_option(help_text: str):
 
 
 def _common_training_options(f):
-    f = click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz")(f)
+    f = click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz (x/y, or one array per "
+                     "model input keyed by its name, labels optional)")(f)
+    f = click.option("--labels-key", default=None, metavar="KEY",
+                     help="Array holding the labels in a .npz keyed by input names.  [default: labels, label or y]")(f)
     f = click.option("--lr", type=float, default=None, help="Learning rate (AdamW).  [default: 1e-3]")(f)
     f = click.option("--batch-size", type=int, default=None, help="Mini-batch size.  [default: 64]")(f)
     f = click.option("--seed", type=int, default=None, help="Seed for data order.  [default: 0]")(f)
@@ -203,8 +206,8 @@ def _common_training_options(f):
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, allocation, min_keep,
           max_keep,
           admm_iters, epochs_per_iter, retrain_epochs, bits, quant_scale, rho, rho_mode, rho_growth, admm_tol,
-          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to, data, lr, batch_size,
-          seed, workers, threads, loss, output_name, quiet):
+          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to, data,
+          labels_key, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
@@ -227,7 +230,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     config = config.replace(
         admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, retrain_epochs=retrain_epochs, rho=rho,
         rho_mode=rho_mode, rho_growth=rho_growth, admm_tol=admm_tol, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
-        output=output_name, threads=threads, workers=workers,
+        output=output_name, threads=threads, workers=workers, labels_key=labels_key,
     )
     if any(v is not None for v in (compression, target_params, target_macs)):
         if sparsity is not None:
@@ -250,7 +253,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     plan.add_output(report_path, "--report")
     plan.add_output(plot_path, "--plot")
     plan.add_workdir(work)
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, labels_key)
     prepared = prepare_model(model, config.output)
     if channels is not None:
         if resume:
@@ -328,7 +331,8 @@ def _write_sparse(model_path, output) -> None:
 @click.option("--epochs", type=int, required=True, help="Training epochs.")
 @_common_training_options
 @click.pass_context
-def train(ctx, model, out, out_old, epochs, data, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
+def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, seed, workers, threads, loss, output_name,
+          quiet):
     """Dense training of MODEL on DATA (e.g. from scratch) before pruning."""
     from admm_onnx.config import PruneConfig
     from admm_onnx.data import dataset_paths, load_dataset
@@ -346,7 +350,7 @@ def train(ctx, model, out, out_old, epochs, data, lr, batch_size, seed, workers,
     plan.add_input(*dataset_paths(data), what="the -d data")
     plan.add_output(out, "-o", model=True, external=uses_external_data(load_model(model, load_external_data=False)) or None)
     work = plan.add_workdir(Path(str(out) + ".admm-work"), option="-o")
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, labels_key)
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
@@ -356,16 +360,18 @@ def train(ctx, model, out, out_old, epochs, data, lr, batch_size, seed, workers,
 @cli.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz")
+@click.option("--labels-key", default=None, metavar="KEY",
+              help="Array holding the labels in a .npz keyed by input names.  [default: labels, label or y]")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @_model_output_option("Model output holding the logits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(model, data, batch_size, output_name, as_json):
+def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
     """Top-1 accuracy and loss of MODEL on the evaluation split of DATA."""
     from admm_onnx.data import load_dataset
     from admm_onnx.pipeline import evaluate, make_readers, prepare_model
 
     prepared = prepare_model(model, output_name)
-    _, eval_reader, _ = make_readers(prepared, load_dataset(data), batch_size)
+    _, eval_reader, _ = make_readers(prepared, load_dataset(data, labels_key), batch_size)
     stats = evaluate(model, eval_reader, prepared.output_name)
     if as_json:
         click.echo(json.dumps({"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples}))

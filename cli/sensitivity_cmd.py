@@ -70,6 +70,8 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
             check_output_path(p, model)
     prepared = prepare_model(model, output_name)
     dataset = load_dataset(data)
+    if not hasattr(dataset, "x_train"):
+        raise ConfigError("the sensitivity sweep takes single-input data with labels (x_train/y_train or x/y)")
     idx = __import__("numpy").random.default_rng(seed).permutation(len(dataset.x_train))[:samples]
     idx.sort()
     x = fit_to_input(dataset.x_train[idx], prepared.input_shape, prepared.input_name)

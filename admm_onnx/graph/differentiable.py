@@ -8,7 +8,8 @@ Selu, Celu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, ThresholdedRelu, S
 InstanceNormalization, GroupNormalization, LpNormalization, Einsum, GlobalMaxPool, LpPool,
 ReduceMax/Min/Prod/SumSquare/LogSum, DepthToSpace, SpaceToDepth, CumSum, Upsample, Mod,
 Atan/Tan/Asin/Acos/Sinh/Cosh/Atanh have none; the graph rewrites in prepare.py cover the common
-ones).
+ones). Resize has a builder but its ResizeGrad kernel is CUDA-only: a CPU training session
+refuses to start, so it is not listed (resize_matmul.py rewrites the static-shape ones).
 
 - :func:`undifferentiable_nodes` lists the nodes on a differentiable path that have no builder.
 - :func:`check_differentiable` raises a one-line :class:`~admm_onnx.errors.TrainingError`
@@ -36,7 +37,7 @@ GRADIENT_OPS = frozenset(
     """Abs Add AveragePool BatchNormalization Cast Clip Concat Conv ConvTranspose Cos Div Dropout
     Erf Exp Expand Flatten Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Identity
     LayerNormalization LeakyRelu Log LogSoftmax MatMul Max MaxPool Min Mul Neg Pad Pow Reciprocal
-    ReduceL2 ReduceLogSumExp ReduceMean ReduceSum Relu Reshape Resize ScatterElements ScatterND
+    ReduceL2 ReduceLogSumExp ReduceMean ReduceSum Relu Reshape ScatterElements ScatterND
     Sigmoid Sin Slice Softmax SoftmaxCrossEntropyLoss Split Sqrt Squeeze Sub Tanh Tile TopK
     Transpose Trilu Unsqueeze Where""".split()
 )
@@ -55,6 +56,8 @@ _HINTS = {
     "HardSigmoid": "admm_onnx rewrites HardSigmoid itself; is this HardSigmoid in a subgraph?",
     "InstanceNormalization": "export it as ReduceMean/Sub/Mul/Div or as LayerNormalization over the spatial axes",
     "Einsum": "export the contraction as MatMul/Transpose",
+    "Resize": "admm_onnx rewrites a Resize whose input shape (but the batch) is static and whose scales/sizes "
+              "are constants; export the model with a fixed input size",
 }
 
 

@@ -60,6 +60,20 @@ def _has_default_opset(model: onnx.ModelProto) -> bool:
     return any(op.domain in ("", "ai.onnx") for op in model.opset_import)
 
 
+def _restore_types(converted: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The converter (onnx 1.17) drops the type of non-tensor values it passes through (the
+    ``seq(map)`` output of scikit-learn's ZipMap): give graph inputs/outputs back their original
+    type and drop value_info entries it left untyped."""
+    before = {v.name: v for v in list(original.graph.input) + list(original.graph.output)}
+    for value in list(converted.graph.input) + list(converted.graph.output):
+        if not value.type.WhichOneof("value") and value.name in before:
+            value.type.CopyFrom(before[value.name].type)
+    typed = [v for v in converted.graph.value_info if v.type.WhichOneof("value")]
+    if len(typed) != len(converted.graph.value_info):
+        del converted.graph.value_info[:]
+        converted.graph.value_info.extend(typed)
+
+
 def upgrade_opset(model: onnx.ModelProto) -> int:
     """Check limits, upgrade an old opset and IR in place; returns 1 if the copy changed, else 0."""
     check_versions(model)
@@ -77,6 +91,7 @@ def upgrade_opset(model: onnx.ModelProto) -> int:
                 f"cannot upgrade the model from opset {opset} to {TARGET_OPSET} for training: {str(exc).splitlines()[0]}",
                 hint=f"upgrade it yourself to opset >= {MIN_OPSET}",
             ) from exc
+        _restore_types(converted, model)
         inputs = [i for i in converted.graph.input if i.name not in big]
         del converted.graph.input[:]
         converted.graph.input.extend(inputs)

@@ -23,6 +23,7 @@ from .pool_first import pool_before_activation
 from .pool_phases import split_pool_phases
 from .outputs import train_on_logits
 from .prelu import prelu_to_relu
+from .resize_matmul import resize_to_matmul
 from .retie import retie_embeddings
 from .smooth_activations import smooth_activations
 from .sum_to_add import sum_to_add
@@ -42,6 +43,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("PRelu -> Relu(x) - slope * Relu(-x)", prelu_to_relu),
     ("HardSigmoid/HardSwish -> Clip forms", hard_activations),
     ("Elu/Selu/Celu/Softplus/Softsign/Mish -> Relu/Exp/Log forms", smooth_activations),
+    ("Resize -> MatMul with interpolation matrices (no CPU ResizeGrad)", resize_to_matmul),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),
     ("BatchNormalization with frozen running statistics", freeze_batchnorm),
     ("Dropout active while training", enable_dropout),

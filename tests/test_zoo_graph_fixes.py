@@ -1,0 +1,136 @@
+"""Graph-side fixes found by running the zoo of real exports (bench/zoo_export.py,
+bench/zoo_run.py): each with a tiny model built here, checked for the same function and for a
+CPU training step."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from admm_onnx._ort import api, onnxblock
+from admm_onnx.errors import TrainingError
+from admm_onnx.graph.analysis import analyse
+from admm_onnx.graph.differentiable import check_differentiable
+from admm_onnx.graph.prepare import prepare_for_training
+from admm_onnx.training import build_artifacts
+
+
+class MSEToTarget(onnxblock.Block):
+    def __init__(self):
+        super().__init__()
+        self._mse = onnxblock.loss.MSELoss()
+
+    def build(self, output_name):
+        return self._mse(output_name, "target")
+
+
+def run(model, feed, outputs=None):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(outputs, feed)
+
+
+def train_step(model, feed, output, tmp_path):
+    """Build artifacts on ``output`` and take one CPU training step; returns the moved params."""
+    info = analyse(model, output)
+    build_artifacts(model, tmp_path / "art", info.trainable, MSEToTarget(), output)
+    state = api.CheckpointState.load_checkpoint(str(tmp_path / "art" / "checkpoint"))
+    module = api.Module(str(tmp_path / "art" / "training_model.onnx"), state, str(tmp_path / "art" / "eval_model.onnx"))
+    opt = api.Optimizer(str(tmp_path / "art" / "optimizer_model.onnx"), module)
+    (y,) = run(model, feed, [output])
+    probe = {**feed, "target": np.zeros_like(y)}
+    before = {n: np.array(state.parameters[n].data) for n in info.trainable}
+    module.train()
+    loss, _ = module(*[probe[n] for n in module.input_names()])
+    opt.step()
+    assert np.isfinite(float(loss))
+    return info, [n for n in info.trainable if not np.array_equal(np.array(state.parameters[n].data), before[n])]
+
+
+def w(name, *shape, seed=0):
+    return numpy_helper.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.3, name)
+
+
+# -- opset < 13 with a ZipMap output (scikit-learn pipelines at opset 9) -----------------------
+def test_opset_upgrade_keeps_zipmap_output_type(tmp_path):
+    labels = [0, 1, 2]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                         classlabels_int64s=labels),
+    ]
+    zipmap_type = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
+    graph = helper.make_graph(
+        nodes, "skl", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_value_info("output_probability", zipmap_type)], [w("W", 4, 3)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 5
+    onnx.checker.check_model(model)
+    prepare_for_training(model)  # used to fail: the converter dropped the seq(map) output type
+    assert model.opset_import[0].version >= 13 or model.opset_import[1].version >= 13
+    info, moved = train_step(model, {"X": np.ones((2, 4), np.float32)}, "output_probability", tmp_path)
+    assert moved == ["W"] and list(info.prunable) == ["W"]
+
+
+# -- Resize -> MatMul ------------------------------------------------------------------------------
+def resize_model(mode, coord, scales=None, sizes=None, dynamic_hw=False):
+    """x (N, 2, 6, 5) -> Conv 3x3 -> Resize -> Conv 1x1 -> y."""
+    inits = [w("c1", 4, 2, 3, 3), w("c2", 3, 4, 1, 1, seed=1)]
+    inputs = ["h", ""]
+    if scales is not None:
+        inits.append(numpy_helper.from_array(np.array(scales, np.float32), "scales"))
+        inputs.append("scales")
+    else:
+        inputs.append("")
+    if sizes is not None:
+        nodes_sizes = helper.make_node("Constant", [], ["sizes"],
+                                       value=numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        inputs.append("sizes")
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["h"], pads=[1, 1, 1, 1])]
+    if sizes is not None:
+        nodes.append(nodes_sizes)
+    nodes += [
+        helper.make_node("Resize", inputs, ["r"], mode=mode, coordinate_transformation_mode=coord),
+        helper.make_node("Conv", ["r", "c2"], ["y"]),
+    ]
+    hw = ["h", "w"] if dynamic_hw else [6, 5]
+    graph = helper.make_graph(nodes, "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, *hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, "ho", "wo"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("mode, coord, scales, sizes", [
+    ("linear", "half_pixel", [1, 1, 2, 2], None),             # torch bilinear, align_corners=False
+    ("linear", "pytorch_half_pixel", [1, 1, 2, 2], None),
+    ("nearest", "asymmetric", [1, 1, 2, 3], None),            # torch nearest upsampling
+    ("cubic", "align_corners", None, [3, 4, 9, 7]),           # sizes given, batch 3 in the export
+    ("linear", "half_pixel", [1, 1, 0.5, 1], None),           # downsampling one axis
+])
+def test_resize_becomes_matmul_and_trains(mode, coord, scales, sizes, tmp_path):
+    model = resize_model(mode, coord, scales, sizes)
+    x = np.random.default_rng(2).standard_normal((2, 2, 6, 5)).astype(np.float32)
+    if sizes is not None:
+        x = np.random.default_rng(2).standard_normal((3, 2, 6, 5)).astype(np.float32)
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert "Resize" not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    info, moved = train_step(model, {"x": x}, "y", tmp_path)  # the Resize form: no CPU ResizeGrad
+    assert sorted(info.prunable) == ["c1", "c2"] and sorted(moved) == ["c1", "c2"]
+
+
+def test_resize_with_dynamic_spatial_size_is_named(tmp_path):
+    model = resize_model("linear", "half_pixel", [1, 1, 2, 2], dynamic_hw=True)
+    prepare_for_training(model)
+    assert "Resize" in {n.op_type for n in model.graph.node}
+    with pytest.raises(TrainingError, match="Resize"):
+        check_differentiable(model, analyse(model, "y").trainable, "y")

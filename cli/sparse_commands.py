@@ -13,7 +13,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import click
 import onnx
 
-from admm_onnx import io, sparse
+from admm_onnx import formats, io, sparse
+from admm_onnx.errors import ConfigError
 
 
 def _load(path: Path) -> Tuple[onnx.ModelProto, bool]:
@@ -86,16 +87,27 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
 @click.argument("model_path", metavar="PRUNED.onnx", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Sparse ONNX file to write.")
 @click.option("--format", "fmt", type=click.Choice(sparse.FORMATS), default="csr", show_default=True,
-              help="csr: CSR arrays + decode function (smallest); coo: standard sparse_initializer.")
+              help="; ".join(f"{f.name}: {f.summary}" for f in formats.REGISTRY.values() if f.name in sparse.FORMATS)
+              + ".")
 @click.option("--min-sparsity", type=float, default=0.5, show_default=True,
-              help="Encode a weight only if at least this fraction of it is zero.")
+              help="Encode a weight only if at least this fraction of it is zero (packed: quantized weights always).")
 @click.option("--values", type=click.Choice(sparse.VALUE_TYPES), default="fp32", show_default=True,
               help="Value precision for csr; fp16 is lossy.")
-def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str) -> None:
+@click.option("--quantization", "quant_path", type=click.Path(path_type=Path), default=None, metavar="REPORT.json",
+              help="packed: the prune report whose quantization specs to use (default: the specs the "
+                   "quantized run recorded in PRUNED.onnx).")
+def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str,
+               quant_path: Optional[Path]) -> None:
     """Store the sparse weights of PRUNED.onnx compactly in a new ONNX file."""
     model, external = _load(model_path)
     _plan_output(model_path, output, external)
-    result, report = sparse.export_sparse(model, fmt=fmt, min_sparsity=min_sparsity, values=values)
+    options = {}
+    if quant_path is not None:
+        if fmt != "packed":
+            raise ConfigError("--quantization is a packed option; add --format packed")
+        io.check_input_file(quant_path, "quantization report", error=ConfigError)
+        options["quantization"] = quant_path
+    result, report = sparse.export_sparse(model, fmt=fmt, min_sparsity=min_sparsity, values=values, **options)
     io.save_model(result, output, external_data=True if external else None)
     rows = report.rows
     click.echo(format_table(rows, rows.totals))
@@ -131,7 +143,7 @@ def densify_cmd(model_path: Path, output: Path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Also draw the kept fraction per weight as FILE.(png|svg|html).")
 def inspect_cmd(model_path: Path, as_json: bool, plot_path: Optional[Path]) -> None:
-    """Show each weight's sparsity and storage (dense, csr or coo)."""
+    """Show each weight's sparsity, storage (dense or any export format), bits and bytes."""
     model, _ = _load(model_path)
     table = sparse.inspect_model(model)
     if plot_path is not None:

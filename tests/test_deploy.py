@@ -45,9 +45,32 @@ def mlp(sizes=(256, 768, 768, 10), keep=0.1, seed=0, opset=17) -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return mlp()
+def quantized(model: onnx.ModelProto, bits=(2, 3, 4, 8)) -> onnx.ModelProto:
+    """``model`` with every initializer moved onto k-bit levels (pruned zeros kept), bit widths
+    and per-channel / per-tensor scales cycling, the specs recorded as ``prune --bits`` does."""
+    from admm_onnx.quantization import QuantSpec, dequantize, fit_levels, mark_model
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    specs = {}
+    for i, t in enumerate(out.graph.initializer):
+        a = numpy_helper.to_array(t)
+        k, axis = bits[i % len(bits)], (0 if i % 2 == 0 else None)
+        q, scale = fit_levels(a, k, axis, (a != 0) if a.ndim >= 2 else None)
+        t.CopyFrom(numpy_helper.from_array(dequantize(q, scale, axis), t.name))
+        specs[t.name] = QuantSpec(k, tuple(float(x) for x in scale), axis)
+    mark_model(out, specs)
+    return out
+
+
+MODELS = {"pruned": lambda: mlp(), "quantized": lambda: quantized(mlp()), "opset13": lambda: mlp(opset=13)}
+_cache: dict = {}
+
+
+def get_model(kind: str) -> onnx.ModelProto:
+    if kind not in _cache:
+        _cache[kind] = MODELS[kind]()
+    return _cache[kind]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +90,17 @@ def _ops(path) -> set:
 
 #: Formats known not to meet the bar yet, with the reason (strict: an unexpected pass fails).
 KNOWN_BAD: dict = {}
-FORMATS = [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BAD[n], strict=True)) if n in KNOWN_BAD
-           else pytest.param(n) for n in formats.names()]
+#: (format, model) pairs: every format on a pruned fp32 model; packed also with k-bit levels;
+#: csr also below opset 16 (another decode: empty rows padded).
+CASES = [(n, "pruned") for n in formats.names()] + [("packed", "quantized"), ("csr", "opset13")]
+FORMATS = [pytest.param(n, k, id=f"{n}-{k}",
+                        marks=[pytest.mark.xfail(reason=KNOWN_BAD[n], strict=True)] if n in KNOWN_BAD else [])
+           for n, k in CASES]
 
 
-@pytest.mark.parametrize("name", FORMATS)
-def test_bit_exact_and_folded(deploy_env, model, feeds, name, tmp_path):
+@pytest.mark.parametrize("name,kind", FORMATS)
+def test_bit_exact_and_folded(deploy_env, feeds, name, kind, tmp_path):
+    model = get_model(kind)
     fmt, out = _exported(model, name)
     decoded = fmt.decode(out)
     res = deploy_env.run({"file": out, "decoded": decoded, "dense": model}, feeds, optimized=True, workdir=tmp_path)
@@ -85,8 +113,9 @@ def test_bit_exact_and_folded(deploy_env, model, feeds, name, tmp_path):
     assert not left, f"{name}: decode ops left in the graph onnxruntime {res.onnxruntime} runs: {sorted(left)}"
 
 
-@pytest.mark.parametrize("name", FORMATS)
-def test_batch1_latency_as_dense(deploy_env, model, feeds, name):
+@pytest.mark.parametrize("name,kind", [p for p in FORMATS if p.values[1] != "opset13"])
+def test_batch1_latency_as_dense(deploy_env, feeds, name, kind):
+    model = get_model(kind)
     fmt, out = _exported(model, name)
     ratios = []
     for attempt in range(4):  # the machine is shared: retry before calling a slowdown real

@@ -65,6 +65,7 @@ from . import dense as _dense  # noqa: E402,F401
 from . import csr as _csr  # noqa: E402,F401
 from . import coo as _coo  # noqa: E402,F401
 from . import packed as _packed  # noqa: E402,F401
+from . import qdq as _qdq  # noqa: E402,F401
 from .tables import csr_weights, densify, inspect_model, max_output_change, sample_feeds  # noqa: E402
 
 __all__ = ["REGISTRY", "METADATA_KEY", "Format", "ExportReport", "StoredWeight", "WeightRow", "WeightTable",

@@ -365,6 +365,9 @@ class Format:
     summary: ClassVar[str] = ""
     limits: ClassVar[str] = ""
     options: ClassVar[Tuple[str, ...]] = ()
+    #: False for a lossy format (int8 QDQ): ``decode`` is then its float reference, compared by
+    #: accuracy rather than bit for bit, and ``encode`` may need options (calibration data).
+    exact: ClassVar[bool] = True
 
     def encode(self, model: onnx.ModelProto, **options):
         raise NotImplementedError

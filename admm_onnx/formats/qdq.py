@@ -1,0 +1,432 @@
+"""``qdq``: int8 weights and activations in QDQ form, the format onnxruntime runs with integer kernels.
+
+What the file holds (ONNX's QDQ convention, as ``onnxruntime.quantization.quantize_static``
+writes it with its recommended defaults: QDQ, int8 activations and weights, weights symmetric
+per channel):
+
+- every weight of a Conv, Gemm or MatMul as an int8 initializer read through
+  ``DequantizeLinear(q, scale, 0)``. A weight that a pruning run quantized (its
+  :class:`~admm_onnx.quantization.QuantSpec` recorded in the model, or passed in ``specs``)
+  keeps its trained levels exactly: ``q = spec.integers(w)`` and the trained scales, so
+  ``DequantizeLinear`` gives back the trained float32 weights bit for bit (2- to 8-bit levels
+  are all int8 values). Any other such weight is quantized here to 8 bits, symmetric per
+  output channel, ``scale = max|w| / 127`` (post-training, like ORT's tool);
+- biases as int32 with scale ``x_scale * w_scale`` (per channel), as onnxruntime's fused
+  kernels want them;
+- activations: a ``QuantizeLinear -> DequantizeLinear`` pair on every float tensor entering or
+  leaving a quantized node, and on the outputs of the ops that only move or clip values
+  between them (Relu, MaxPool, Reshape, Flatten, ...). Scales and zero points come from the
+  user's calibration data: the float model runs in an onnxruntime ``InferenceSession``, the
+  range of each tensor is its min/max over the data (always including 0), asymmetric int8 (or
+  uint8), like ORT's ``MinMax`` calibrator. Tensors joined by a value-moving op share one range,
+  so onnxruntime can drop the pair around it; a tensor read only by a Relu takes the range of
+  the Relu's output (quantizing with zero point at the bottom of the range is the Relu).
+
+Graph outputs stay float. onnxruntime (1.32 checked by tests/test_qdq.py) fuses the pairs
+into QLinearConv, QGemm/QLinearMatMul/MatMulIntegerToFloat and int8 MaxPool at session
+creation (``session.optimized_model_filepath`` shows it).
+
+Limits: lossy by design (activations are rounded to 8 bits), so not bit-exact to a dense model:
+``decode`` gives the float model with the same weights (the weights' DequantizeLinear folded,
+activation pairs removed), the reference for accuracy. Opset >= 13 (per-channel
+DequantizeLinear). Conv/Gemm (transA = 0, alpha = beta = 1)/MatMul with constant weights are
+quantized; other ops run in float between DQ and Q nodes. ``onnxslim`` / ``onnxsim`` keep QDQ
+pairs; a tool that constant-folds ``DequantizeLinear`` of the weights turns them back to float.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import register
+from .base import Format
+from ..errors import ConfigError, DataError, ModelError
+
+#: metadata_props key marking a file this format wrote (JSON facts).
+METADATA_KEY = "admm_onnx.qdq"
+#: Ops whose output values are some of their input values (max, copy, reshape): one range.
+MOVING_OPS = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Relu",
+              "GlobalMaxPool", "Gather", "Slice", "Split"}
+_ACT = {"int8": (TensorProto.INT8, np.int8, -128, 127), "uint8": (TensorProto.UINT8, np.uint8, 0, 255)}
+
+
+@dataclass
+class _Site:
+    """One quantized node: its activation input, weight, bias and the axis of its output channels."""
+
+    node: onnx.NodeProto
+    x: str
+    w: str
+    b: Optional[str]
+    axis: int
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _sites(model: onnx.ModelProto) -> List[_Site]:
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in inits:
+            b = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+            out.append(_Site(node, node.input[0], node.input[1], b, 0))
+        elif node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
+            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+                continue
+            c = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+            if c is not None and len(inits[c].dims) > 1:
+                c = None
+            out.append(_Site(node, node.input[0], node.input[1], c, 0 if _attr(node, "transB", 0) else 1))
+        elif node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            out.append(_Site(node, node.input[0], node.input[1], None, 1))
+    return out
+
+
+def _feeds(calibration, input_names: Sequence[str], max_samples: int) -> Iterable[Dict[str, np.ndarray]]:
+    """Feed dicts from a DataReader (get_next/rewind), an iterable of dicts, or one array."""
+    if isinstance(calibration, np.ndarray):
+        if len(input_names) != 1:
+            raise ConfigError("calibration as one array needs a single-input model; pass feed dicts")
+        for i in range(0, min(len(calibration), max_samples), 64):
+            yield {input_names[0]: calibration[i:min(i + 64, max_samples)]}
+        return
+    if hasattr(calibration, "get_next"):
+        if hasattr(calibration, "rewind"):
+            calibration.rewind()
+        batches = iter(calibration.get_next, None)
+    else:
+        batches = iter(calibration)
+    seen = 0
+    for feed in batches:
+        feed = {k: np.asarray(v) for k, v in feed.items() if k in input_names}
+        if set(feed) != set(input_names):
+            raise DataError(f"a calibration batch lacks model input(s) {', '.join(sorted(set(input_names) - set(feed)))}")
+        yield feed
+        seen += len(next(iter(feed.values())))
+        if seen >= max_samples:
+            break
+    if hasattr(calibration, "rewind"):
+        calibration.rewind()
+
+
+def calibrate(model: onnx.ModelProto, tensors: Sequence[str], calibration, max_samples: int = 1000) -> Dict[str, Tuple[float, float]]:
+    """Min and max of each of ``tensors`` over the calibration data, the float model run in an
+    onnxruntime InferenceSession (the training package's: any onnxruntime computes the same)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    graph_inputs = {i.name for i in probe.graph.input}
+    for t in tensors:
+        if t not in present and t not in graph_inputs:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(t))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot run the model for calibration: {str(exc).strip().splitlines()[-1]}") from exc
+    inputs = [i.name for i in sess.get_inputs()]
+    lo = {t: np.inf for t in tensors}
+    hi = {t: -np.inf for t in tensors}
+    n = 0
+    for feed in _feeds(calibration, inputs, max_samples):
+        feed = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feed.items()}
+        computed = [t for t in tensors if t not in graph_inputs]
+        values = dict(zip(computed, sess.run(computed, feed)))
+        values.update({t: feed[t] for t in tensors if t in graph_inputs})
+        for t, v in values.items():
+            if v.size:
+                lo[t] = min(lo[t], float(np.min(v)))
+                hi[t] = max(hi[t], float(np.max(v)))
+        n += 1
+    if n == 0:
+        raise DataError("no calibration data: the reader yielded no batch")
+    return {t: (lo[t], hi[t]) for t in tensors}
+
+
+def activation_params(lo: float, hi: float, activations: str = "int8") -> Tuple[np.float32, int]:
+    """(scale, zero point) of an asymmetric 8-bit range covering [min(lo, 0), max(hi, 0)]."""
+    _, _, qmin, qmax = _ACT[activations]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / (qmax - qmin)
+    if not np.isfinite(scale) or scale <= 0:
+        return np.float32(1.0), 0 if activations == "int8" else 0
+    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return np.float32(scale), zp
+
+
+def _weight_integers(w: np.ndarray, spec, axis: int) -> Tuple[np.ndarray, np.ndarray, Optional[int], bool]:
+    """(int8 q, float32 scales, axis or None, exact) for one weight."""
+    if spec is not None:
+        q = spec.integers(w)  # raises unless w is exactly on the spec's levels
+        return q, np.asarray(spec.scale, np.float32), spec.axis, True
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    peak = np.abs(rows).max(axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale, axis, False
+
+
+def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: str = "int8",
+                 max_samples: int = 1000):
+    """The QDQ model of ``model`` (see the module docstring) and an ExportReport.
+
+    ``calibration``: the user's data (a DataReader such as ``ArrayReader``, an iterable of feed
+    dicts, or one array for a single-input model), at most ``max_samples`` samples used.
+    ``specs``: weight -> QuantSpec of the trained levels (default: those recorded in the model
+    that its weights satisfy). ``activations``: "int8" (S8S8, ORT's recommended default) or
+    "uint8" (U8S8). The input is never modified.
+    """
+    from ..quantization import model_quantization
+    from .base import ExportReport, WeightRow, _check_model_arg
+
+    _check_model_arg(model)
+    if activations not in _ACT:
+        raise ConfigError(f"activations must be one of {', '.join(_ACT)}, got {activations!r}")
+    if calibration is None:
+        raise ConfigError("the qdq format needs calibration data (the user's inputs) for the activation ranges")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < 13:
+        raise ModelError(f"the qdq format needs opset >= 13 (per-channel DequantizeLinear); the model has {opset}")
+    specs = dict(model_quantization(model) if specs is None else specs)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    sites = _sites(out)
+    if not sites:
+        raise ModelError("no Conv, Gemm or MatMul with a constant weight to quantize")
+    graph_outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in graph.initializer}
+
+    # Tensors to quantize: activation inputs and outputs of the sites, and what value-moving
+    # ops carry from them; joined into groups that share one range.
+    parent: Dict[str, str] = {}
+
+    def find(t):
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def add(t):
+        parent.setdefault(t, t)
+
+    for s in sites:
+        add(s.x)
+        if s.node.output[0] not in graph_outputs:
+            add(s.node.output[0])
+    changed = True
+    while changed:  # spread through value-moving ops, both directions
+        changed = False
+        for n in graph.node:
+            if n.op_type not in MOVING_OPS or not n.input or n.input[0] in inits:
+                continue
+            a, b = n.input[0], n.output[0]
+            if b in graph_outputs:
+                continue
+            if a in parent and b not in parent:
+                add(b)
+                changed = True
+            elif b in parent and a not in parent and a not in inits:
+                add(a)
+                changed = True
+            if a in parent and b in parent and find(a) != find(b):
+                parent[find(a)] = find(b)
+                changed = True
+    tensors = sorted(parent)
+    ranges = calibrate(model, tensors, calibration, max_samples)
+    # A tensor read only by Relu nodes is quantized with the Relu's output range.
+    for t in tensors:
+        readers = consumers.get(t, [])
+        if readers and all(r.op_type == "Relu" for r in readers) and t not in graph_outputs:
+            lo, hi = ranges[t]
+            ranges[t] = (max(lo, 0.0), max(hi, 0.0))
+    group_range: Dict[str, Tuple[float, float]] = {}
+    for t in tensors:
+        g = find(t)
+        lo, hi = ranges[t]
+        glo, ghi = group_range.get(g, (np.inf, -np.inf))
+        group_range[g] = (min(glo, lo), max(ghi, hi))
+    elem, np_type, _, _ = _ACT[activations]
+    params: Dict[str, Tuple[np.float32, int]] = {t: activation_params(*group_range[find(t)], activations) for t in tensors}
+
+    used = {t.name for t in graph.initializer} | {n.name for n in graph.node} | set(producer) | {i.name for i in graph.input}
+
+    def fresh(base):
+        name, i = base, 1
+        while name in used:
+            i += 1
+            name = f"{base}_{i}"
+        used.add(name)
+        return name
+
+    new_inits: List[onnx.TensorProto] = []
+    pairs: Dict[str, str] = {}  # tensor -> its DequantizeLinear output
+    after: Dict[str, List[onnx.NodeProto]] = {}  # tensor -> nodes to place right after its producer
+    for t in tensors:
+        scale, zp = params[t]
+        s_name, z_name = fresh(f"{t}/act_scale"), fresh(f"{t}/act_zero_point")
+        new_inits += [numpy_helper.from_array(np.asarray(scale, np.float32), s_name),
+                      numpy_helper.from_array(np.asarray(zp, np_type), z_name)]
+        q, dq = fresh(f"{t}/quantized"), fresh(f"{t}/dequantized")
+        after[t] = [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q], name=fresh(f"{t}/QuantizeLinear")),
+                    helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=fresh(f"{t}/DequantizeLinear"))]
+        pairs[t] = dq
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name in pairs:
+                n.input[i] = pairs[name]
+
+    rows, exact, post = [], [], []
+    weight_nodes: List[onnx.NodeProto] = []
+    replaced: Dict[str, str] = {}
+    for s in sites:
+        if s.w in replaced:
+            s.node.input[1] = replaced[s.w]
+            continue
+        w = numpy_helper.to_array(inits[s.w]).astype(np.float32)
+        q, w_scale, axis, is_exact = _weight_integers(w, specs.get(s.w), s.axis)
+        (exact if is_exact else post).append(s.w)
+        q_name, ws_name, wz_name, dq_name = fresh(f"{s.w}/int8"), fresh(f"{s.w}/scale"), fresh(f"{s.w}/zero_point"), fresh(f"{s.w}/dequantized")
+        new_inits += [numpy_helper.from_array(q.astype(np.int8), q_name), numpy_helper.from_array(w_scale.reshape(-1) if axis is not None else w_scale.reshape(()), ws_name),
+                      numpy_helper.from_array(np.zeros(w_scale.size if axis is not None else (), np.int8), wz_name)]
+        kw = {"axis": int(axis)} if axis is not None else {}
+        weight_nodes.append(helper.make_node("DequantizeLinear", [q_name, ws_name, wz_name], [dq_name], name=fresh(f"{s.w}/DequantizeLinear"), **kw))
+        s.node.input[1] = dq_name
+        replaced[s.w] = dq_name
+        rows.append(WeightRow(s.w, s.node.op_type, tuple(w.shape), int(w.size), int(np.count_nonzero(w)),
+                              "int8" + ("" if is_exact else " (post-training)"), int(q.size + 4 * w_scale.size), int(w.nbytes)))
+        if s.b is not None and s.x in params:
+            b = numpy_helper.to_array(inits[s.b]).astype(np.float32)
+            x_scale = params[s.x][0]
+            per = np.broadcast_to(w_scale.reshape(-1), (b.size,)) if axis is not None and w_scale.size > 1 else np.full(b.size, w_scale.reshape(-1)[0], np.float32)
+            b_scale = (np.float32(x_scale) * per.astype(np.float32)).astype(np.float32)
+            bq = np.clip(np.rint(b.astype(np.float64) / b_scale), -2**31, 2**31 - 1).astype(np.int32)
+            bq_name, bs_name, bz_name, bdq = fresh(f"{s.b}/int32"), fresh(f"{s.b}/scale"), fresh(f"{s.b}/zero_point"), fresh(f"{s.b}/dequantized")
+            new_inits += [numpy_helper.from_array(bq, bq_name), numpy_helper.from_array(b_scale, bs_name),
+                          numpy_helper.from_array(np.zeros(b.size, np.int32), bz_name)]
+            weight_nodes.append(helper.make_node("DequantizeLinear", [bq_name, bs_name, bz_name], [bdq], name=fresh(f"{s.b}/DequantizeLinear"), axis=0))
+            s.node.input[2] = bdq
+    # Old float weights and biases no longer read by anything are dropped.
+    read = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in read or t.name not in {s.w for s in sites} | {s.b for s in sites if s.b}]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
+    # Order: weight DQs first, each activation pair right after its producer (graph inputs first).
+    nodes = list(weight_nodes)
+    for i in graph.input:
+        nodes += after.pop(i.name, [])
+    for n in list(graph.node):
+        nodes.append(n)
+        for o in n.output:
+            nodes += after.pop(o, [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    facts = {"activations": activations, "calibration": "minmax", "max_samples": max_samples,
+             "exact_weights": sorted(exact), "post_training_weights": sorted(post)}
+    entry = out.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(facts, sort_keys=True)
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as exc:  # pragma: no cover - a bug here
+        raise ModelError(f"internal: the QDQ model does not pass the ONNX checker: {exc}") from exc
+    report = ExportReport(format="qdq", values="int8", min_sparsity=0.0, model_bytes_before=model.ByteSize())
+    for r in rows:
+        report.rows.append(r)
+    report.model_bytes_after = out.ByteSize()
+    return out, report
+
+
+def decode_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float model with the QDQ file's weights: weight DequantizeLinear folded to float32
+    initializers (exactly), activation Q/DQ pairs removed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = list(graph.node)
+    rename: Dict[str, str] = {}
+    new_inits = []
+    drop = set()
+    for k, n in enumerate(nodes):
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            q = numpy_helper.to_array(inits[n.input[0]])
+            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            z = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 else np.zeros(s.shape, q.dtype)
+            axis = _attr(n, "axis", 1)
+            if s.ndim == 1 and q.ndim > 1:
+                shape = [1] * q.ndim
+                shape[axis % q.ndim] = s.size
+                s, z = s.reshape(shape), z.reshape(shape)
+            w = ((q.astype(np.int64) - z.astype(np.int64)).astype(np.float32) * s).astype(np.float32)
+            base = n.output[0].rsplit("/dequantized", 1)[0]
+            name = base if base not in inits else n.output[0]
+            new_inits.append(numpy_helper.from_array(w, name))
+            rename[n.output[0]] = name
+            drop.add(k)
+        elif n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+            for m, d in enumerate(nodes):
+                if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]:
+                    rename[d.output[0]] = n.input[0]
+                    drop.add(m)
+            drop.add(k)
+    kept = [n for k, n in enumerate(nodes) if k not in drop]
+    for n in kept:
+        for i, name in enumerate(n.input):
+            while name in rename:
+                name = rename[name]
+            n.input[i] = name
+    for o in graph.output:
+        while o.name in rename:
+            o.name = rename[o.name]
+    read = {i for n in kept for i in n.input}
+    del graph.node[:]
+    graph.node.extend(kept)
+    keep = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + [t for t in new_inits if t.name in read])
+    props = [p for p in out.metadata_props if p.key != METADATA_KEY]
+    del out.metadata_props[:]
+    out.metadata_props.extend(props)
+    return out
+
+
+class Qdq(Format):
+    name = "qdq"
+    summary = "int8 weights (trained levels kept exactly) and calibrated int8 activations, QDQ form"
+    limits = __doc__.split("Limits: ", 1)[1].strip()
+    options = ("calibration", "specs", "activations", "max_samples")
+    #: Lossy: outputs are compared with the float model by accuracy, not bit for bit.
+    exact = False
+
+    def encode(self, model: onnx.ModelProto, calibration=None, specs=None, activations: str = "int8",
+               max_samples: int = 1000, **options):
+        return quantize_qdq(model, calibration, specs, activations, max_samples)
+
+    def detect(self, model: onnx.ModelProto) -> bool:
+        return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+    def decode(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return decode_qdq(model)
+
+
+QDQ = register(Qdq())

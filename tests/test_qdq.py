@@ -1,0 +1,107 @@
+"""The int8 QDQ export: trained levels kept bit for bit, integer kernels in the newest onnxruntime."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from admm_onnx import formats
+from admm_onnx.errors import ConfigError, ModelError
+from admm_onnx.formats.qdq import activation_params
+from admm_onnx.models import build
+from admm_onnx.quantization import QuantSpec, dequantize, fit_levels, mark_model
+
+#: Float compute ops that must not remain in the graph onnxruntime runs for a QDQ LeNet-5.
+FLOAT_COMPUTE = {"Conv", "Gemm", "FusedGemm", "MatMul", "FusedConv"}
+
+
+def _quantized_lenet(seed=0):
+    """LeNet-5 (28x28) whose conv and fc1 weights sit on trained-style levels (recorded in the
+    model as prune records them) and whose fc2 stays float (quantized post-training by qdq)."""
+    model = build("lenet5", input_shape=(1, 28, 28), num_classes=10, seed=seed)
+    specs = {}
+    for t in model.graph.initializer:
+        if t.name in ("conv1.weight", "conv2.weight", "fc1.weight"):
+            w = numpy_helper.to_array(t)
+            bits, axis = (4, 0) if t.name != "fc1.weight" else (3, None)
+            q, s = fit_levels(w, bits, axis)
+            t.CopyFrom(numpy_helper.from_array(dequantize(q, s, axis), t.name))
+            specs[t.name] = QuantSpec(bits, tuple(float(v) for v in s), axis)
+    mark_model(model, specs)
+    return model, specs
+
+
+def _inputs(n=96, seed=1):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, 28, 28), np.float32)
+    x[:, :, 4:24, 4:24] = rng.random((n, 1, 20, 20)).astype(np.float32)  # MNIST-like: [0, 1], dark border
+    return x
+
+
+def test_weights_are_the_trained_levels_bit_for_bit(deploy_env):
+    model, specs = _quantized_lenet()
+    trained = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = _inputs()
+    q, report = formats.export(model, "qdq", calibration=x[:64])
+    assert formats.detect(q).name == "qdq"
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    # Every trained weight is stored as int8 whose DequantizeLinear is the weight, computed by
+    # the deployment runtime itself: expose the weights' DQ outputs as model outputs.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    names = {}
+    for out, node in dq.items():
+        src = node.input[0]
+        base = out.rsplit("/dequantized", 1)[0]
+        if base in specs:
+            assert inits[src].dtype == np.int8
+            names[base] = out
+            probe.graph.output.append(helper.make_empty_tensor_value_info(out))
+    assert set(names) == set(specs)
+    res = deploy_env.run({"qdq": probe}, {"input": x[:2]})
+    got = dict(zip([o.name for o in probe.graph.output], res.outputs["qdq"]))
+    for name, out in names.items():
+        assert got[out].dtype == np.float32
+        np.testing.assert_array_equal(got[out], trained[name])  # bitwise: float32 equality, zeros included
+        assert np.array_equal(got[out].view(np.uint32), trained[name].view(np.uint32))
+    decoded = formats.decode(q)
+    back = {t.name: numpy_helper.to_array(t) for t in decoded.graph.initializer}
+    for name in specs:
+        assert np.array_equal(back[name].view(np.uint32), trained[name].view(np.uint32))
+    rows = {r.name: r for r in report.rows}
+    assert rows["conv1.weight"].storage == "int8" and rows["fc2.weight"].storage == "int8 (post-training)"
+
+
+def test_runs_with_integer_kernels_and_tracks_the_float_model(deploy_env):
+    model, _ = _quantized_lenet()
+    x = _inputs(160)
+    q, _ = formats.export(model, "qdq", calibration=x[:96])
+    reference = formats.decode(q)  # the float model with the same weights
+    res = deploy_env.run({"float": reference, "qdq": q}, {"input": x[96:]}, optimized=True)
+    ops = {n.op_type for n in onnx.load(str(res.optimized["qdq"])).graph.node}
+    assert {"QLinearConv", "QGemm"} <= ops, ops
+    assert not ops & FLOAT_COMPUTE, ops
+    f, i8 = res.outputs["float"][0], res.outputs["qdq"][0]
+    assert np.abs(f - i8).max() <= 0.05 * np.abs(f).max()
+    assert (f.argmax(1) == i8.argmax(1)).mean() >= 0.9
+
+
+def test_activation_ranges_and_errors():
+    scale, zp = activation_params(0.0, 2.55, "int8")
+    assert zp == -128 and scale == pytest.approx(0.01)
+    scale, zp = activation_params(-1.0, 1.0, "uint8")
+    assert zp == 128 and scale == pytest.approx(2 / 255)
+    model, _ = _quantized_lenet()
+    with pytest.raises(ConfigError, match="calibration"):
+        formats.export(model, "qdq")
+    with pytest.raises(ConfigError, match="activations"):
+        formats.export(model, "qdq", calibration=_inputs(4), activations="int4")
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    old.opset_import[0].version = 12
+    with pytest.raises(ModelError, match="opset"):
+        formats.export(old, "qdq", calibration=_inputs(4))
+    before = model.SerializeToString()
+    formats.export(model, "qdq", calibration=_inputs(8))
+    assert model.SerializeToString() == before  # the input is never modified
+    assert not formats.get("qdq").exact and formats.get("dense").exact

@@ -9,8 +9,9 @@ Per model:
    ids uniform in [5, vocabulary) (the vocabulary read from the embedding table the ids index),
    attention masks of ones with the last quarter of every other row zero, token types zeros;
    dynamic batch dims get the sample count, other dynamic dims 32. ``--form names`` (default)
-   writes ``x_train/x_test`` style keys per input name (``NAME_train``, ``NAME_test``... see
-   :func:`write_data`) with no labels, so the tool prunes by self-distillation;
+   writes one array per input name (evaluation arrays as ``test/NAME``) and no labels, so the
+   tool prunes without labels (self-distillation), or with ``--labels teacher`` the dense
+   model's argmax (first float output, flattened per sample) as labels;
    ``--form xy`` writes the single-input ``x_train, y_train, x_test, y_test`` form with the
    dense model's own argmax as labels (single-input classifiers only).
 2. The CLI with default settings but ``--sparsity 0.5`` and a short schedule (:data:`QUICK`,
@@ -84,8 +85,7 @@ print(json.dumps(res))
 
 
 def default_ort_python() -> str:
-    for cand in (ROOT / ".venv-deploy" / "bin" / "python", Path("/work/wt/deploy/.venv-deploy/bin/python"),
-                 Path("/work/venvs/ort132/bin/python")):
+    for cand in (ROOT / ".venv-deploy" / "bin" / "python", Path("/work/venvs/ort132/bin/python")):
         if cand.exists():
             return str(cand)
     return "python3"
@@ -137,23 +137,31 @@ def make_inputs(model, n, seed):
     return out
 
 
-def write_data(path, model, train, test, form, dense_path):
-    if form == "names":
-        # Keyed by input name (issue 12's form); train and test as separate files is not a
-        # format, so both go in one file: the tool holds out part of it for evaluation.
-        np.savez(path, **{k: np.concatenate([train[k], test[k]]) for k in train})
-        return
-    (name,) = list(train)
+def teacher_labels(dense_path, feeds):
+    """The dense model's argmax class (first float output, flattened per sample) per feed."""
     import onnxruntime as ort  # the training package's inference session
 
     sess = ort.InferenceSession(str(dense_path), providers=["CPUExecutionProvider"])
     labels = []
-    for feed in (train, test):
+    for feed in feeds:
         outs = [np.array([list(r.values()) for r in o]) if isinstance(o, list) else np.asarray(o)
                 for o in sess.run(None, feed)]
         scores = next(o for o in outs if o.dtype.kind == "f")
         labels.append(scores.reshape(len(scores), -1).argmax(-1).astype(np.int64))
-    np.savez(path, x_train=train[name], y_train=labels[0], x_test=test[name], y_test=labels[1])
+    return labels
+
+
+def write_data(path, model, train, test, form, dense_path, labels="none"):
+    if form == "names":
+        # Keyed by input name, the evaluation arrays as test/NAME (issue 12's form).
+        arrays = {**train, **{f"test/{k}": v for k, v in test.items()}}
+        if labels == "teacher":
+            arrays["labels"], arrays["test/labels"] = teacher_labels(dense_path, (train, test))
+        np.savez(path, **arrays)
+        return
+    (name,) = list(train)
+    y_train, y_test = teacher_labels(dense_path, (train, test))
+    np.savez(path, x_train=train[name], y_train=y_train, x_test=test[name], y_test=y_test)
 
 
 def exporter_of(model):
@@ -200,7 +208,7 @@ def run_one(model_path, out_dir, args, extra):
     data = work / "data.npz"
     form = args.form
     try:
-        write_data(data, model, train, test, form, model_path)
+        write_data(data, model, train, test, form, model_path, args.labels)
     except Exception as exc:  # noqa: BLE001
         row.update(result="data", reason=f"runner could not make {form} data: {exc}")
         return row
@@ -262,6 +270,8 @@ def main(argv=None):
     ap.add_argument("--zoo", default="/tmp/zoo")
     ap.add_argument("--out", default="/tmp/zoo-run")
     ap.add_argument("--form", choices=["names", "xy"], default="names")
+    ap.add_argument("--labels", choices=["none", "teacher"], default="none",
+                    help="with --form names: no labels (distillation), or the dense model's argmax as labels")
     ap.add_argument("--samples", type=int, default=16, help="training samples made per model")
     ap.add_argument("--test-samples", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.5)
@@ -283,7 +293,7 @@ def main(argv=None):
               f"{fidelity(row)}", flush=True)
     result = {"started": started, "load_before": load, "load_after": os.getloadavg(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "python": platform.python_version(), "extra_options": extra,
-              "form": args.form, "samples": args.samples, "rows": rows}
+              "form": args.form, "labels": args.labels, "samples": args.samples, "rows": rows}
     Path(args.json or out_dir / "zoo.json").write_text(json.dumps(result, indent=1))
     print("\n| model | exporter | IR/opset | inputs | result | time (s) | fidelity / reason |")
     print("|---|---|---|---|---|---:|---|")

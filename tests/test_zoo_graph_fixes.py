@@ -134,3 +134,64 @@ def test_resize_with_dynamic_spatial_size_is_named(tmp_path):
     assert "Resize" in {n.op_type for n in model.graph.node}
     with pytest.raises(TrainingError, match="Resize"):
         check_differentiable(model, analyse(model, "y").trainable, "y")
+
+
+# -- ConvTranspose -> Conv ---------------------------------------------------------------------
+def convt_model(kernel, strides, pads=None, output_padding=None, dilations=None, group=1, bias=True, spatial=(5, 4),
+                dynamic=False):
+    """x (N, 2, *spatial) -> ConvTranspose (2 -> 3 channels) -> Relu -> y."""
+    nsp = len(spatial)
+    kw = {"strides": strides}
+    if pads:
+        kw["pads"] = pads
+    if output_padding:
+        kw["output_padding"] = output_padding
+    if dilations:
+        kw["dilations"] = dilations
+    if group != 1:
+        kw["group"] = group
+    inits = [w("wt", 2, 3 // group if group == 1 else 1, *kernel)]
+    if group != 1:
+        inits = [w("wt", 2, 1, *kernel)]
+    inputs = ["x", "wt"]
+    if bias:
+        inits.append(w("bt", 3 if group == 1 else 2, seed=3))
+        inputs.append("bt")
+    nodes = [helper.make_node("ConvTranspose", inputs, ["t"], **kw), helper.make_node("Relu", ["t"], ["y"])]
+    dims = ["d%d" % i for i in range(nsp)] if dynamic else list(spatial)
+    graph = helper.make_graph(nodes, "convt", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, *dims])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", None] + [None] * nsp)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("kernel, strides, pads, output_padding, dilations, bias, spatial", [
+    ([2, 2], [2, 2], None, None, None, True, (5, 4)),                 # U-Net up-convolution
+    ([3, 3], [2, 2], [1, 1, 1, 1], [1, 1], None, False, (5, 4)),     # "same"-style x2 upsampling
+    ([4, 3], [2, 1], [1, 0, 2, 1], None, [1, 2], True, (5, 4)),      # uneven pads, dilation
+    ([3], [3], [0, 1], None, None, True, (6,)),                       # 1-D
+])
+def test_convtranspose_becomes_conv_and_trains(kernel, strides, pads, output_padding, dilations, bias, spatial,
+                                               tmp_path):
+    model = convt_model(kernel, strides, pads, output_padding, dilations, bias=bias, spatial=spatial)
+    x = np.random.default_rng(4).standard_normal((2, 2, *spatial)).astype(np.float32)
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert "ConvTranspose" not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    info, moved = train_step(model, {"x": x}, "y", tmp_path)  # the ConvTranspose form: no CPU kernel
+    assert list(info.prunable) == ["wt"] and "wt" in moved
+    # The weight keeps ConvTranspose's layout: output channels on stored axis 1.
+    assert (info.prunable["wt"].out_axis, info.prunable["wt"].in_axis) == (1, 0)
+
+
+@pytest.mark.parametrize("case", ["group", "dynamic"])
+def test_convtranspose_left_alone_is_named(case):
+    model = convt_model([2, 2], [2, 2], group=2) if case == "group" else convt_model([2, 2], [2, 2], dynamic=True)
+    prepare_for_training(model)
+    assert "ConvTranspose" in {n.op_type for n in model.graph.node}
+    with pytest.raises(TrainingError, match="ConvTranspose"):
+        check_differentiable(model, analyse(model, "y").trainable, "y")

@@ -8,8 +8,9 @@ Selu, Celu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, ThresholdedRelu, S
 InstanceNormalization, GroupNormalization, LpNormalization, Einsum, GlobalMaxPool, LpPool,
 ReduceMax/Min/Prod/SumSquare/LogSum, DepthToSpace, SpaceToDepth, CumSum, Upsample, Mod,
 Atan/Tan/Asin/Acos/Sinh/Cosh/Atanh have none; the graph rewrites in prepare.py cover the common
-ones). Resize has a builder but its ResizeGrad kernel is CUDA-only: a CPU training session
-refuses to start, so it is not listed (resize_matmul.py rewrites the static-shape ones).
+ones). Resize and ConvTranspose have builders but their ResizeGrad/ConvTransposeGrad kernels are
+CUDA-only: a CPU training session refuses to start, so they are not listed (resize_matmul.py
+and convtranspose_conv.py rewrite the static-shape ones).
 
 - :func:`undifferentiable_nodes` lists the nodes on a differentiable path that have no builder.
 - :func:`check_differentiable` raises a one-line :class:`~admm_onnx.errors.TrainingError`
@@ -34,7 +35,7 @@ from .shapes import tensor_info
 
 #: Default-domain op types with an ORT training 1.19.2 gradient builder.
 GRADIENT_OPS = frozenset(
-    """Abs Add AveragePool BatchNormalization Cast Clip Concat Conv ConvTranspose Cos Div Dropout
+    """Abs Add AveragePool BatchNormalization Cast Clip Concat Conv Cos Div Dropout
     Erf Exp Expand Flatten Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Identity
     LayerNormalization LeakyRelu Log LogSoftmax MatMul Max MaxPool Min Mul Neg Pad Pow Reciprocal
     ReduceL2 ReduceLogSumExp ReduceMean ReduceSum Relu Reshape ScatterElements ScatterND
@@ -56,6 +57,8 @@ _HINTS = {
     "HardSigmoid": "admm_onnx rewrites HardSigmoid itself; is this HardSigmoid in a subgraph?",
     "InstanceNormalization": "export it as ReduceMean/Sub/Mul/Div or as LayerNormalization over the spatial axes",
     "Einsum": "export the contraction as MatMul/Transpose",
+    "ConvTranspose": "admm_onnx rewrites a ConvTranspose with group 1, explicit pads, a static input shape (but the "
+                     "batch) and an initializer weight; export the model with a fixed input size",
     "Resize": "admm_onnx rewrites a Resize whose input shape (but the batch) is static and whose scales/sizes "
               "are constants; export the model with a fixed input size",
 }

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterable, List, Tuple
 import onnx
 
 from .batchnorm_frozen import freeze_batchnorm
+from .convtranspose_conv import convtranspose_to_conv
 from .dropout import enable_dropout
 from .hard_activations import hard_activations
 from .initializer_inputs import drop_initializer_inputs
@@ -44,6 +45,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("HardSigmoid/HardSwish -> Clip forms", hard_activations),
     ("Elu/Selu/Celu/Softplus/Softsign/Mish -> Relu/Exp/Log forms", smooth_activations),
     ("Resize -> MatMul with interpolation matrices (no CPU ResizeGrad)", resize_to_matmul),
+    ("ConvTranspose -> Conv on flipped, zero-inserted activations (no CPU ConvTransposeGrad)", convtranspose_to_conv),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),
     ("BatchNormalization with frozen running statistics", freeze_batchnorm),
     ("Dropout active while training", enable_dropout),

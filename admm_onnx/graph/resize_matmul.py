@@ -153,6 +153,31 @@ def _matrices(node: onnx.NodeProto, shape, opset: int, consts, elem_type: int) -
     return mats
 
 
+def along_axis(cur: str, m: np.ndarray, axis: int, rank: int, out: str, names: NameScope, base: str) -> List[onnx.NodeProto]:
+    """Nodes computing ``out`` = ``cur`` with the (out, in) matrix ``m`` applied along ``axis``
+    (of ``rank`` >= 2): one MatMul, with a Transpose pair for an axis before the last two. The
+    matrix is a Constant node (never an initializer: analysis must not train it)."""
+    const = names(f"{base}/matrix{axis}")
+    last = axis == rank - 1
+    value = np.ascontiguousarray(m.T if last else m)
+    nodes = [helper.make_node("Constant", [], [const], name=names(f"{base}/Constant{axis}"),
+                              value=numpy_helper.from_array(value, const))]
+    if last:
+        nodes.append(helper.make_node("MatMul", [cur, const], [out], name=names(f"{base}/MatMul{axis}")))
+    elif axis == rank - 2:
+        nodes.append(helper.make_node("MatMul", [const, cur], [out], name=names(f"{base}/MatMul{axis}")))
+    else:
+        perm = list(range(rank))
+        perm[axis], perm[rank - 2] = perm[rank - 2], perm[axis]
+        t_in, t_mm = names(f"{base}/axis{axis}_in"), names(f"{base}/axis{axis}_mm")
+        nodes += [
+            helper.make_node("Transpose", [cur], [t_in], name=names(f"{base}/Transpose{axis}"), perm=perm),
+            helper.make_node("MatMul", [const, t_in], [t_mm], name=names(f"{base}/MatMul{axis}")),
+            helper.make_node("Transpose", [t_mm], [out], name=names(f"{base}/TransposeBack{axis}"), perm=perm),
+        ]
+    return nodes
+
+
 def _expand(node: onnx.NodeProto, mats: Dict[int, np.ndarray], rank: int, names: NameScope) -> List[onnx.NodeProto]:
     base = node.name or node.output[0]
     if not mats:
@@ -160,28 +185,8 @@ def _expand(node: onnx.NodeProto, mats: Dict[int, np.ndarray], rank: int, names:
     nodes, cur = [], node.input[0]
     axes = sorted(mats)
     for i, a in enumerate(axes):
-        last = i == len(axes) - 1
-        out = node.output[0] if last else names(f"{base}/axis{a}")
-        m = mats[a]
-        const = names(f"{base}/interp{a}")
-        if a == rank - 1:
-            nodes.append(helper.make_node("Constant", [], [const], name=names(f"{base}/Constant{a}"),
-                                          value=numpy_helper.from_array(np.ascontiguousarray(m.T), const)))
-            nodes.append(helper.make_node("MatMul", [cur, const], [out], name=names(f"{base}/MatMul{a}")))
-        else:
-            nodes.append(helper.make_node("Constant", [], [const], name=names(f"{base}/Constant{a}"),
-                                          value=numpy_helper.from_array(m, const)))
-            if a == rank - 2:
-                nodes.append(helper.make_node("MatMul", [const, cur], [out], name=names(f"{base}/MatMul{a}")))
-            else:
-                perm = list(range(rank))
-                perm[a], perm[rank - 2] = perm[rank - 2], perm[a]
-                t_in, t_mm = names(f"{base}/axis{a}_in"), names(f"{base}/axis{a}_mm")
-                nodes += [
-                    helper.make_node("Transpose", [cur], [t_in], name=names(f"{base}/Transpose{a}"), perm=perm),
-                    helper.make_node("MatMul", [const, t_in], [t_mm], name=names(f"{base}/MatMul{a}")),
-                    helper.make_node("Transpose", [t_mm], [out], name=names(f"{base}/TransposeBack{a}"), perm=perm),
-                ]
+        out = node.output[0] if i == len(axes) - 1 else names(f"{base}/axis{a}")
+        nodes += along_axis(cur, mats[a], a, rank, out, names, base)
         cur = out
     return nodes
 

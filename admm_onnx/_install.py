@@ -16,7 +16,9 @@ without importing onnxruntime, and returns one line saying what is wrong and wha
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shlex
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
@@ -36,9 +38,27 @@ CONFLICTING_DISTS = (
 )
 
 FIX = (
-    f"install admm-onnx in its own virtual environment (python -m venv, or pipx install admm-onnx); "
+    "install admm-onnx in its own virtual environment (python3 -m venv ~/.venvs/admm-onnx && "
+    "~/.venvs/admm-onnx/bin/pip install {source}; or pipx install {source}); "
     f"to repair this one: pip uninstall -y {{names}} && pip install {TRAINING_DIST}=={TRAINING_VERSION}"
 )
+
+
+def install_source() -> str:
+    """What ``pip install`` was given for this admm-onnx: its folder for an install from a clone
+    (pip records it in ``direct_url.json``), else the project name."""
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        text = metadata.distribution("admm-onnx").read_text("direct_url.json")
+        url = json.loads(text).get("url", "") if text else ""
+    except Exception:  # noqa: BLE001 - not installed, or no/odd metadata: the generic advice
+        return "admm-onnx"
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and parsed.path:
+        return shlex.quote(unquote(parsed.path))
+    return shlex.quote(url) if url else "admm-onnx"
 
 
 def installed_distributions(names: Iterable[str] = (TRAINING_DIST,) + CONFLICTING_DISTS) -> Dict[str, str]:
@@ -72,25 +92,26 @@ def module_build() -> Optional[str]:
     return None
 
 
-def diagnose(dists: Dict[str, str], build: Optional[str]) -> Optional[str]:
-    """One line saying what is wrong with this combination, or ``None`` (pure: for tests)."""
+def diagnose(dists: Dict[str, str], build: Optional[str], source: str = "admm-onnx") -> Optional[str]:
+    """One line saying what is wrong with this combination, or ``None`` (pure: for tests).
+    ``source``: what to give ``pip install`` for admm-onnx (:func:`install_source`)."""
     others = {name: version for name, version in dists.items() if name != TRAINING_DIST}
     if TRAINING_DIST in dists and others:
         listed = ", ".join(f"{name} {version}" for name, version in sorted(others.items()))
         return (
             f"{listed} is installed beside {TRAINING_DIST} {dists[TRAINING_DIST]} and both ship the module "
-            f"'onnxruntime', so one overwrites the other; " + FIX.format(names=" ".join(sorted(others)) + " " + TRAINING_DIST)
+            f"'onnxruntime', so one overwrites the other; " + FIX.format(source=source, names=" ".join(sorted(others)) + " " + TRAINING_DIST)
         )
     if TRAINING_DIST not in dists and others:
         listed = ", ".join(f"{name} {version}" for name, version in sorted(others.items()))
         return (
             f"admm-onnx needs {TRAINING_DIST}=={TRAINING_VERSION} (ONNX Runtime with its training API) but only "
-            f"{listed} is installed; " + FIX.format(names=" ".join(sorted(others)))
+            f"{listed} is installed; " + FIX.format(source=source, names=" ".join(sorted(others)))
         )
     if build is not None and build != TRAINING_DIST:
         return (
             f"the 'onnxruntime' module on sys.path was built as {build}, not {TRAINING_DIST}; "
-            + FIX.format(names=" ".join(sorted(set(dists) | {build})))
+            + FIX.format(source=source, names=" ".join(sorted(set(dists) | {build})))
         )
     return None
 
@@ -98,7 +119,7 @@ def diagnose(dists: Dict[str, str], build: Optional[str]) -> Optional[str]:
 def problem() -> Optional[str]:
     """What is wrong with the installed ONNX Runtime, as one line, or ``None``."""
     try:
-        return diagnose(installed_distributions(), module_build())
+        return diagnose(installed_distributions(), module_build(), install_source())
     except Exception:  # noqa: BLE001 - a broken metadata store must not hide the real import error
         return None
 

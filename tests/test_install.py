@@ -38,6 +38,29 @@ def test_both_distributions_is_one_line_with_the_fix(build):
     assert "pip install onnxruntime-training-cpu==1.19.2" in line
 
 
+def test_the_line_names_what_to_install_from(monkeypatch):
+    line = _install.diagnose({"onnxruntime-training-cpu": "1.19.2", "onnxruntime": "1.32.0"}, "onnxruntime",
+                             source="/home/me/admm-onnx")
+    assert "pip install /home/me/admm-onnx" in line and "pipx install /home/me/admm-onnx" in line
+
+
+def test_install_source_is_the_folder_pip_was_given(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    class Dist:
+        def read_text(self, name):
+            return '{"url": "file:///tmp/my%20clone", "dir_info": {}}' if name == "direct_url.json" else None
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist())
+    assert _install.install_source() == "'/tmp/my clone'"
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    assert _install.install_source() == "admm-onnx"
+
+
 def test_plain_onnxruntime_only():
     line = _install.diagnose({"onnxruntime": "1.23.2"}, "onnxruntime")
     assert "needs onnxruntime-training-cpu==1.19.2" in line and "pip uninstall -y onnxruntime" in line
@@ -91,7 +114,15 @@ def test_fresh_venv_with_newest_onnxruntime(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
         assert "onnxruntime" in lines[0] and "pip install onnxruntime-training-cpu==1.19.2" in lines[0]
+        assert f"pip install {REPO}" in lines[0]  # where this admm-onnx came from, not a name on PyPI
     # and from Python: an ImportError that says the same
     result = _run([str(py), "-c", "import admm_onnx"], env=env, cwd=tmp_path)
     if result.returncode != 0:
         assert "InstallError" in result.stderr and "own virtual environment" in result.stderr
+        # the repair the line gives works: run it in this environment, then every entry point does
+        repair = lines[0].split("to repair this one: ", 1)[1]
+        step = _run(["bash", "-c", repair], env={**env, "PATH": f"{env_dir / 'bin'}:{env.get('PATH', '')}"}, cwd=tmp_path)
+        assert step.returncode == 0, step.stderr
+        result = _run([str(cmd), "--version"], env=env, cwd=tmp_path)
+        assert result.returncode == 0 and "admm-onnx" in result.stdout, result.stderr
+        assert _run([str(py), "-c", "import admm_onnx"], env=env, cwd=tmp_path).returncode == 0

@@ -68,5 +68,5 @@ def run_demo(out_dir: Path, progress: Progress = NO_PROGRESS, echo: Callable[[st
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
     echo("")
     echo(report.table())
-    echo(f"Total time {report.phase_seconds['total']:.1f} s. Wrote {dense}, {pruned} and {out_dir / 'report.json'}")
+    echo(f"Total time {report.phase_seconds['total']:.1f} s. Wrote {initial}, {dense}, {pruned} and {out_dir / 'report.json'}")
     return result

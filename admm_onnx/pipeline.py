@@ -760,13 +760,17 @@ def _admm_outcome(state: AdmmState, config: PruneConfig, report: PruneReport) ->
         report.admm_stop = f"converged: every primal residual <= {config.admm_tol:g} after {state.iteration} iteration(s)"
         log.info("ADMM %s", report.admm_stop)
         return
+    if config.admm_tol <= 0:  # asked for a fixed number of iterations: nothing to warn about
+        report.admm_stop = f"all {state.iteration} iteration(s) run (--admm-tol 0)"
+        log.info("ADMM %s", report.admm_stop)
+        return
     report.admm_stop = f"iteration cap ({state.iteration} of --admm-iters {config.admm_iters}) before convergence"
     worst = sorted(last.items(), key=lambda kv: -kv[1].primal)
     above = [f"{n} {r.primal:.3f}" for n, r in worst if r.primal > config.admm_tol]
     log.warning(
         "ADMM did not converge in %d iteration(s): primal residual above %g for %s. The hard step will cut "
         "what ADMM did not reach; raise --admm-iters or --epochs-per-iter%s",
-        state.iteration, config.admm_tol, ", ".join(above) if config.admm_tol > 0 else "every layer (tol 0)",
+        state.iteration, config.admm_tol, ", ".join(above),
         "" if config.rho is None else ", or leave --rho unset (automatic)",
     )
 

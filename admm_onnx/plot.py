@@ -28,9 +28,11 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 PHASE_COLORS = {"train": "#7f7f7f", "admm": "#1f77b4", "retrain": "#2ca02c"}
 
 
-def _chart(title, kind, series, xlabel="", ylabel="", logy=False, categories=None) -> Dict[str, object]:
+def _chart(title, kind, series, xlabel="", ylabel="", logy=False, categories=None, logx=False) -> Dict[str, object]:
+    """A chart spec. ``series``: ``{"name", "x", "y"}`` (+ ``"color"``; + ``"lo"``/``"hi"``, a
+    shaded band around a line)."""
     return {"title": title, "kind": kind, "series": series, "xlabel": xlabel, "ylabel": ylabel, "logy": logy,
-            "categories": categories}
+            "categories": categories, "logx": logx}
 
 
 def _phase(label: str) -> str:
@@ -57,17 +59,20 @@ def report_charts(report: Dict[str, object]) -> List[Dict[str, object]]:
             ], "ADMM iteration", "rho", logy=True))
     epochs = report.get("epochs") or []
     if epochs:
-        for key, title, ylabel in (("train_loss", "training loss per epoch", "loss"),
-                                   ("eval_accuracy", "top-1 per epoch (evaluation split)", "top-1")):
+        # the loss (ADMM's includes the penalty) spans decades: log scale; top-1 in percent
+        for key, title, ylabel, scale, logy in (
+                ("train_loss", "training loss per epoch (ADMM: with the penalty)", "loss", 1.0, True),
+                ("eval_accuracy", "top-1 per epoch (evaluation split)", "top-1 (%)", 100.0, False)):
             series = []
             for phase in PHASE_COLORS:
                 pts = [(i + 1, e.get(key)) for i, e in enumerate(epochs) if _phase(e.get("phase", "")) == phase]
-                pts = [(x, y) for x, y in pts if y is not None]
+                pts = [(x, scale * y) for x, y in pts if y is not None]
                 if pts:
                     series.append({"name": phase, "x": [p[0] for p in pts], "y": [p[1] for p in pts],
                                    "color": PHASE_COLORS[phase]})
             if series:
-                charts.append(_chart(title, "points", series, "epoch", ylabel))
+                charts.append(_chart(title, "points", series, "epoch", ylabel, logy=logy and all(
+                    y > 0 for s in series for y in s["y"])))
     layers = report.get("layers") or []
     if layers:
         charts.append(kept_chart(layers))
@@ -116,12 +121,16 @@ def chart_svg(chart: Dict[str, object], y0: int = 0) -> str:
     """One chart as an SVG ``<g>`` placed at vertical offset ``y0``."""
     series = chart["series"]
     logy = chart["logy"]
+    logx = chart.get("logx", False)
 
     def ty(v):
         return math.log10(v) if logy else v
 
-    xs = [x for s in series for x in s["x"]]
-    ys = [ty(y) for s in series for y in s["y"] if y is not None and (not logy or y > 0)]
+    def tx(v):
+        return math.log10(v) if logx else v
+
+    xs = [tx(x) for s in series for x in s["x"] if not logx or x > 0]
+    ys = [ty(y) for s in series for key in ("y", "lo", "hi") for y in s.get(key) or () if y is not None and (not logy or y > 0)]
     out = [f'<g transform="translate(0,{y0})" data-chart="{html.escape(chart["title"])}">',
            f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(chart["title"])}</text>']
     if not xs or not ys:
@@ -156,16 +165,25 @@ def chart_svg(chart: Dict[str, object], y0: int = 0) -> str:
                        f'{html.escape(name)}</text>')
     else:
         for t in _ticks(x_lo, x_hi):
-            out.append(f'<text x="{px(t):.1f}" y="{MT + ph + 14}" text-anchor="middle" font-size="10">{_fmt(t)}</text>')
+            label = _fmt(10 ** t) if logx else _fmt(t)
+            out.append(f'<text x="{px(t):.1f}" y="{MT + ph + 14}" text-anchor="middle" font-size="10">{label}</text>')
     out.append(f'<text x="{ML + pw / 2}" y="{H - 25}" text-anchor="middle" font-size="11">'
                f'{html.escape(chart["xlabel"])}</text>')
     out.append(f'<text x="14" y="{MT + ph / 2}" text-anchor="middle" font-size="11" '
                f'transform="rotate(-90 14 {MT + ph / 2})">{html.escape(chart["ylabel"])}</text>')
     for k, s in enumerate(series):
         color = s.get("color", COLORS[k % len(COLORS)])
-        pts = [(px(x), py(ty(y))) for x, y in zip(s["x"], s["y"]) if y is not None and (not logy or y > 0)]
+        def ok(x, y):
+            return y is not None and (not logy or y > 0) and (not logx or x > 0)
+
+        pts = [(px(tx(x)), py(ty(y))) for x, y in zip(s["x"], s["y"]) if ok(x, y)]
         name = html.escape(s["name"])
         out.append(f'<g data-series="{name}" fill="{color}" stroke="{color}">')
+        if s.get("lo") and s.get("hi"):
+            band = [(x, lo, hi) for x, lo, hi in zip(s["x"], s["lo"], s["hi"]) if ok(x, lo) and ok(x, hi)]
+            edge = [(px(tx(x)), py(ty(hi))) for x, _, hi in band] + [(px(tx(x)), py(ty(lo))) for x, lo, _ in band[::-1]]
+            out.append(f'<polygon points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in edge)}" fill-opacity="0.15" '
+                       f'stroke="none"/>')
         if chart["kind"] == "bars":
             bw = pw / max(1, len(s["x"])) * 0.7
             for x, y in pts:
@@ -229,6 +247,8 @@ def charts_png(charts: Sequence[Dict[str, object]], path: Path) -> None:
                 ax.step(x, y, where="mid", color=color, label=s["name"])
             else:
                 ax.plot(x, y, "-o", ms=3, color=color, label=s["name"])
+            if s.get("lo") and s.get("hi"):
+                ax.fill_between(s["x"], s["lo"], s["hi"], color=color, alpha=0.15, lw=0)
         if chart["categories"]:
             ax.set_xticks(range(len(chart["categories"])))
             ax.set_xticklabels(chart["categories"], rotation=20, fontsize=8)
@@ -236,6 +256,11 @@ def charts_png(charts: Sequence[Dict[str, object]], path: Path) -> None:
             ax.legend(fontsize=8, loc="best")
         if chart["logy"]:
             ax.set_yscale("log")
+        if chart.get("logx"):
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(chart["title"], fontsize=10)
         ax.set_xlabel(chart["xlabel"])
         ax.set_ylabel(chart["ylabel"])
@@ -249,9 +274,15 @@ def charts_png(charts: Sequence[Dict[str, object]], path: Path) -> None:
 
 
 def plot_format(path) -> str:
+    """The picture format of ``path`` from its suffix; a ConfigError (before any work is done)
+    for an unknown suffix or a PNG without matplotlib."""
+    import importlib.util
+
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise ConfigError(f"cannot tell the picture format of {path}", hint="end the name in .png, .svg or .html")
+    if suffix == "png" and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("PNG needs matplotlib", hint='pip install "admm-onnx[plot]", or write .svg or .html')
     return suffix
 
 
@@ -276,8 +307,8 @@ def load_report(path) -> Dict[str, object]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path} is not a JSON report: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise DataError(f"{path} is not a JSON report", hint="write one with prune --report") from None
     if not isinstance(data, dict) or "layers" not in data:
         raise DataError(f"{path} is not an admm-onnx report (no 'layers')", hint="write one with prune --report")
     return data

@@ -381,7 +381,7 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
 
 @cli.group()
 def models():
-    """Reference models (LeNet-5, LeNet-300-100)."""
+    """Reference models (LeNet-5, LeNet-300-100, ResNet-20)."""
 
 
 @models.command("build")
@@ -391,7 +391,7 @@ def models():
 @click.option("--classes", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def models_build(name, out, out_old, input_shape, classes, seed):
-    """Build reference model NAME (lenet5, lenet300-100) with random weights."""
+    """Build reference model NAME (lenet5, lenet300-100, resnet20) with random weights."""
     from admm_onnx.errors import ConfigError
     from admm_onnx.io import check_output_path, save_model
     from admm_onnx.models import build
@@ -497,6 +497,10 @@ def _split_debug(argv):
 
 def _usage_line(exc: click.exceptions.UsageError) -> str:
     command = exc.ctx.command_path if exc.ctx is not None else "admm-onnx"
+    if isinstance(exc, click.exceptions.NoSuchOption) and exc.ctx is not None and exc.possibilities:
+        # never suggest a hidden (deprecated) spelling such as --out
+        hidden = {o for p in exc.ctx.command.params if getattr(p, "hidden", False) for o in p.opts}
+        exc.possibilities = [p for p in exc.possibilities if p not in hidden]
     message = " ".join(exc.format_message().split())
     return f"error: {message} (see '{command} --help')"
 

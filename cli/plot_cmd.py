@@ -1,4 +1,5 @@
-"""``admm-onnx plot REPORT.json -o FILE.(png|svg|html)``: pictures of a pruning run."""
+"""``admm-onnx plot REPORT.json -o FILE.(png|svg|html)``: pictures of a pruning run (or of a
+sensitivity sweep's ``--json``)."""
 from __future__ import annotations
 
 import click
@@ -10,8 +11,16 @@ import click
               help="Picture to write: .svg or .html (no dependency), .png (needs matplotlib: admm-onnx[plot]).")
 def plot(report_path, out):
     """Residuals and rho per layer per iteration, loss and top-1 per epoch and phase, kept
-    fraction per layer and weight-magnitude histograms, from a --report file."""
-    from admm_onnx.plot import load_report, plot_report
+    fraction per layer and weight-magnitude histograms, from a --report file (or the curves of a
+    'sensitivity --json' file)."""
+    from admm_onnx.plot import load_report, plot_format, plot_report
 
-    plot_report(load_report(report_path), out)
+    plot_format(out)
+    data = load_report(report_path)
+    if "baseline" in data and "levels" in data:  # admm-onnx sensitivity --json
+        from admm_onnx.allocation.sensitivity import SensitivityResult, write_plot
+
+        write_plot(SensitivityResult.from_dict(data), out)
+    else:
+        plot_report(data, out)
     click.echo(f"Wrote {out}")

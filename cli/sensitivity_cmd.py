@@ -34,14 +34,14 @@ def _levels(text):
 @click.option("--structure", type=click.Choice(["element", "filter", "channel", "groups"]), default="element",
               show_default=True, help="Prune single weights, whole output channels (filter) or input channels of one "
               "weight, or the channel groups of 'admm-onnx groups' (every tensor a removed channel touches).")
-@click.option("--workers", type=int, default=None, help="Local worker processes. [default: the number of cores]")
+@click.option("--workers", type=int, default=None, help="Local worker processes.  [default: the number of cores]")
 @click.option("--ray", "ray_address", default=None,
               help="Run on the Ray cluster at ADDRESS (or set RAY_ADDRESS; 'local' starts one here).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the curves as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the curves as a PNG (needs matplotlib: pip install \"admm-onnx[plot]\").")
+              metavar="FILE", help="Draw the curves as FILE.(png|svg|html) (as 'admm-onnx plot').")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
-              help="Cache directory. [default: $ADMM_ONNX_CACHE or ~/.cache/admm-onnx]")
+              help="Cache directory.  [default: $ADMM_ONNX_CACHE or ~/.cache/admm-onnx]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset.")
 @click.option("--model-output", "output_name", default=None, metavar="NAME",
@@ -68,6 +68,10 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     for p in (json_path, plot_path):
         if p:
             check_output_path(p, model)
+    if plot_path:
+        from admm_onnx.plot import plot_format
+
+        plot_format(plot_path)  # a bad suffix, or PNG without matplotlib: stop before the sweep
     prepared = prepare_model(model, output_name)
     dataset = load_dataset(data)
     if not hasattr(dataset, "x_train"):
@@ -82,5 +86,6 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     click.echo(result.table())
     click.echo(f"{result.computed} evaluation(s) in {result.seconds:.1f} s on {result.runner}, {result.cached} from the cache")
     _write_json(json_path, result.to_dict())
-    if plot_path and write_plot(result, plot_path):
+    if plot_path:
+        write_plot(result, plot_path)
         click.echo(f"Wrote {plot_path}")

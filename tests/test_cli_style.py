@@ -64,3 +64,26 @@ def test_help_one_style(path, command):
     assert "--out" not in names and "--out-dir" not in names
     if "--output" in names:
         assert "-o" in names
+
+
+def test_defaults_are_written_one_way_in_every_help_text():
+    for path, command in _commands(cli):
+        for p in command.params:
+            text = getattr(p, "help", None) or ""
+            # "  [default: X]" as click writes it (two spaces), whether click or the help text adds it
+            assert not re.search(r"(?<!  )\[default:", text), (path, p.name, text)
+
+
+def test_unknown_option_never_suggests_a_hidden_spelling(capsys):
+    assert main(["prune", "model.onnx", "--ou"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'--output'" in err and "'--out'" not in err
+
+
+def test_fixed_iteration_count_is_not_reported_as_a_failure(lenet5_small, data_npz, tmp_path, capsys):
+    code = main(["prune", str(lenet5_small), "-d", str(data_npz), "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.5",
+                 "--admm-tol", "0", "--admm-iters", "1", "--retrain-epochs", "0", "--batch-size", "32"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert "ADMM: all 1 iteration(s) run (--admm-tol 0)" in out
+    assert "did not converge" not in err

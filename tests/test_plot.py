@@ -71,3 +71,32 @@ def test_inspect_plot(lenet5_small, tmp_path, capsys):
     assert main(["inspect", str(lenet5_small), "--plot", str(out)]) == 0
     text = out.read_text()
     assert _series(text) == ["kept_percent"] and all(n in text for n in LAYERS)
+
+
+def test_sensitivity_plot_any_format_and_plot_reads_its_json(lenet5_small, data_npz, tmp_path, capsys):
+    sens, svg = tmp_path / "s.json", tmp_path / "s.svg"
+    assert main(["sensitivity", str(lenet5_small), "-d", str(data_npz), "--levels", "50%,10%", "--samples", "64",
+                 "--workers", "1", "--no-cache", "--json", str(sens), "--plot", str(svg), "-q"]) == 0
+    text = svg.read_text()
+    assert _series(text) == LAYERS and "<polygon" in text  # one curve per weight, each with its noise band
+    html = tmp_path / "s.html"
+    assert main(["plot", str(sens), "-o", str(html)]) == 0
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and _series(page) == LAYERS and "http" not in page.replace(
+        "http://www.w3.org/2000/svg", "")
+
+
+def test_png_without_matplotlib_stops_before_any_work(lenet5_small, data_npz, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "p.onnx"
+    for argv in (["prune", str(lenet5_small), "-d", str(data_npz), "-o", str(out), "--sparsity", "0.5", "--plot",
+                  str(tmp_path / "r.png"), *QUICK],
+                 ["sensitivity", str(lenet5_small), "-d", str(data_npz), "--samples", "64", "--no-cache", "--plot",
+                  str(tmp_path / "s.png"), "-q"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "PNG needs matplotlib" in err
+    assert not out.exists() and not list(tmp_path.glob("*.png"))

@@ -13,12 +13,15 @@ Convention (also in README's "Contributing" section):
 - ``python`` blocks run as ``python -c`` in the same scratch folder.
 - ``toml`` / ``json`` blocks tagged ``config`` are loaded with ``load_config`` and planned on
   the tool's own LeNet-5; untagged ones are only parsed.
-- Blocks without a language (sample output) are not run.
+- Blocks without a language (sample output) are not run; one tagged ``output`` is what the
+  nearest ``bash`` block above it prints on stdout, and is compared with it line by line
+  (times such as ``52.8 s`` excepted) when that block runs.
 - A tag is an HTML comment on the line just before the block:
   ``<!-- readme-test: slow -->`` (only with ``-m slow``),
   ``<!-- readme-test: skip: the reason -->`` (never run; the reason is shown),
-  ``<!-- readme-test: config -->`` (see above). Untagged ``bash``/``python`` blocks run in the
-  default suite: keep them to a few seconds, or tag them.
+  ``<!-- readme-test: config -->`` (see above), ``<!-- readme-test: output -->`` (see above).
+  Untagged ``bash``/``python`` blocks run in the default suite: keep them to a few seconds, or
+  tag them.
 """
 from __future__ import annotations
 
@@ -54,6 +57,25 @@ class Block(NamedTuple):
     @property
     def id(self) -> str:
         return f"L{self.line}-{self.lang or 'text'}"
+
+
+def expected_output(block: Block, blocks: List[Block]) -> Optional[Block]:
+    """The ``output`` block that shows what ``block`` (a bash block) prints, if any: the first
+    ``output`` block after it, before any other runnable block."""
+    after = [b for b in blocks if b.line > block.line]
+    for b in after:
+        if b.tag == "output":
+            return b
+        if b.lang in RUN_LANGS:
+            return None
+    return None
+
+
+TIME = re.compile(r"\b\d+(\.\d+)? s\b")
+
+
+def _normalise(text: str) -> List[str]:
+    return [TIME.sub("<t> s", line.rstrip()) for line in text.strip("\n").splitlines()]
 
 
 def readme_blocks(text: str) -> List[Block]:
@@ -97,7 +119,10 @@ def test_blocks_are_found_and_tags_are_known():
     assert any(b.lang == "bash" for b in BLOCKS) and any(b.lang == "python" for b in BLOCKS)
     for b in BLOCKS:
         if b.tag is not None:
-            assert b.tag in ("slow", "config") or b.tag.startswith("skip"), f"README line {b.line}: unknown tag {b.tag!r}"
+            assert b.tag in ("slow", "config", "output") or b.tag.startswith("skip"), f"README line {b.line}: unknown tag {b.tag!r}"
+        if b.tag == "output":
+            shown_by = [c for c in BLOCKS if c.lang in ("bash", "sh", "shell") and expected_output(c, BLOCKS) == b]
+            assert b.lang == "" and shown_by, f"README line {b.line}: an output block must follow a bash block"
 
 
 def _config_block() -> Optional[Block]:
@@ -180,3 +205,7 @@ def test_readme_block(block: Block, sandbox):
         f"README line {block.line} ({block.lang}) failed with exit {proc.returncode}:\n"
         f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     )
+    shown = expected_output(block, BLOCKS) if block.lang in ("bash", "sh", "shell") else None
+    if shown is not None:
+        assert _normalise(proc.stdout) == _normalise(shown.code), (
+            f"README line {shown.line} does not show what line {block.line} prints:\n{proc.stdout}")

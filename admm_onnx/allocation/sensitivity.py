@@ -472,32 +472,24 @@ def joint_metric(prepared, x, y, keep: Dict[str, float], metric: str = "loss", s
         _W.update(saved)
 
 
-def write_plot(result: SensitivityResult, path) -> bool:
-    """Curves (delta vs fraction kept, log x) as a PNG; False (logged) without matplotlib."""
-    try:
-        import matplotlib
+def sensitivity_chart(result: SensitivityResult) -> dict:
+    """The curves as a chart spec of :mod:`admm_onnx.plot` (change in the metric vs % kept, log x,
+    each with its band of two paired standard errors)."""
+    from ..plot import _chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("no plot: matplotlib is not installed (pip install \"admm-onnx[plot]\")")
-        return False
-    from ..io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = []
     for n, c in result.curves.items():
-        d = np.array(c.deltas(result.baseline))
-        e = np.array(c.noise)
-        ax.plot(np.array(c.keep) * 100, d, marker="o", ms=3, label=n)
-        ax.fill_between(np.array(c.keep) * 100, d - 2 * e, d + 2 * e, alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("% of the weight kept (one layer pruned, others dense)")
-    ax.set_ylabel(f"change in {result.metric}")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=8)
-    ax.set_title(f"Sensitivity ({result.samples:,} samples, {result.structure})")
-    fig.tight_layout()
-    with atomic_path(Path(path), suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return True
+        d = np.array(c.deltas(result.baseline), dtype=float)
+        e = 2 * np.array(c.noise, dtype=float)
+        series.append({"name": n, "x": [100 * k for k in c.keep], "y": d.tolist(), "lo": (d - e).tolist(),
+                       "hi": (d + e).tolist()})
+    return _chart(f"sensitivity: change in {result.metric} ({result.samples:,} samples, {result.structure})", "lines",
+                  series, "% of the weight kept (one pruned, the others dense)", f"change in {result.metric}",
+                  logx=True)
+
+
+def write_plot(result: SensitivityResult, path) -> Path:
+    """The curves as FILE.(png|svg|html) (PNG needs matplotlib), like ``admm-onnx plot``."""
+    from ..plot import write_charts
+
+    return write_charts([sensitivity_chart(result)], path, "admm-onnx sensitivity", result.table())

@@ -203,16 +203,21 @@ def parse_ratios(model: str, spec: str) -> Dict[str, float]:
     return out
 
 
-def parse_bits(spec: str, keep: Dict[str, float]) -> Dict[str, int]:
-    """--bits: one width for every weight of ``keep``, or name=bits,..."""
+def parse_per_layer(spec: str, keep: Dict[str, float], kind=int) -> Dict[str, object]:
+    """One value for every weight of ``keep``, or name=value,..."""
     if "=" not in spec:
-        return {n: int(spec) for n in keep}
+        return {n: kind(spec) for n in keep}
     out = {}
     for part in spec.split(","):
         name, b = part.split("=", 1)
         name = name.strip()
-        out[name if name.endswith(".weight") else name + ".weight"] = int(b)
+        out[name if name.endswith(".weight") else name + ".weight"] = kind(b.strip())
     return out
+
+
+def parse_bits(spec: str, keep: Dict[str, float]) -> Dict[str, int]:
+    """--bits: one width for every weight of ``keep``, or name=bits,..."""
+    return parse_per_layer(spec, keep, int)
 
 
 def weight_bits_compression(rows) -> Optional[float]:
@@ -301,8 +306,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--bits", default=None, metavar="SPEC",
                     help="quantize the last stage's weights to k-bit levels as well (ADMM over sparsity + levels, "
                          "fake-quantized retraining): one width (3) or name=bits,... (conv1=4,conv2=3,fc1=3,fc2=4)")
-    ap.add_argument("--quant-scale", choices=("channel", "tensor"), default="channel",
-                    help="with --bits: one scale per output channel or per tensor")
+    ap.add_argument("--quant-scale", default="channel", metavar="SPEC",
+                    help="with --bits: channel (a scale per output channel), tensor (one per weight), or "
+                         "name=channel|tensor,... (e.g. conv1=channel,conv2=channel,fc1=tensor,fc2=tensor)")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--augment-shift", type=int, default=None,
                     help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
@@ -332,6 +338,7 @@ def main(argv=None) -> dict:
     stages = [(spec, {} if spec.startswith("auto ") else parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
     keep = stages[-1][1]
     bits = parse_bits(args.bits, keep) if args.bits else {}
+    scales = parse_per_layer(args.quant_scale, keep, str)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.dataset_name or Path(args.mnist).name
@@ -354,7 +361,7 @@ def main(argv=None) -> dict:
     def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
         bits = bits or {}
         return PruneConfig(
-            rules=tuple(Rule(sparsity=1.0 - k, names=(n,), bits=bits.get(n), quant_scale=args.quant_scale)
+            rules=tuple(Rule(sparsity=1.0 - k, names=(n,), bits=bits.get(n), quant_scale=scales.get(n, "channel"))
                         for n, k in stage_keep.items()),
             compression=spec[len("auto "):] if spec.startswith("auto ") else None,
             admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
@@ -452,7 +459,7 @@ def main(argv=None) -> dict:
           + (f"; paper {pct(PAPER_TOP1)}" if paper else ""))
     if quant:
         print("Quantized: " + ", ".join(f"{r['layer'].split('.')[0]} {r['bits']}-bit" for r in rows if "bits" in r)
-              + f" ({args.quant_scale} scales); weight-bits compression (values only, no indices) "
+              + f" (scales: {args.quant_scale}); weight-bits compression (values only, no indices) "
               f"{weight_bits_compression(rows):.0f}x")
     print(f"Prior art: {PRIOR_ART[args.model]}")
     print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

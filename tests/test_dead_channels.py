@@ -1,0 +1,59 @@
+"""Dead channels (nothing reads them) removed exactly, quantization specs trimmed with them."""
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from admm_onnx.models import build
+from admm_onnx.quantization import QuantSpec, dequantize, fit_levels, mark_model, model_quantization
+from admm_onnx.structured.dead import dead_channels, remove_dead_channels
+
+
+def _lenet_with_dead_units():
+    model = build("lenet5", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    rng = np.random.default_rng(0)
+    specs = {}
+    for t in model.graph.initializer:
+        w = numpy_helper.to_array(t).copy()
+        if t.name == "fc2.weight":
+            w[:, rng.permutation(500)[:380]] = 0  # 380 fc1 units read by nothing
+        if t.name == "conv2.weight":
+            w[:, :, :, :] *= rng.random(w.shape) > 0.5
+        if t.name == "fc1.weight":
+            w[:, :16 * 7] = 0  # conv2 channels 0..6 (16 positions each after Flatten) read by nothing
+        if w.ndim > 1:
+            axis = 0 if t.name != "fc2.weight" else None
+            q, s = fit_levels(w, 4, axis, keep=w != 0)
+            w = dequantize(q, s, axis)
+            specs[t.name] = QuantSpec(4, tuple(map(float, s)), axis)
+        t.CopyFrom(numpy_helper.from_array(w.astype(np.float32), t.name))
+    mark_model(model, specs)
+    return model
+
+
+def test_dead_units_and_channels_removed_with_the_same_outputs():
+    import onnxruntime as ort
+
+    model = _lenet_with_dead_units()
+    before = model.SerializeToString()
+    keep, removed = dead_channels(model)
+    assert sorted(removed.values()) == [7, 380]
+    out, removed2 = remove_dead_channels(model)
+    assert removed2 == removed and model.SerializeToString() == before
+    dims = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    assert dims["fc1.weight"] == (120, 16 * 43) and dims["fc1.bias"] == (120,) and dims["fc2.weight"] == (10, 120)
+    assert dims["conv2.weight"][0] == 43 and dims["conv2.bias"] == (43,)
+    x = np.random.default_rng(1).random((5, 1, 28, 28)).astype(np.float32)
+    a = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    b = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    specs = model_quantization(out)  # still exactly on their levels, scales of removed channels gone
+    assert set(specs) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
+    assert len(specs["fc1.weight"].scale) == 120 and len(specs["conv2.weight"].scale) == 43
+    assert len(specs["fc2.weight"].scale) == 1
+
+
+def test_nothing_dead_nothing_changed():
+    model = build("lenet5", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    assert dead_channels(model) == ({}, {})
+    out, removed = remove_dead_channels(model)
+    assert removed == {} and out.SerializeToString() == model.SerializeToString()

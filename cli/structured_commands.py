@@ -15,7 +15,9 @@ def groups(model, as_json):
     from admm_onnx.structured import analyse
     from admm_onnx.structured.report import groups_dict, groups_table
 
-    analysis = analyse(load_model(model))
+    from admm_onnx.structured.untie import untie_constants
+
+    analysis = analyse(untie_constants(load_model(model))[0])
     if as_json:
         click.echo(json.dumps(groups_dict(analysis), indent=2, default=float))
     else:

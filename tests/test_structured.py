@@ -410,3 +410,43 @@ def test_batchnorm_recalibration_uses_the_batch_statistics():
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     assert w.shape == (4, 3, 3, 3)
     np.testing.assert_allclose(inits[m.graph.node[1].input[3]], mean, rtol=1e-4, atol=1e-5)
+
+
+def test_exporter_shared_constants_are_untied():
+    """TorchScript de-duplicates equal initializers: two convs reading one zero bias (and one
+    all-zero weight) through Identity nodes. Untied, both convs' channels are prunable and the
+    shrink is exact; a real weight tie (non-zero, 2-D+) stays shared and blocks with a reason."""
+    from admm_onnx.structured.untie import untie_constants
+
+    net = Net()
+    zero_b = net.param(np.zeros(8, np.float32), "zb")
+    zero_w = net.param(np.zeros((8, 8, 3, 3), np.float32), "zw")
+    ids = [net.op("Identity", [zero_b]) for _ in range(2)]
+    x = net.op("Relu", [net.op("Conv", ["input", net.param(net.randn(8, 3, 3, 3)), ids[0]], kernel_shape=[3, 3], pads=[1] * 4)])
+    wid = net.op("Identity", [zero_w])
+    y = net.op("Conv", [x, wid, ids[1]], kernel_shape=[3, 3], pads=[1] * 4)
+    z = net.op("Relu", [net.op("Add", [y, net.conv(x, 8, 8, k=1)])])
+    m = net.model(net.head(net.conv(z, 8, 4), 4))
+    before = m.SerializeToString()
+    assert not any("conv1" in g.producers and g.prunable for g in analyse(m).groups)  # its bias is not its own
+    untied, n = untie_constants(m)
+    assert n >= 3 and m.SerializeToString() == before  # the input is not modified
+    assert not any(nd.op_type == "Identity" for nd in untied.graph.node)
+    onnx.checker.check_model(untied)
+    import onnxruntime as ort
+
+    feed = {"input": np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    run = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_array_equal(run(m), run(untied))
+    a = check_shrinks(untied)
+    assert len(a.prunable) >= 2
+    assert untie_constants(untied) == (untied, 0)
+
+    tied = Net()
+    w = tied.param(tied.randn(4, 4, 1, 1))
+    x = tied.op("Relu", [tied.conv("input", 3, 4)])
+    y = tied.op("Conv", [tied.op("Conv", [x, w]), w])
+    m2 = tied.model(tied.head(y, 4))
+    a2 = analyse(untie_constants(m2)[0])
+    g = by_producer(a2, "conv1")
+    assert not g.prunable and "not an initializer of its own" in " ".join(g.blocked)

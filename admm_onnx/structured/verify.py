@@ -3,7 +3,8 @@
 Both run in ONNX Runtime (CPU) on seeded random inputs (normal floats; batch 1 and 3 where
 the batch is dynamic; other symbolic dims 4). Tolerance: for every output,
 |shrunk - masked| <= RTOL * |masked| + ATOL * max(1, max |masked|), RTOL = 1e-4, ATOL = 1e-5 - float32
-rounding of sums that lost zero terms. A mismatch raises :class:`ShrinkMismatch`: an internal
+rounding of sums that lost zero terms. Sequence and map outputs (ZipMap) are compared as their
+numbers in order. A mismatch raises :class:`ShrinkMismatch`: an internal
 error (a bug in a rule), never a silent output.
 """
 from __future__ import annotations
@@ -59,6 +60,17 @@ def _session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def _numbers(x) -> np.ndarray:
+    """An output as float64 numbers: tensors as they are, sequences and maps (a ZipMap's list
+    of {label: probability}) flattened in order, keys sorted."""
+    if isinstance(x, dict):
+        return np.concatenate([_numbers(x[k]).ravel() for k in sorted(x)]) if x else np.zeros(0)
+    if isinstance(x, (list, tuple)):
+        parts = [_numbers(v).ravel() for v in x]
+        return np.concatenate(parts) if parts else np.zeros(0)
+    return np.asarray(x, np.float64)
+
+
 def verify(masked_model: onnx.ModelProto, shrunk_model: onnx.ModelProto, seed: int = 0) -> float:
     """Raise :class:`ShrinkMismatch` unless the two agree; returns the worst difference seen."""
     a, b = _session(masked_model), _session(shrunk_model)
@@ -66,8 +78,7 @@ def verify(masked_model: onnx.ModelProto, shrunk_model: onnx.ModelProto, seed: i
     worst = 0.0
     for feed in _feeds(masked_model, seed):
         for name, x, y in zip(names, a.run(names, feed), b.run(names, feed)):
-            x = np.asarray(x, np.float64)
-            y = np.asarray(y, np.float64)
+            x, y = _numbers(x), _numbers(y)
             if x.shape != y.shape:
                 raise ShrinkMismatch(f"internal error: shrunk output {name!r} has shape {y.shape}, masked {x.shape}")
             scale = max(1.0, float(np.max(np.abs(x))) if x.size else 1.0)

@@ -53,12 +53,26 @@ def load_cifar(cache: Path):
     return tuple(out)
 
 
-def augmenting_reader(x, y, batch_size, seed):
-    """An ArrayReader whose training batches are randomly cropped (pad 4) and flipped."""
+def augmenting_reader(x, y, batch_size, seed, epoch_images=0):
+    """An ArrayReader whose training batches are randomly cropped (pad 4) and flipped.
+
+    ``epoch_images`` N > 0: an epoch is N images drawn afresh (without replacement) from the whole
+    training split at every pass, so short schedules still see all of it."""
     from admm_onnx.data import ArrayReader
 
     class Augment(ArrayReader):
+        def rewind(self):
+            super().rewind()
+            if epoch_images:
+                self._order = self._order[:epoch_images]
+
+        def __len__(self):
+            n = min(len(self.x), epoch_images or len(self.x))
+            return n // self.batch_size
+
         def get_next(self):
+            if epoch_images and self._pos + self.batch_size > min(len(self.x), epoch_images):
+                return None
             feed = super().get_next()
             if feed is None:
                 return None
@@ -92,8 +106,20 @@ def main(argv=None):
     p.add_argument("--target-macs", type=float, default=0.4)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--train-subset", type=int, default=0, help="use the first N shuffled training images (0: all)")
+    p.add_argument("--epoch-images", type=int, default=0,
+                   help="dense training: an epoch is this many images drawn afresh from the training split (0: all)")
+    p.add_argument("--prune-epoch-images", type=int, default=0,
+                   help="the same for the ADMM and retraining epochs (0: all)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rho", type=float, default=1e-3)
+    p.add_argument("--rho", type=float, default=None, help="ADMM rho (default: auto, from the loss gradient)")
+    p.add_argument("--allocation", choices=["sensitivity", "uniform"], default="sensitivity",
+                   help="how --target-macs is split among the channel groups")
+    p.add_argument("--sensitivity-samples", type=int, default=1000)
+    p.add_argument("--monitor-images", type=int, default=2000,
+                   help="test images for the in-run top-1 figures (the final ones use all 10,000)")
+    p.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images only (0: all; smoke tests)")
+    p.add_argument("--latency-rounds", type=int, default=15)
+    p.add_argument("--tag", default="", help="name of this pruning run (pruned model, results file)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -102,8 +128,11 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/admm-onnx-cifar10/run"))
     p.add_argument("--latency-python", default="/work/venvs/ortnew/bin/python",
                    help="interpreter with the newest plain onnxruntime")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "resnet20_cifar10.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON [default: bench/results/resnet20_cifar10[_TAG].json]")
     p.add_argument("--skip-train", action="store_true", help="reuse the dense model in --work")
+    p.add_argument("--init", type=Path, default=None,
+                   help="dense training starts from this model (e.g. to continue a dense run) instead of a fresh ResNet-20")
     p.add_argument("--dense-only", action="store_true", help="train and save the dense model, then stop")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -123,45 +152,63 @@ def main(argv=None):
     if args.train_subset:
         order = np.random.default_rng(args.seed).permutation(len(x_tr))[: args.train_subset]
         x_tr, y_tr = x_tr[order], y_tr[order]
+    if args.test_images:
+        x_te, y_te = x_te[: args.test_images], y_te[: args.test_images]
     x_tr = x_tr.astype(np.float32) / 255.0
     x_te = x_te.astype(np.float32) / 255.0
-    train_reader = augmenting_reader(x_tr, y_tr, args.batch_size, args.seed)
+    train_reader = augmenting_reader(x_tr, y_tr, args.batch_size, args.seed, args.epoch_images)
     eval_reader = ArrayReader(x_te, y_te, 500, "input")
     args.work.mkdir(parents=True, exist_ok=True)
-    dense, pruned = args.work / "resnet20_dense.onnx", args.work / "resnet20_channels.onnx"
+    tag = f"_{args.tag}" if args.tag else ""
+    dense, pruned = args.work / "resnet20_dense.onnx", args.work / f"resnet20_channels{tag}.onnx"
+    out = args.out or HERE / "results" / f"resnet20_cifar10{tag}.json"
     config = PruneConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                          workers=args.workers, rho=args.rho, admm_iters=args.admm_iters,
-                         retrain_epochs=args.retrain_epochs)
+                         retrain_epochs=args.retrain_epochs, sensitivity_samples=args.sensitivity_samples)
     t0 = time.time()
+    dense_info = args.work / "resnet20_dense.json"
     if not args.skip_train:
-        init = args.work / "resnet20_init.onnx"
-        save_model(build("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=args.seed), init)
+        previous = None
+        if args.init:
+            init = args.work / "resnet20_init.onnx"
+            save_model(load_model(args.init), init)
+            earlier = args.init.with_suffix(".json")
+            previous = json.loads(earlier.read_text()) if earlier.exists() else {"model": str(args.init)}
+        else:
+            init = args.work / "resnet20_init.onnx"
+            save_model(build("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=args.seed), init)
         train(init, dense, train_reader, args.epochs, None, config, schedule="cosine")
         # ORT training normalises with batch statistics and does not write the running ones
         # back: re-estimate them on training batches before the dense model is evaluated.
         model = load_model(dense)
         recalibrate_batchnorm(model, iter(train_reader), "input")
         save_model(model, dense)
-    t_dense = time.time() - t0
-    if args.dense_only:
+        t_dense = time.time() - t0
         top1 = evaluate(dense, eval_reader).accuracy
-        (args.work / "resnet20_dense.json").write_text(json.dumps(
-            {"top1_dense": top1, "seconds": t_dense, "epochs": args.epochs, "lr": args.lr, "schedule": "cosine",
-             "batch_size": args.batch_size, "machine": info, "loadavg_at_end": os.getloadavg(),
-             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start))}, indent=2) + "\n")
+        dense_info.write_text(json.dumps(
+            {"top1_dense": top1, "seconds": t_dense, "epochs": args.epochs, "epoch_images": args.epoch_images or len(x_tr),
+             "lr": args.lr, "schedule": "cosine", "optimizer": config.optimizer, "batch_size": args.batch_size,
+             "seed": args.seed, "machine": info, "loadavg_at_end": os.getloadavg(),
+             "command": "python bench/resnet20_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
+             "continued_from": previous}, indent=2) + "\n")
         print(f"dense top-1 {100 * top1:.2f}% after {args.epochs} epochs, {t_dense:.0f} s")
-        return
+        if args.dense_only:
+            return
+    dense_run = json.loads(dense_info.read_text())
+    prune_reader = augmenting_reader(x_tr, y_tr, args.batch_size, args.seed + 1, args.prune_epoch_images)
+    monitor = ArrayReader(x_te[: args.monitor_images], y_te[: args.monitor_images], 500, "input")
     t0 = time.time()
-    report = prune(dense, pruned, train_reader, config, eval_reader,
-                   channels=ChannelTargets(target_macs=args.target_macs, round_to=args.round_to))
+    targets = ChannelTargets(target_macs=args.target_macs, round_to=args.round_to, allocation=args.allocation)
+    report = prune(dense, pruned, prune_reader, config, monitor, channels=targets)
     t_prune = time.time() - t0
-    top1_dense = evaluate(dense, eval_reader).accuracy
+    top1_dense = dense_run["top1_dense"]
     top1_pruned = evaluate(pruned, eval_reader).accuracy
     counts_dense = analyse(load_model(dense)).counts()
     counts_pruned = analyse(load_model(pruned)).counts()
     lat = json.loads(subprocess.run(
         [args.latency_python, str(HERE / "ort_latency.py"), str(dense), str(pruned), "--batches", "1", "32",
-         "--threads", "1", "2"], check=True, capture_output=True, text=True).stdout)
+         "--threads", "1", "2", "--rounds", str(args.latency_rounds)], check=True, capture_output=True, text=True).stdout)
     rows = []
     for r in lat["results"]:
         d, s = r["ms"][str(dense)], r["ms"][str(pruned)]
@@ -171,19 +218,26 @@ def main(argv=None):
         "command": "python bench/resnet20_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
         "machine": info, "loadavg_at_end": os.getloadavg(),
-        "schedule": {"dense_epochs": args.epochs, "admm_iters": args.admm_iters, "retrain_epochs": args.retrain_epochs,
-                     "train_images": int(len(x_tr)), "batch_size": args.batch_size, "lr": args.lr, "rho": args.rho,
-                     "target_macs": args.target_macs, "round_to": args.round_to},
-        "top1_dense": top1_dense, "top1_pruned": top1_pruned,
+        "dense_training": dense_run,
+        "schedule": {"admm_iters": args.admm_iters, "retrain_epochs": args.retrain_epochs,
+                     "epoch_images": args.prune_epoch_images or int(len(x_tr)), "batch_size": args.batch_size,
+                     "lr": args.lr, "rho": args.rho if args.rho is not None else "auto",
+                     "target_macs": args.target_macs, "round_to": args.round_to, "allocation": args.allocation,
+                     "sensitivity_samples": args.sensitivity_samples},
+        "top1_dense": top1_dense, "top1_pruned": top1_pruned, "test_images": int(len(y_te)),
         "macs_dense": counts_dense["macs"], "macs_pruned": counts_pruned["macs"],
+        "macs_fraction": counts_pruned["macs"] / counts_dense["macs"],
         "params_dense": counts_dense["params"], "params_pruned": counts_pruned["params"],
-        "top1_before_retrain": report.accuracy_hard_pruned,
+        "monitor_images": args.monitor_images,
+        "monitor_top1": {"before": report.accuracy_before, "after_admm": report.accuracy_after_admm,
+                         "hard_pruned": report.accuracy_hard_pruned, "after_retrain": report.accuracy_after},
+        "allocation": report.allocation,
         "groups": report.groups, "shrink_max_diff": report.max_shrink_diff,
         "latency_onnxruntime": lat["onnxruntime"], "latency": rows,
-        "seconds": {"dense": t_dense, "prune": t_prune},
+        "seconds": {"prune": t_prune, **{k: float(v) for k, v in report.phase_seconds.items()}},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"CIFAR-10 (JPEG copy) top-1: dense {100 * top1_dense:.2f}%, channel-pruned {100 * top1_pruned:.2f}%")
     print(f"MACs {counts_dense['macs']:,} -> {counts_pruned['macs']:,}; params {counts_dense['params']:,} -> {counts_pruned['params']:,}")
     print(f"onnxruntime {lat['onnxruntime']}: " + "; ".join(

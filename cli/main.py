@@ -167,9 +167,11 @@ def _common_training_options(f):
               "per-layer ratios chosen from a sensitivity sweep (rules in --config still pin or exclude).")
 @click.option("--target-params", type=int, default=None, help="Budget: number of weights kept in total.")
 @click.option("--target-macs", type=float, default=None, help="Budget: fraction of the MACs kept, e.g. 0.5.")
-@click.option("--allocation", type=click.Choice(["sensitivity", "global"]), default=None,
+@click.option("--allocation", type=click.Choice(["sensitivity", "global", "uniform"]), default=None,
               help="With a budget: per-layer ratios from a sensitivity sweep, or a global top-k in the ADMM "
-                   "Z-step (the split emerges during training).  [default: sensitivity]")
+                   "Z-step (the split emerges during training); with --structure channel --target-macs: "
+                   "sensitivity (channels per group from a sweep over the groups) or uniform (one kept fraction "
+                   "for every group).  [default: sensitivity]")
 @click.option("--min-keep", type=float, default=None,
               help="With a budget: least fraction any allocated weight keeps.  [default: the lowest sensitivity level, 0.002]")
 @click.option("--max-keep", type=float, default=None, help="With a budget: most fraction any allocated weight keeps.  [default: 1]")
@@ -222,9 +224,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
     config = load_config(config_path) if config_path else PruneConfig()
-    channels = _channel_targets(structure, sparsity, target_macs, round_to)
+    channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation)
     if channels is not None:
-        sparsity = target_macs = None  # channel budgets, not weight rules
+        sparsity = target_macs = allocation = None  # channel budgets, not weight rules
+    elif allocation == "uniform":
+        raise ConfigError("--allocation uniform is for --structure channel --target-macs")
     if sparsity is not None or bits is not None:
         config = config.with_sparsity(sparsity, None if bits is None else int(bits), quant_scale)
     config = config.replace(
@@ -285,6 +289,14 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if report.allocation and report.allocation.get("global"):
         click.echo(f"Allocation for {report.allocation['budget']}: global top-k across "
                    f"{', '.join(report.allocation['global']['tensors'])} (split above)")
+    elif report.allocation and report.allocation.get("method") == "uniform":
+        click.echo(f"Allocation for {report.allocation['budget']}: one kept fraction for every channel group; "
+                   f"MACs kept {100 * report.allocation['kept_macs_fraction']:.2f}%")
+    elif report.allocation and report.allocation.get("method") == "sensitivity":
+        a = report.allocation
+        click.echo(f"Allocation for {a['budget']}: channels per group from their sensitivity; predicted one-shot "
+                   f"{a['metric']} {a['predicted_one_shot_metric']:.4f} (dense {a['dense_metric']:.4f}, "
+                   f"{a['samples']:,} training samples); MACs kept {100 * a['kept_macs_fraction']:.2f}%")
     elif report.allocation:
         a = report.allocation
         click.echo(f"Allocation for {a['budget']}: predicted one-shot {a['metric']} {a['predicted_one_shot_metric']:.4f}, "
@@ -301,7 +313,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         click.echo(f"Wrote {plot_path}")
 
 
-def _channel_targets(structure, sparsity, target_macs, round_to):
+def _channel_targets(structure, sparsity, target_macs, round_to, allocation=None):
     """ChannelTargets for --structure channel (None otherwise)."""
     if structure != "channel":
         if round_to is not None:
@@ -309,7 +321,9 @@ def _channel_targets(structure, sparsity, target_macs, round_to):
         return None
     from admm_onnx.structured.targets import ChannelTargets
 
-    return ChannelTargets(sparsity=sparsity, target_macs=target_macs, round_to=round_to or 8)
+    if allocation == "global":
+        raise ConfigError("--allocation global is for weight budgets; with --structure channel use sensitivity or uniform")
+    return ChannelTargets(sparsity=sparsity, target_macs=target_macs, round_to=round_to or 8, allocation=allocation)
 
 
 def _write_sparse(model_path, output) -> None:

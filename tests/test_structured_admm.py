@@ -112,7 +112,44 @@ def test_prune_structure_channel_writes_a_smaller_dense_model(tmp_path, capsys):
     assert y.shape == (2, 10)
 
 
+def test_channel_allocation_meets_the_mac_budget_and_follows_sensitivity():
+    """--target-macs split by sensitivity: exact MACs never above the budget, counts multiples
+    of 8; a group whose curve says it barely matters is cut harder than the uniform split cuts
+    it, a group that matters a lot keeps more."""
+    from admm_onnx.allocation.allocator import LayerCurve
+    from admm_onnx.structured.allocate import CHANNEL_LEVELS, counts_from_curves, marginal_macs
+
+    m = resnet_cifar((3, 8, 8), 10, blocks=1, width=16)
+    a = analyse(m)
+    quiet = next(g for g in a.prunable if g.producers == ["layer3.0.conv1"])
+    loud = next(g for g in a.prunable if g.producers == ["layer2.0.conv1"])
+    levels = tuple(sorted(CHANNEL_LEVELS))
+
+    def curve(scale):
+        return LayerCurve(levels, tuple(scale * (1 - k) ** 2 for k in levels))
+
+    curves = {g.name: curve(1.0) for g in a.prunable}
+    curves[quiet.name], curves[loud.name] = curve(1e-4), curve(100.0)
+    total = a.counts()["macs"]
+    for f in (0.6, 0.4):
+        counts, alloc = counts_from_curves(a, ChannelTargets(target_macs=f), curves)
+        kept = a.counts({gid: range(k) for gid, k in counts.items()})["macs"]
+        assert kept <= f * total
+        assert set(counts) == {g.id for g in a.prunable} and all(k % 8 == 0 for k in counts.values())
+        uniform = ChannelTargets(target_macs=f, allocation="uniform").keep_counts(a)
+        assert counts[quiet.id] < uniform[quiet.id] and counts[loud.id] > uniform[loud.id]
+        assert alloc.predicted_total >= 0
+    marg = marginal_macs(a, {g.id: g.size for g in a.prunable})
+    assert all(v >= 1 for v in marg.values())
+    with pytest.raises(ConfigError, match="allocation"):
+        ChannelTargets(sparsity=0.5, allocation="uniform")
+    with pytest.raises(ConfigError, match="allocation"):
+        ChannelTargets(target_macs=0.5, allocation="global")
+
+
 @pytest.mark.parametrize("args", [["--round-to", "4"], ["--structure", "channel"],
+                                  ["--structure", "channel", "--target-macs", "0.5", "--allocation", "global"],
+                                  ["--target-macs", "0.5", "--allocation", "uniform"],
                                   ["--structure", "channel", "--sparsity", "0.5", "--target-macs", "0.5"],
                                   ["--structure", "channel", "--sparsity", "0.5", "--resume"]])
 def test_prune_structure_channel_bad_options(tmp_path, capsys, args):

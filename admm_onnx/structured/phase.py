@@ -2,7 +2,8 @@
 dense retraining of the smaller model, write.
 
 Called by :func:`admm_onnx.pipeline.prune` when it is given ``channels=ChannelTargets(...)``.
-1. analysis of the user's graph (BatchNorm in inference form, as written), budgets per group;
+1. analysis of the user's graph (BatchNorm in inference form, as written; constants the exporter
+   shared between nodes untied first, untie.py), budgets per group;
 2. ADMM: one engine variable (:class:`ChannelGroups`, admm_onnx.constraints protocol) spans
    every trainable member tensor (conv/gemm weights, biases, BatchNorm scale and shift),
    penalised towards T = Z - U; the Z-update is the exact top-k channel projection per group;
@@ -41,6 +42,7 @@ from .constraint import ChannelGroups
 from .report import shrink_rows, shrink_table
 from .shrink import masked, shrink
 from .targets import ChannelTargets
+from .untie import untie_constants
 from .verify import verify
 
 log = logging.getLogger(__name__)
@@ -80,14 +82,23 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     from ..pipeline import (_epoch, _gradient_norms, _PruneRun, _set_epoch, _trainer, _workdir, evaluate, output_model,
                             prepare_model)
 
-    base = output_model(prepared, {})
-    if _recalibrate(base, train_reader, prepared.input_name):
+    base, untied = untie_constants(output_model(prepared, {}))
+    if _recalibrate(base, train_reader, prepared.input_name) or untied:
         prepared = prepare_model(base, prepared.output_name)
     analysis = analyse(base)
-    counts = targets.keep_counts(analysis)
+    if targets.method == "sensitivity":
+        from .allocate import allocate_channels
+
+        counts, allocation = allocate_channels(prepared, analysis, targets, train_reader, config)
+    else:
+        from .allocate import uniform_record
+
+        counts = targets.keep_counts(analysis)
+        allocation = uniform_record(analysis, targets, counts)
     trainable = set(prepared.info.trainable)
     constraint = ChannelGroups(analysis, counts, tensors=trainable)
     report = ChannelPruneReport(config=dict(config.to_dict(), channels=targets.__dict__))
+    report.allocation = allocation
     for g in analysis.groups:
         if g.id in counts:
             log.info("group %s: keep %d of %d channels", g.name, counts[g.id], g.size)

@@ -6,6 +6,9 @@
 - ``target_macs`` F: keep at most F of the dense model's MACs (batch 1): one uniform channel
   fraction for all prunable groups, the largest whose model fits (bisection; MACs are exact
   for any keep set, see ChannelAnalysis.counts).
+``allocation`` (with ``target_macs`` only): "sensitivity" (the default) splits the budget among
+the groups from their measured sensitivity curves (structured/allocate.py); "uniform" is the
+one fraction above.
 ``round_to`` m rounds kept counts up to a multiple of m (never above the group's size); the
 default 8 is the channel block of ONNX Runtime's fast CPU convolution layout (NCHWc, 8 floats
 on AVX2): measured on ResNet-20 (bench/channel_layout.py, onnxruntime 1.32), kept counts of
@@ -30,6 +33,14 @@ class ChannelTargets:
     per_group: Dict[str, float] = field(default_factory=dict)
     round_to: int = 8
     min_keep: int = 1
+    allocation: Optional[str] = None
+
+    @property
+    def method(self) -> str:
+        """How a MACs budget is split: "sensitivity" (default) or "uniform"; always "uniform" for a sparsity."""
+        if self.target_macs is None:
+            return "uniform"
+        return self.allocation or "sensitivity"
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.target_macs is None):
@@ -38,6 +49,10 @@ class ChannelTargets:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise ConfigError(f"--target-macs must be in (0, 1] (the fraction of MACs kept), got {self.target_macs}")
+        if self.allocation is not None and self.allocation not in ("sensitivity", "uniform"):
+            raise ConfigError(f"channel allocation must be 'sensitivity' or 'uniform', got {self.allocation!r}")
+        if self.allocation is not None and self.target_macs is None:
+            raise ConfigError("a channel allocation needs --target-macs (with --sparsity every group loses the same fraction)")
         for k, v in self.per_group.items():
             if not isinstance(k, str) or not 0.0 <= v < 1.0:
                 raise ConfigError(f"per-group sparsity for {k!r} must be in [0, 1), got {v}")
@@ -52,7 +67,8 @@ class ChannelTargets:
         return max(1, min(size, k))
 
     def keep_counts(self, analysis: ChannelAnalysis) -> Dict[int, int]:
-        """Group id -> kept channel count, for every prunable group."""
+        """Group id -> kept channel count, for every prunable group (a MACs budget: one uniform
+        fraction; the sensitivity allocation is structured/allocate.py)."""
         groups = analysis.prunable
         if not groups:
             raise ConfigError("the model has no prunable channel group", hint="run 'admm-onnx groups MODEL' to see why")

@@ -310,14 +310,62 @@ TORCH = {
 TF = {"tf_keras_cnn": keras_cnn}
 
 
+def hf_extra(kind, out, dynamo=False):
+    """More encoder architectures (tiny configs), for --extra."""
+    import torch
+    import transformers as tr
+
+    torch.manual_seed(0)
+    Logits3, Logits2 = _logits_wrappers()
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    if kind == "albert":
+        model = tr.AlbertForSequenceClassification(tr.AlbertConfig(embedding_size=32, num_labels=2, **small))
+    elif kind == "electra":
+        model = tr.ElectraForSequenceClassification(tr.ElectraConfig(embedding_size=32, num_labels=2, **small))
+    elif kind == "deberta_v2":
+        model = tr.DebertaV2ForSequenceClassification(tr.DebertaV2Config(num_labels=2, vocab_size=1000, **small))
+    elif kind == "mpnet":
+        model = tr.MPNetForSequenceClassification(tr.MPNetConfig(num_labels=2, vocab_size=1000, **small))
+    elif kind == "xlm_roberta":
+        model = tr.XLMRobertaForSequenceClassification(tr.XLMRobertaConfig(num_labels=2, vocab_size=1000, **small))
+    else:
+        raise ValueError(kind)
+    model.eval()
+    ids = torch.randint(5, 900, (2, SEQ))
+    mask = torch.ones(2, SEQ, dtype=torch.int64)
+    wrapped = Logits2(model)
+    path = os.path.join(out, f"hf_{kind}{'_dynamo' if dynamo else ''}.onnx")
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    export(wrapped, (ids, mask), path, ["input_ids", "attention_mask"], ["logits"], axes,
+           f"transformers {type(model).__name__} (tiny config)", dynamo)
+
+
+EXTRA = {
+    "timm_swin_tiny": lambda o: timm_model("swin_tiny_patch4_window7_224", o, file="timm_swin_tiny.onnx"),
+    "timm_deit_tiny_dynamo": lambda o: timm_model("deit_tiny_patch16_224", o, dynamo=True, file="timm_deit_tiny_dynamo.onnx"),
+    "timm_densenet121": lambda o: timm_model("densenet121", o),
+    "timm_inception_v3": lambda o: timm_model("inception_v3", o),
+    "timm_levit_128s": lambda o: timm_model("levit_128s", o),
+    "timm_mobilevit_xxs": lambda o: timm_model("mobilevit_xxs", o),
+    "timm_ghostnet_100": lambda o: timm_model("ghostnet_100", o),
+    "timm_resnet50_dynamo": lambda o: timm_model("resnet50", o, dynamo=True, file="timm_resnet50_dynamo.onnx"),
+    "hf_albert": lambda o: hf_extra("albert", o),
+    "hf_electra": lambda o: hf_extra("electra", o),
+    "hf_deberta_v2": lambda o: hf_extra("deberta_v2", o),
+    "hf_mpnet": lambda o: hf_extra("mpnet", o),
+    "hf_xlm_roberta_dynamo": lambda o: hf_extra("xlm_roberta", o, dynamo=True),
+}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="exports to make (default: all of the chosen library set)")
     ap.add_argument("--out", default="/tmp/zoo")
     ap.add_argument("--tf", action="store_true", help="the TensorFlow exports (run in a tensorflow venv)")
+    ap.add_argument("--extra", action="store_true", help="more architectures (timm, transformers) beyond the main set")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    table = TF if args.tf else TORCH
+    table = TF if args.tf else EXTRA if args.extra else TORCH
     if not args.tf:
         _torch_setup()
     failed = []

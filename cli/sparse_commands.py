@@ -96,12 +96,23 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
 @click.option("--quantization", "quant_path", type=click.Path(path_type=Path), default=None, metavar="REPORT.json",
               help="packed: the prune report whose quantization specs to use (default: the specs the "
                    "quantized run recorded in PRUNED.onnx).")
+@click.option("-d", "--data", "calib_data", default=None, metavar="DATA",
+              help="qdq: calibration data for the activation ranges, as prune's -d (digits | mnist:DIR | FILE.npz); "
+                   "its training images are used.")
+@click.option("--calibration-samples", type=int, default=1000, show_default=True,
+              help="qdq: at most this many calibration images.")
+@click.option("--activations", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True,
+              help="qdq: activation type (int8: S8S8, onnxruntime's recommended default).")
 def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str,
-               quant_path: Optional[Path]) -> None:
-    """Store the sparse weights of PRUNED.onnx compactly in a new ONNX file."""
+               quant_path: Optional[Path], calib_data: Optional[str], calibration_samples: int, activations: str) -> None:
+    """Store the weights of PRUNED.onnx compactly (sparse, packed) or as int8 (qdq) in a new ONNX file."""
     model, external = _load(model_path)
     _plan_output(model_path, output, external)
     options = {}
+    if fmt == "qdq":
+        options.update(_calibration(model, calib_data, calibration_samples, activations))
+    elif calib_data is not None:
+        raise ConfigError("-d/--data (calibration) is a qdq option; add --format qdq")
     if quant_path is not None:
         if fmt != "packed":
             raise ConfigError("--quantization is a packed option; add --format packed")
@@ -123,6 +134,26 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
         f"{report.total_stored_bytes:,} bytes ({_ratio(report.total_dense_bytes, report.total_stored_bytes)}); "
         f"file {before:,} -> {after:,} bytes ({_ratio(before, after)})"
     )
+
+
+def _calibration(model: onnx.ModelProto, data: Optional[str], samples: int, activations: str) -> dict:
+    """qdq's encode options: the training images of ``data`` fitted to the model's input."""
+    import numpy as np
+
+    from admm_onnx.data import Dataset, fit_to_input, load_dataset
+    from admm_onnx.graph.analysis import graph_inputs, value_shape
+
+    if data is None:
+        raise ConfigError("--format qdq needs calibration data: add -d DATA (the images the model will see)")
+    if samples < 1:
+        raise ConfigError(f"--calibration-samples must be at least 1, got {samples}")
+    dataset = load_dataset(data)
+    inputs = graph_inputs(model)
+    if not isinstance(dataset, Dataset) or len(inputs) != 1:
+        raise ConfigError("qdq calibration from -d supports single-input models and x/y data sets")
+    x = dataset.x_train[np.random.default_rng(0).permutation(len(dataset.x_train))[:samples]]
+    x = fit_to_input(x, value_shape(inputs[0]), inputs[0].name)
+    return {"calibration": x, "activations": activations, "max_samples": samples}
 
 
 @click.command("densify")

@@ -50,12 +50,10 @@ def test_weights_are_the_trained_levels_bit_for_bit(deploy_env):
     probe = onnx.ModelProto()
     probe.CopyFrom(q)
     names = {}
-    for out, node in dq.items():
-        src = node.input[0]
-        base = out.rsplit("/dequantized", 1)[0]
-        if base in specs:
-            assert inits[src].dtype == np.int8
-            names[base] = out
+    for out, node in dq.items():  # a weight's DequantizeLinear writes the weight's own name
+        if out in specs:
+            assert inits[node.input[0]].dtype == np.int8
+            names[out] = out
             probe.graph.output.append(helper.make_empty_tensor_value_info(out))
     assert set(names) == set(specs)
     res = deploy_env.run({"qdq": probe}, {"input": x[:2]})
@@ -70,6 +68,15 @@ def test_weights_are_the_trained_levels_bit_for_bit(deploy_env):
         assert np.array_equal(back[name].view(np.uint32), trained[name].view(np.uint32))
     rows = {r.name: r for r in report.rows}
     assert rows["conv1.weight"].storage == "int8" and rows["fc2.weight"].storage == "int8 (post-training)"
+    # inspect: the QDQ file's int8 weights with the bits of their trained levels, ops as in the model
+    shown = {r.name: r for r in formats.inspect_model(q)}
+    assert shown["conv1.weight"].storage == "qdq-int8 (4-bit levels)" and shown["conv1.weight"].bits == 8
+    assert shown["fc1.weight"].storage == "qdq-int8 (3-bit levels)" and shown["fc1.weight"].op == "Gemm"
+    assert shown["fc2.weight"].storage == "qdq-int8"
+    assert shown["conv2.weight"].stored_bytes < shown["conv2.weight"].dense_bytes / 3
+    # and the float model it came from: dense storage, the levels' bits named
+    plain = {r.name: r for r in formats.inspect_model(model)}
+    assert plain["conv1.weight"].storage == "dense (4-bit levels)" and plain["fc2.weight"].storage == "dense"
 
 
 def test_runs_with_integer_kernels_and_tracks_the_float_model(deploy_env):
@@ -105,3 +112,25 @@ def test_activation_ranges_and_errors():
     formats.export(model, "qdq", calibration=_inputs(8))
     assert model.SerializeToString() == before  # the input is never modified
     assert not formats.get("qdq").exact and formats.get("dense").exact
+
+
+def test_cli_export_qdq_needs_data_and_inspect_shows_it(tmp_path, capsys):
+    from admm_onnx.cli.main import main
+
+    model, _ = _quantized_lenet()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "m.qdq.onnx"
+    assert main(["export", str(src), "-o", str(out), "--format", "qdq"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(src), "-o", str(out), "--format", "csr", "-d", "digits"]) == 2
+    data = tmp_path / "calib.npz"  # x/y arrays like prune's -d FILE.npz
+    np.savez(data, x_train=_inputs(80), y_train=np.zeros(80, np.int64), x_test=_inputs(8), y_test=np.zeros(8, np.int64))
+    assert main(["export", str(src), "-o", str(out), "--format", "qdq", "-d", str(data),
+                 "--calibration-samples", "64"]) == 0
+    assert formats.detect(onnx.load(str(out))).name == "qdq"
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "qdq-int8 (4-bit levels)" in text and "qdq-int8 (3-bit levels)" in text
+

@@ -297,22 +297,24 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
                 n.input[i] = pairs[name]
 
     rows, exact, post = [], [], []
+    levels: Dict[str, int] = {}
     weight_nodes: List[onnx.NodeProto] = []
     replaced: Dict[str, str] = {}
     for s in sites:
         if s.w in replaced:
-            s.node.input[1] = replaced[s.w]
             continue
         w = numpy_helper.to_array(inits[s.w]).astype(np.float32)
         q, w_scale, axis, is_exact = _weight_integers(w, specs.get(s.w), s.axis)
         (exact if is_exact else post).append(s.w)
-        q_name, ws_name, wz_name, dq_name = fresh(f"{s.w}/int8"), fresh(f"{s.w}/scale"), fresh(f"{s.w}/zero_point"), fresh(f"{s.w}/dequantized")
+        # The DequantizeLinear output takes the weight's own name (the float initializer goes).
+        q_name, ws_name, wz_name, dq_name = fresh(f"{s.w}/int8"), fresh(f"{s.w}/scale"), fresh(f"{s.w}/zero_point"), s.w
         new_inits += [numpy_helper.from_array(q.astype(np.int8), q_name), numpy_helper.from_array(w_scale.reshape(-1) if axis is not None else w_scale.reshape(()), ws_name),
                       numpy_helper.from_array(np.zeros(w_scale.size if axis is not None else (), np.int8), wz_name)]
         kw = {"axis": int(axis)} if axis is not None else {}
         weight_nodes.append(helper.make_node("DequantizeLinear", [q_name, ws_name, wz_name], [dq_name], name=fresh(f"{s.w}/DequantizeLinear"), **kw))
-        s.node.input[1] = dq_name
         replaced[s.w] = dq_name
+        if specs.get(s.w) is not None:
+            levels[s.w] = int(specs[s.w].bits)
         rows.append(WeightRow(s.w, s.node.op_type, tuple(w.shape), int(w.size), int(np.count_nonzero(w)),
                               "int8" + ("" if is_exact else " (post-training)"), int(q.size + 4 * w_scale.size), int(w.nbytes)))
         if s.b is not None and s.x in params:
@@ -321,14 +323,15 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
             per = np.broadcast_to(w_scale.reshape(-1), (b.size,)) if axis is not None and w_scale.size > 1 else np.full(b.size, w_scale.reshape(-1)[0], np.float32)
             b_scale = (np.float32(x_scale) * per.astype(np.float32)).astype(np.float32)
             bq = np.clip(np.rint(b.astype(np.float64) / b_scale), -2**31, 2**31 - 1).astype(np.int32)
-            bq_name, bs_name, bz_name, bdq = fresh(f"{s.b}/int32"), fresh(f"{s.b}/scale"), fresh(f"{s.b}/zero_point"), fresh(f"{s.b}/dequantized")
+            if s.b in replaced:
+                continue
+            bq_name, bs_name, bz_name, bdq = fresh(f"{s.b}/int32"), fresh(f"{s.b}/scale"), fresh(f"{s.b}/zero_point"), s.b
             new_inits += [numpy_helper.from_array(bq, bq_name), numpy_helper.from_array(b_scale, bs_name),
                           numpy_helper.from_array(np.zeros(b.size, np.int32), bz_name)]
             weight_nodes.append(helper.make_node("DequantizeLinear", [bq_name, bs_name, bz_name], [bdq], name=fresh(f"{s.b}/DequantizeLinear"), axis=0))
-            s.node.input[2] = bdq
-    # Old float weights and biases no longer read by anything are dropped.
-    read = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in read or t.name not in {s.w for s in sites} | {s.b for s in sites if s.b}]
+            replaced[s.b] = bdq
+    # The float weights and biases are replaced by their DequantizeLinear outputs.
+    keep = [t for t in graph.initializer if t.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
     # Order: weight DQs first, each activation pair right after its producer (graph inputs first).
@@ -342,7 +345,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
     del graph.node[:]
     graph.node.extend(nodes)
     facts = {"activations": activations, "calibration": "minmax", "max_samples": max_samples,
-             "exact_weights": sorted(exact), "post_training_weights": sorted(post)}
+             "exact_weights": sorted(exact), "post_training_weights": sorted(post), "levels": levels}
     entry = out.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(facts, sort_keys=True)
     try:
@@ -356,34 +359,41 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
     return out, report
 
 
+def _weight_dqs(model: onnx.ModelProto):
+    """(node index, node) of the DequantizeLinear nodes that read an initializer (weights, biases)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [(k, n) for k, n in enumerate(model.graph.node) if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+
+def _dequantize(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
+    inits = {t.name: t for t in model.graph.initializer}
+    q = numpy_helper.to_array(inits[node.input[0]])
+    s = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    z = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros(s.shape, q.dtype)
+    if s.ndim == 1 and q.ndim > 1:
+        shape = [1] * q.ndim
+        shape[_attr(node, "axis", 1) % q.ndim] = s.size
+        s, z = s.reshape(shape), z.reshape(shape)
+    return ((q.astype(np.int64) - z.astype(np.int64)).astype(np.float32) * s).astype(np.float32)
+
+
 def decode_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """The float model with the QDQ file's weights: weight DequantizeLinear folded to float32
-    initializers (exactly), activation Q/DQ pairs removed."""
+    initializers under the weights' names (exactly what DequantizeLinear computes), activation
+    Q/DQ pairs removed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inits = {t.name: t for t in graph.initializer}
+    inits = {t.name for t in graph.initializer}
     nodes = list(graph.node)
     rename: Dict[str, str] = {}
     new_inits = []
     drop = set()
+    for k, n in _weight_dqs(out):
+        new_inits.append(numpy_helper.from_array(_dequantize(out, n), n.output[0]))
+        drop.add(k)
     for k, n in enumerate(nodes):
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
-            q = numpy_helper.to_array(inits[n.input[0]])
-            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
-            z = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 else np.zeros(s.shape, q.dtype)
-            axis = _attr(n, "axis", 1)
-            if s.ndim == 1 and q.ndim > 1:
-                shape = [1] * q.ndim
-                shape[axis % q.ndim] = s.size
-                s, z = s.reshape(shape), z.reshape(shape)
-            w = ((q.astype(np.int64) - z.astype(np.int64)).astype(np.float32) * s).astype(np.float32)
-            base = n.output[0].rsplit("/dequantized", 1)[0]
-            name = base if base not in inits else n.output[0]
-            new_inits.append(numpy_helper.from_array(w, name))
-            rename[n.output[0]] = name
-            drop.add(k)
-        elif n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
             for m, d in enumerate(nodes):
                 if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]:
                     rename[d.output[0]] = n.input[0]
@@ -398,7 +408,7 @@ def decode_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     for o in graph.output:
         while o.name in rename:
             o.name = rename[o.name]
-    read = {i for n in kept for i in n.input}
+    read = {i for n in kept for i in n.input} | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(kept)
     keep = [t for t in graph.initializer if t.name in read]
@@ -427,6 +437,29 @@ class Qdq(Format):
 
     def decode(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return decode_qdq(model)
+
+    def stored(self, model: onnx.ModelProto):
+        """The int8 weights (ndim >= 2) with the bits of their trained levels, for ``inspect``."""
+        from .base import StoredWeight
+
+        facts = next((json.loads(p.value) for p in model.metadata_props if p.key == METADATA_KEY), {})
+        levels = facts.get("levels", {})
+        inits = {t.name: t for t in model.graph.initializer}
+        out = {}
+        for _, n in _weight_dqs(model):
+            q = inits[n.input[0]]
+            if len(q.dims) < 2:
+                continue
+            name = n.output[0]
+            owned = {i for i in n.input if i in inits}
+            size = sum(numpy_helper.to_array(inits[i]).nbytes for i in owned)
+            storage = f"qdq-int8 ({levels[name]}-bit levels)" if name in levels else "qdq-int8"
+            out[name] = StoredWeight(name, _dequantize(model, n), storage, int(size), 8, anchor=n.input[0],
+                                     tensors=owned)
+        return out
+
+    def decode_nodes(self, model: onnx.ModelProto):
+        return {k for k, _ in _weight_dqs(model)}
 
 
 QDQ = register(Qdq())

@@ -96,6 +96,9 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
     owned = set().union(*(sw.tensors for sw in stored.values())) if stored else set()
     info = _prunability(model)
     table = WeightTable()
+    from ..quantization import model_quantization
+
+    levels = model_quantization(model)  # dense weights exactly on recorded k-bit levels
 
     def encoded_row(sw) -> WeightRow:
         arr = sw.dense
@@ -112,7 +115,9 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
         arr = _to_array(tensor)
         why = "yes" if name in info.prunable else info.not_prunable.get(name, "")
         table.append(WeightRow(name, ",".join(consumers.get(name, [])), tuple(arr.shape), int(arr.size),
-                               int(np.count_nonzero(arr)), "dense", int(arr.nbytes), int(arr.nbytes), why,
+                               int(np.count_nonzero(arr)),
+                               f"dense ({levels[name].bits}-bit levels)" if name in levels else "dense",
+                               int(arr.nbytes), int(arr.nbytes), why,
                                bits=arr.dtype.itemsize * 8))
     for sw in stored.values():
         if not sw.anchor:

@@ -113,6 +113,24 @@ def _ticks(lo: float, hi: float, n: int = 5) -> List[float]:
     return [start + i * step for i in range(int((hi - start) / step) + 1)]
 
 
+def _log_ticks(lo: float, hi: float, n: int = 6) -> List[float]:
+    """Ticks (as log10 values) at 1, 2 and 5 times powers of ten between ``lo`` and ``hi`` (log10);
+    decades only when those are too many, every k-th decade when even those are."""
+    eps = 1e-9
+    cand = {m: [math.log10(m) + d for d in range(math.floor(lo) - 1, math.ceil(hi) + 1)
+                if lo - eps <= math.log10(m) + d <= hi + eps] for m in (1, 2, 5)}
+    every = sorted(cand[1] + cand[2] + cand[5])
+    if 2 <= len(every) <= n:
+        return every
+    if len(every) < 2:  # less than a factor 2.5: plain ticks in value space
+        return [math.log10(v) for v in _ticks(10 ** lo, 10 ** hi, n - 2) if v > 0] or [lo]
+    decades = cand[1]
+    if len(decades) < 2:
+        return every[:: math.ceil(len(every) / n)]
+    k = max(1, math.ceil(len(decades) / n))
+    return decades[::k]
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
@@ -155,7 +173,7 @@ def chart_svg(chart: Dict[str, object], y0: int = 0) -> str:
         return MT + ph - (y - y_lo) / (y_hi - y_lo) * ph
 
     out.append(f'<rect x="{ML}" y="{MT}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-    for t in _ticks(y_lo, y_hi):
+    for t in (_log_ticks(y_lo, y_hi) if logy else _ticks(y_lo, y_hi)):
         label = _fmt(10 ** t) if logy else _fmt(t)
         out.append(f'<line x1="{ML}" x2="{ML + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
                    f'<text x="{ML - 5}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="10">{label}</text>')
@@ -164,7 +182,7 @@ def chart_svg(chart: Dict[str, object], y0: int = 0) -> str:
             out.append(f'<text x="{px(i):.1f}" y="{MT + ph + 14}" text-anchor="middle" font-size="10">'
                        f'{html.escape(name)}</text>')
     else:
-        for t in _ticks(x_lo, x_hi):
+        for t in (_log_ticks(x_lo, x_hi) if logx else _ticks(x_lo, x_hi)):
             label = _fmt(10 ** t) if logx else _fmt(t)
             out.append(f'<text x="{px(t):.1f}" y="{MT + ph + 14}" text-anchor="middle" font-size="10">{label}</text>')
     out.append(f'<text x="{ML + pw / 2}" y="{H - 25}" text-anchor="middle" font-size="11">'
@@ -317,7 +335,13 @@ def load_report(path) -> Dict[str, object]:
 def plot_report(report: Dict[str, object], path, title: Optional[str] = None) -> Path:
     """Write the pictures of a report (a dict, e.g. :meth:`PruneReport.to_dict`) to ``path``."""
     total = report.get("total") or {}
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    acc = report.get("accuracy_after")
     summary = (f"{report.get('command') or ''}\n"
-               f"compression {total.get('compression', '-')}x, {total.get('nonzero', '-')} of {total.get('weights', '-')} "
-               f"weights kept; top-1 after {report.get('accuracy_after')}").strip()
+               f"compression {num(total.get('compression'), '.1f')}x ({num(total.get('nonzero'), ',')} of "
+               f"{num(total.get('weights'), ',')} weights kept); top-1 after retraining "
+               f"{num(100 * acc if isinstance(acc, (int, float)) else None, '.2f')}%").strip()
     return write_charts(report_charts(report), path, title or f"admm-onnx report: {report.get('output', '')}", summary)

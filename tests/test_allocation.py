@@ -213,11 +213,17 @@ def test_prune_with_a_macs_budget(trained, tmp_path):
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-def test_cli_sensitivity_table_json_and_errors(trained, tmp_path, capsys, monkeypatch):
+def _cli_inputs(trained, tmp_path, monkeypatch):
+    """The trained model's path and its data as an .npz; the sweep cache in tmp_path."""
     path, _, _, _, data = trained
     npz = tmp_path / "d.npz"
     np.savez(npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
     monkeypatch.setenv("ADMM_ONNX_CACHE", str(tmp_path / "cache"))
+    return path, npz
+
+
+def test_cli_sensitivity_table_json_and_errors(trained, tmp_path, capsys, monkeypatch):
+    path, npz = _cli_inputs(trained, tmp_path, monkeypatch)
     out = tmp_path / "s.json"
     code = main(["sensitivity", str(path), "-d", str(npz), "--levels", "20%,0.05", "--samples", "100",
                  "--metric", "top1", "--workers", "1", "--json", str(out), "-q"])
@@ -238,10 +244,7 @@ def test_cli_sensitivity_table_json_and_errors(trained, tmp_path, capsys, monkey
 
 
 def test_cli_prune_with_compression(trained, tmp_path, capsys, monkeypatch):
-    path, _, _, _, data = trained
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
-    monkeypatch.setenv("ADMM_ONNX_CACHE", str(tmp_path / "cache"))
+    path, npz = _cli_inputs(trained, tmp_path, monkeypatch)
     report = tmp_path / "r.json"
     code = main(["prune", str(path), "-d", str(npz), "-o", str(tmp_path / "o.onnx"), "--compression", "10x",
                  "--min-keep", "0.01", "--admm-iters", "1", "--retrain-epochs", "1", "--batch-size", "32",

@@ -66,7 +66,10 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     log_file = (ctx.find_root().obj or {}).get("log_file") if ctx is not None else None
     if log_file:
         # The whole log at INFO (DEBUG with --debug) with times, whatever -q says; appended.
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        try:
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the --log-file {log_file}: {exc.strerror or exc}") from None
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(logging.DEBUG if debug else logging.INFO)
         handlers.append(fh)
@@ -100,6 +103,10 @@ def cli(ctx, debug, log_file):
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     ctx.obj["log_file"] = log_file
+    if ctx.invoked_subcommand is not None and not any(a in ("-h", "--help") for a in ctx.obj.get("argv", ())):
+        # every command: warnings on stderr, --log-file gets the whole log (commands that show
+        # progress set their own level)
+        _setup_logging(True, debug)
 
 
 def _output_option(help_text: str, required: bool = True):
@@ -499,14 +506,25 @@ def _restore_signal_handlers(previous: dict) -> None:
 
 
 def _split_debug(argv):
-    """``--debug`` anywhere before ``--`` is the global flag (also after the subcommand)."""
+    """The global options anywhere before ``--`` (also after the subcommand): ``--debug`` and
+    ``--log-file FILE`` / ``--log-file=FILE`` are moved in front of the subcommand."""
     args = list(argv if argv is not None else sys.argv[1:])
     cut = args.index("--") if "--" in args else len(args)
-    debug = "--debug" in args[:cut]
-    if debug:
-        args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
-        args.insert(0, "--debug")
-    return args, debug
+    head, tail, front, debug, i = args[:cut], args[cut:], [], False, 0
+    rest = []
+    while i < len(head):
+        a = head[i]
+        if a == "--debug":
+            debug = True
+        elif a == "--log-file" and i + 1 < len(head):
+            front += head[i:i + 2]
+            i += 1
+        elif a.startswith("--log-file="):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return (["--debug"] if debug else []) + front + rest + tail, debug
 
 
 def _usage_line(exc: click.exceptions.UsageError) -> str:

@@ -87,3 +87,18 @@ def test_fixed_iteration_count_is_not_reported_as_a_failure(lenet5_small, data_n
     out, err = capsys.readouterr()
     assert "ADMM: all 1 iteration(s) run (--admm-tol 0)" in out
     assert "did not converge" not in err
+
+
+def test_log_file_anywhere_and_for_every_command(lenet5_small, data_npz, tmp_path, capsys):
+    log = tmp_path / "run.log"
+    assert main(["eval", str(lenet5_small), "-d", str(data_npz), "--log-file", str(log)]) == 0
+    assert "training graph" in log.read_text()  # the library's INFO log, though eval prints no log
+    other = tmp_path / "other.log"
+    assert main(["inspect", str(lenet5_small), f"--log-file={other}"]) == 0
+    assert other.exists()
+
+
+def test_unwritable_log_file_is_one_line(lenet5_small, data_npz, tmp_path, capsys):
+    assert main(["eval", str(lenet5_small), "-d", str(data_npz), "--log-file", str(tmp_path / "no" / "x.log")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write the --log-file")

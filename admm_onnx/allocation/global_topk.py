@@ -51,5 +51,6 @@ class GlobalTopK(Constraint):
         return {t: np.where(masks[t], values[t], np.zeros_like(values[t])) for t in self.tensors}
 
     def describe(self, values: Mapping[str, np.ndarray]) -> Dict[str, Dict[str, object]]:
-        masks = self.mask(values)
-        return {t: {"kept": int(masks[t].sum()), "floor": self.floors[t]} for t in self.tensors}
+        # describe() facts become the report's quantization specs (read back for retraining);
+        # a sparsity pattern has none: the kept counts are in the report's layers.
+        return {}

@@ -76,6 +76,8 @@ class Dataset:
 def _as_float(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0)
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"inputs must be real numbers, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.number):
         return x.astype(np.float32, copy=False)
     raise DataError(f"inputs must be numeric arrays, got dtype {x.dtype}")
@@ -104,22 +106,45 @@ def load_digits() -> Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte IDX array. The header is read first and the declared size checked
+    against the memory available before the body is inflated (a gzip bomb is refused)."""
+    import zlib
+
+    from .io import check_input_file, memory_budget
+
+    path = check_input_file(path, "IDX", error=DataError)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(raw) < 8:
-        raise DataError(f"not an IDX file (too short): {path}")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"not an unsigned-byte IDX file: {path}")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"IDX file {path} is truncated: header says {dims}")
-    return data.reshape(dims)
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"not an IDX file (too short): {path}")
+            zero, dtype_code, ndim = struct.unpack(">HBB", head)
+            if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+                raise DataError(f"not an unsigned-byte IDX file: {path}", hint="expected the standard MNIST .gz files")
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"not an IDX file (too short): {path}")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            size = 1
+            for d in dims:
+                size *= d
+            if size == 0:
+                raise DataError(f"IDX file {path} holds no data (header says {dims})")
+            if size > memory_budget():
+                raise DataError(f"IDX file {path} declares {dims}: {size / 2**30:.1f} GiB, more than the memory available")
+            raw = f.read(size + 1)
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"not enough memory to read {path}") from None
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {' '.join(str(exc).split())[:200]}",
+                        hint="the file is truncated or damaged") from None
+    if len(raw) != size:
+        raise DataError(f"IDX file {path} is {'truncated' if len(raw) < size else 'longer than its header says'}: "
+                        f"header says {dims}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -147,14 +172,16 @@ def load_npz(path, labels_key: Optional[str] = None):
     """Arrays from a ``.npz``: ``x_train``/``y_train`` (+ ``x_test``/``y_test``) or ``x``/``y``
     (a :class:`Dataset`); otherwise arrays keyed by input names (a
     :class:`~admm_onnx.feeds.FeedDataset`, labels optional under ``labels_key``)."""
+    from .io import read_npz
+
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {p} as a NumPy .npz file: {exc}") from exc
+    arrays = read_npz(p, "data")
+    for key, value in arrays.items():
+        if key in ("x", "y", "x_train", "y_train", "x_test", "y_test") and value.ndim == 0:
+            raise DataError(f"{p}: array {key!r} is a single value; expected one entry per sample")
+    for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
+        if x_key in arrays and y_key in arrays and len(arrays[x_key]) != len(arrays[y_key]):
+            raise DataError(f"{p}: {len(arrays[x_key])} inputs in {x_key!r} but {len(arrays[y_key])} labels in {y_key!r}")
     keys = set(arrays)
     if labels_key is None and {"x_train", "y_train"} <= keys:
         x_tr, y_tr = _numeric(arrays["x_train"]), arrays["y_train"]

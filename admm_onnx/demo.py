@@ -14,7 +14,7 @@ from typing import Callable
 
 from .config import PruneConfig, Rule
 from .data import load_digits
-from .io import save_model
+from .io import save_model, write_text
 from .models import build
 from .pipeline import make_readers, prepare_model, prune, train
 from .training import NO_PROGRESS, Progress
@@ -39,6 +39,8 @@ DEMO_CONFIG = PruneConfig(
     seed=0,
 )
 DENSE_EPOCHS = 15
+#: The files the demo writes into its output folder (nothing else there is touched).
+DEMO_FILES = ("lenet5_init.onnx", "lenet5_dense.onnx", "lenet5_pruned.onnx", "report.json")
 
 
 def run_demo(out_dir: Path, progress: Progress = NO_PROGRESS, echo: Callable[[str], None] = log.info) -> dict:
@@ -65,7 +67,7 @@ def run_demo(out_dir: Path, progress: Progress = NO_PROGRESS, echo: Callable[[st
     report.phase_seconds["dense"] = dense_report.phase_seconds.get("train", 0.0)
     report.phase_seconds["total"] = time.perf_counter() - t0
     result = report.to_dict()
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    write_text(out_dir / "report.json", json.dumps(result, indent=2, default=float) + "\n")
     echo("")
     echo(report.table())
     echo(f"Total time {report.phase_seconds['total']:.1f} s. Wrote {initial}, {dense}, {pruned} and {out_dir / 'report.json'}")

@@ -10,17 +10,24 @@ import re
 from typing import Optional
 
 # ONNX Runtime's messages carry C++ source locations ("/onnxruntime_src/.../graph.cc:1234
-# onnxruntime::Graph::Resolve(...)"): users get the sentence, not the paths.
-_CPP_LOCATION = re.compile(r"/[\w./-]+\.(?:cc|cpp|cxx|c|h|hpp):\d+(?:\s+[\w:~<>,*& ]+\([^)]*\)(?:\s*const)?)?")
+# onnxruntime::Graph::Resolve(...)", "::<lambda(...)> endian_utils.cc:56 CopyLittleEndian"):
+# users get the sentence, not the paths, lambdas and signatures.
+_CPP_LAMBDA = re.compile(r"[\w:]*<lambda\((?:[^()]|\([^()]*\))*\)>")
+_CPP_SIGNATURE = re.compile(r"(?:[\w~]+::)+[\w~<>]+\((?:[^()]|\([^()]*\))*\)(?:\s*const)?")
+_CPP_LOCATION = re.compile(r"(?:[\w.~-]*/)*[\w.~-]+\.(?:cc|cpp|cxx|c|h|hpp|cu|inl):\d+")
 _ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 
 def clean_message(text: str) -> str:
-    """One line of ``text`` without C++ source paths and ORT's error-code prefix."""
+    """One line of ``text`` without C++ source paths, signatures and ORT's error-code prefix."""
     text = _ORT_PREFIX.sub("", str(text))
-    text = _CPP_LOCATION.sub("", text)
+    text = _CPP_LAMBDA.sub(" ", text)
+    text = _CPP_SIGNATURE.sub(" ", text)
+    text = _CPP_LOCATION.sub(" ", text)
     text = " ".join(text.split())
-    return text.strip(" :")
+    text = re.sub(r"\s+([:;,])", r"\1", text)
+    text = re.sub(r"([:;])(?:\s*[:;])+", r"\1", text)
+    return text.strip(" :;")
 
 
 class AdmmOnnxError(Exception):
@@ -65,9 +72,19 @@ class InstallError(AdmmOnnxError, ImportError):
     """The installed ONNX Runtime is not the training build admm-onnx needs (see ``_install``)."""
 
 
+# ONNX Runtime's pybind exception types raised for a model it cannot load or run.
+_ORT_MODEL_ERRORS = frozenset(
+    {"Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
+     "ModelLoaded", "EPFail"}
+)
+
+
 def as_user_error(exc: BaseException) -> "Optional[AdmmOnnxError]":
     """The user-facing error for an exception that escaped the library, if its cause is the
-    user's environment rather than a bug (disk full, out of memory, permission denied)."""
+    user's input or environment rather than a bug (disk full, out of memory, permission
+    denied, a file that vanished, a model ONNX itself rejects, a truncated archive)."""
+    if isinstance(exc, AdmmOnnxError):
+        return exc
     if isinstance(exc, MemoryError):
         return AdmmOnnxError("out of memory", hint="use a smaller --batch-size or model, or free memory")
     if isinstance(exc, RecursionError):
@@ -75,9 +92,34 @@ def as_user_error(exc: BaseException) -> "Optional[AdmmOnnxError]":
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return OutputError("no space left on the device", hint="free some disk space and retry")
+        if exc.errno == errno.EMFILE or exc.errno == errno.ENFILE:
+            return AdmmOnnxError("too many open files", hint="raise the limit (ulimit -n) or use fewer --workers")
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             where = f": {exc.filename}" if exc.filename else ""
             return OutputError(f"permission denied{where}")
+        if exc.filename and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG,
+                                          errno.EEXIST, errno.ENXIO, errno.ETXTBSY, errno.EBUSY):
+            return OutputError(f"cannot use {exc.filename}: {exc.strerror}")
+        if exc.errno == errno.EIO:
+            return AdmmOnnxError(f"input/output error{': ' + str(exc.filename) if exc.filename else ''}",
+                                 hint="the disk or file system reported a hardware or network error")
+    try:
+        import onnx.checker
+        import onnx.shape_inference
+
+        onnx_errors = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+    except Exception:  # pragma: no cover - onnx always present
+        onnx_errors = ()
+    if onnx_errors and isinstance(exc, onnx_errors):
+        return ModelError(f"the model is not valid ONNX: {clean_message(str(exc))[:300]}",
+                          hint="check it with onnx.checker.check_model(model, full_check=True)")
+    if type(exc).__module__.startswith("onnxruntime.capi") and type(exc).__name__ in _ORT_MODEL_ERRORS:
+        return ModelError(f"ONNX Runtime cannot run the model: {clean_message(str(exc))[:300]}")
+    import zipfile
+    import zlib
+
+    if isinstance(exc, (EOFError, zipfile.BadZipFile, zlib.error)):
+        return DataError(f"an input file is truncated or corrupt: {clean_message(str(exc))[:200]}")
     text = str(exc)
     if "No space left on device" in text:
         return OutputError("no space left on the device", hint="free some disk space and retry")

@@ -98,6 +98,124 @@ def check_input_file(path: PathLike, what: str = "input", error=ModelError) -> P
     return path
 
 
+def memory_budget() -> int:
+    """Bytes an input may decompress to: three quarters of the memory available now (a
+    compressed archive declaring more is refused before anything is inflated)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 3 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 * 2**30
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _npy_header(fp, version):
+    """(shape, fortran_order, dtype) of a .npy stream positioned after its magic."""
+    fmt = np.lib.format
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(fp, max_header_size=10000)
+    if version == (2, 0):
+        return fmt.read_array_header_2_0(fp, max_header_size=10000)
+    impl = getattr(fmt, "_read_array_header", None)
+    if impl is None:
+        from numpy.lib import _format_impl as impl_mod  # numpy >= 2
+
+        impl = impl_mod._read_array_header
+    return impl(fp, version, max_header_size=10000)
+
+
+def read_npz(path: PathLike, what: str = "data") -> Dict[str, np.ndarray]:
+    """The arrays of a NumPy ``.npz`` archive, read safely, or a :class:`DataError`.
+
+    A regular file only; never pickles (``allow_pickle=False``); every member's header is read
+    first and the archive refused if a member is not a ``.npy`` array, holds objects, declares
+    a size its compressed data cannot hold, or more than :func:`memory_budget` in total
+    (a zip bomb fails here, before anything is inflated)."""
+    import zipfile
+    import zlib
+
+    from .errors import DataError
+
+    path = check_input_file(path, what, error=DataError)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path} is a single .npy array, not an .npz archive",
+                        hint="save the arrays with numpy.savez(path, x_train=..., y_train=...)")
+    if not head.startswith(b"PK"):
+        raise DataError(f"{path} is not a NumPy .npz archive (no zip header)",
+                        hint="save the arrays with numpy.savez(path, x_train=..., y_train=...)")
+    fmt = np.lib.format
+    arrays: Dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+            if len(members) > 1000:
+                raise DataError(f"{path} holds {len(members)} members; a data archive holds a few arrays")
+            total = 0
+            budget = memory_budget()
+            for info in members:
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    raise DataError(f"{path}: member {info.filename!r} is not a .npy array")
+                with zf.open(info) as member:
+                    version = fmt.read_magic(member)
+                    if version not in ((1, 0), (2, 0), (3, 0)):
+                        raise DataError(f"{path}: member {info.filename!r} has an unknown .npy version {version}")
+                    shape, _fortran, dtype = _npy_header(member, version)
+                if dtype.hasobject:
+                    raise DataError(f"{path}: array {info.filename[:-4]!r} holds Python objects; only numeric arrays are read",
+                                    hint="numeric arrays only: objects would need pickle, which admm-onnx never loads")
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                nbytes = count * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise DataError(f"{path}: array {info.filename[:-4]!r} declares shape {shape} ({_gib(nbytes)}) "
+                                    f"but holds only {info.file_size} bytes", hint="the file is truncated or damaged")
+                total += nbytes
+                if total > budget:
+                    raise DataError(f"{path} would take {_gib(total)} or more in memory; {_gib(budget)} is available",
+                                    hint="use a smaller data set or free memory")
+            with np.load(path, allow_pickle=False) as z:
+                for name in z.files:
+                    arrays[name] = z[name]
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"not enough memory to read {path}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError, SyntaxError, TypeError, OverflowError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"cannot read {path} as a NumPy .npz file: {text}", hint="the file is truncated or damaged") from None
+    return arrays
+
+
+def read_gzip_or_file(path: PathLike, limit: int, what: str = "data") -> bytes:
+    """The bytes of ``path`` (inflated if it ends in ``.gz``), at most ``limit`` + 1 of them
+    (the caller checks the size it expected). OS, gzip and zlib errors become :class:`DataError`."""
+    import gzip
+    import zlib
+
+    from .errors import DataError
+
+    path = check_input_file(path, what, error=DataError)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read(limit + 1)
+    except MemoryError:
+        raise DataError(f"not enough memory to read {path}") from None
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"cannot read {path}: {text}", hint="the file is truncated or damaged") from None
+
+
 # -- reading models -----------------------------------------------------------------------
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of the model: initializers, sparse ones, attributes, subgraphs, functions."""
@@ -223,7 +341,52 @@ def _parse(path: Path) -> onnx.ModelProto:
         raise ModelError(f"cannot read ONNX model {path}: {' '.join(str(exc).split())[:200]}") from exc
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelError(f"not an ONNX model (no graph found): {path}")
+    if model.ir_version < 3:
+        raise ModelError(
+            f"{path} declares IR version {model.ir_version}; ONNX files from ONNX 1.0 on have IR >= 3",
+            hint="re-export the model with a current exporter",
+        )
+    check_tensors(model, path)
     return model
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def check_tensors(model: onnx.ModelProto, path: PathLike = "the model") -> None:
+    """Every tensor stored in the model: known dtype, non-negative dims, at most 2 GiB, and
+    exactly as many bytes (or values) as its shape needs. Raises :class:`ModelError`."""
+    for tensor in _all_tensors(model):
+        name = tensor.name or "<unnamed>"
+        if any(int(d) < 0 for d in tensor.dims):
+            raise ModelError(f"{path}: tensor {name!r} has a negative dimension {list(tensor.dims)}")
+        count = 1
+        for d in tensor.dims:
+            count *= int(d)
+        if count > 2**40:
+            raise ModelError(f"{path}: tensor {name!r} declares {count:,} elements {list(tensor.dims)}; the file is damaged")
+        if tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelError(f"{path}: tensor {name!r} has no data type")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # checked by external_data_files
+        needed = _tensor_nbytes(tensor)
+        if needed is not None and needed > PROTOBUF_LIMIT:
+            raise ModelError(f"{path}: tensor {name!r} holds {needed / 2**30:.1f} GiB; tensors over 2 GiB are not supported")
+        if tensor.HasField("raw_data"):
+            if needed is not None and len(tensor.raw_data) != needed:
+                raise ModelError(
+                    f"{path}: tensor {name!r} stores {len(tensor.raw_data)} bytes, but a "
+                    f"{onnx.TensorProto.DataType.Name(tensor.data_type)} tensor of shape {list(tensor.dims)} needs {needed}",
+                    hint="the model file is damaged",
+                )
+            continue
+        stored = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+        if stored and tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+                                           onnx.TensorProto.INT32, onnx.TensorProto.UINT64) and stored != count:
+            raise ModelError(
+                f"{path}: tensor {name!r} stores {stored} values, but its shape {list(tensor.dims)} needs {count}",
+                hint="the model file is damaged",
+            )
 
 
 def load_model(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
@@ -395,6 +558,62 @@ class OutputPlan:
                 raise OutputError(f"{option}: {work} contains {kind} ({other})", hint="use a separate folder")
         self.workdir = work
         return work
+
+
+@contextlib.contextmanager
+def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-o") -> Iterator[Path]:
+    """An output folder a command writes the files ``names`` into: created if missing (its
+    parent must exist), or an existing folder whose files are all among ``names`` (a folder
+    with other files is refused). On failure, the files written and a folder created are removed."""
+    folder = Path(folder)
+    names = tuple(names)
+    created = False
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputError(f"{option}: {folder} exists and is not a folder")
+    if folder.exists():
+        try:
+            foreign = sorted(n for n in os.listdir(folder) if n not in names)
+        except OSError as exc:
+            raise OutputError(f"{option}: cannot read {folder}: {exc.strerror}") from None
+        if foreign:
+            raise OutputError(
+                f"{option}: {folder} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "refusing to write into it", hint="give a new or empty folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"{option}: cannot write in {folder} (permission denied)")
+        for name in names:
+            target = folder / name
+            if target.is_symlink() or (target.exists() and not target.is_file()):
+                raise OutputError(f"{option}: {target} exists and is not a regular file")
+    else:
+        parent = folder.parent
+        if not parent.is_dir():
+            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{option}: cannot create {folder} (no write permission in {parent})")
+    before = {n: _fingerprint_or_none(folder / n) for n in names}
+    try:
+        if not folder.exists():
+            folder.mkdir()
+            created = True
+        yield folder
+    except BaseException:
+        for name in names:
+            target = folder / name
+            if before[name] is None and target.is_file() and not target.is_symlink():
+                with contextlib.suppress(OSError):
+                    target.unlink()  # written by this run, not there before
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
+
+
+def _fingerprint_or_none(path: Path) -> Optional[int]:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def check_output_path(output: PathLike, *inputs: Optional[PathLike]) -> Path:

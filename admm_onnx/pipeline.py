@@ -81,6 +81,20 @@ class PreparedModel:
         return first if isinstance(first, int) and first > 0 else None
 
 
+def _check_precision(model: onnx.ModelProto) -> None:
+    """Training runs in float32: a float16 / bfloat16 model is refused with a clear line (the
+    loss graph would not type-check, and ORT's fp16 training kernels are incomplete)."""
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    names = [t.name for t in model.graph.initializer if t.data_type in half]
+    names += [v.name for v in model.graph.input if v.type.tensor_type.elem_type in half]
+    if names:
+        raise ModelError(
+            f"the model computes in float16/bfloat16 ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
+            "admm-onnx trains float32 models",
+            hint="export the model in float32; convert the pruned model to float16 afterwards",
+        )
+
+
 def prepare_model(
     model_input: "ModelInput | PreparedModel", output: Optional[str] = None, speedups: bool = True
 ) -> PreparedModel:
@@ -97,6 +111,7 @@ def prepare_model(
     else:
         original = load_model(model_input)
         external = _file_used_external_data(model_input)
+    _check_precision(original)
     training = onnx.ModelProto()
     training.CopyFrom(original)
     prepare_for_training(training)
@@ -289,6 +304,8 @@ def _trainer(
     """Build training artifacts for ``model`` in ``directory`` and open a Trainer on them
     (from ``checkpoint`` when resuming, else from the generated one)."""
     trainable = prepared.info.trainable if trainable is None else list(trainable)
+    if not trainable:
+        raise ModelError("the model has no trainable weights (float initializers the output depends on)")
     build_artifacts(model, directory, trainable, loss, prepared.output_name, frozen, config.optimizer)
     workers = config.workers
     if workers > 1 and prepared.fixed_batch:
@@ -822,6 +839,12 @@ def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[
             break
         (written,) = sess.run([output_name], _model_feed(sess, feed))
         logits = view.to_logits(written)
+        if np.ndim(logits) != 2 or len(logits) != len(feed[LABELS]):
+            raise ModelError(
+                f"model output {output_name!r} has shape {list(np.shape(written))} for a batch of {len(feed[LABELS])}; "
+                "accuracy needs (batch, classes) scores",
+                hint="choose the scores output with --model-output",
+            )
         valid = int(feed.get("__valid__", len(logits)))
         logits, labels = logits[:valid], np.asarray(feed[LABELS])[:valid]
         correct += int((np.argmax(logits, axis=-1) == labels).sum())

@@ -321,11 +321,14 @@ def write_charts(charts: Sequence[Dict[str, object]], path, title: str = "admm-o
 
 
 def load_report(path) -> Dict[str, object]:
+    from .io import check_input_file
+
+    path = check_input_file(path, "report", error=DataError)  # a regular file: never blocks on a FIFO
+    if path.stat().st_size > 512 * 2**20:
+        raise DataError(f"{path} is {path.stat().st_size / 2**20:.0f} MiB; not an admm-onnx report")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise DataError(f"{path} is not a JSON report", hint="write one with prune --report") from None
     if not isinstance(data, dict) or "layers" not in data:
         raise DataError(f"{path} is not an admm-onnx report (no 'layers')", hint="write one with prune --report")

@@ -65,9 +65,10 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     ctx = click.get_current_context(silent=True)
     log_file = (ctx.find_root().obj or {}).get("log_file") if ctx is not None else None
     if log_file:
+        _check_log_file(ctx, log_file)
         # The whole log at INFO (DEBUG with --debug) with times, whatever -q says; appended.
         try:
-            fh = logging.FileHandler(log_file, encoding="utf-8")
+            fh = logging.FileHandler(log_file, encoding="utf-8", delay=True)  # created when first used
         except OSError as exc:
             raise ConfigError(f"cannot write the --log-file {log_file}: {exc.strerror or exc}") from None
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -83,6 +84,51 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     root.propagate = False
 
 
+def _check_log_file(ctx, log_file: str) -> None:
+    """--log-file is an output: a regular file (appended) that is none of the command's inputs
+    or outputs (every path-like parameter of the command counts)."""
+    from admm_onnx.io import OutputPlan
+
+    plan = OutputPlan()
+    for value in (ctx.params or {}).values():
+        if isinstance(value, (str, Path)) and str(value) and Path(str(value)).exists():
+            if str(value).lower().endswith(".onnx"):
+                plan.add_model_input(value)
+            else:
+                plan.add_input(value, what=f"an input or output of this command")
+    plan.add_output(log_file, "--log-file")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_parallelism(workers: Optional[int], threads: Optional[int]):
+    """``--workers`` capped at the usable cores (a warning says so); an absurd ``--threads``
+    refused. Returns (workers, threads) with None kept as None."""
+    cores = usable_cores()
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers must be > 0, got {workers}")
+        if workers > cores:
+            click.echo(f"warning: --workers {workers} is more than the {cores} usable core(s); using {cores}", err=True)
+            workers = cores
+    if threads is not None:
+        limit = max(16, 8 * cores)
+        if threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0: one per core), got {threads}")
+        if threads > limit:
+            raise ConfigError(f"--threads {threads} is far more than the {cores} usable core(s); at most {limit} are accepted",
+                              hint="0 uses one thread per core")
+    return workers, threads
+
+
 def _write_json(path: Optional[str], data) -> None:
     """Write ``data`` as JSON to ``path`` atomically (the path was checked by an OutputPlan)."""
     if not path:
@@ -92,7 +138,24 @@ def _write_json(path: Optional[str], data) -> None:
     write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click turns an EOFError (a truncated input file, deep inside numpy or gzip) into Abort
+    ("Interrupted") and echoes a blank line for Ctrl-C: both are translated here, before click
+    sees them, so a truncated file is one error line and an interrupt one line too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EOFError as exc:
+            from admm_onnx.errors import DataError
+
+            raise DataError(f"an input file is truncated or corrupt ({clean_message(str(exc)) or 'unexpected end of file'})") from exc
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", None)
+            raise Interrupted(f"Interrupted{f' by signal {signum}' if signum else ''}.", signum) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also append the full log, with times, to FILE (even with -q).")
@@ -230,6 +293,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
+    workers, threads = check_parallelism(workers, threads)
     config = load_config(config_path) if config_path else PruneConfig()
     channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation)
     if channels is not None:
@@ -364,6 +428,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     out = _merge_output(out, out_old, required=True)
     if epochs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--epochs")
+    workers, threads = check_parallelism(workers, threads)
     config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name, threads=threads,
                                    workers=workers)
     plan = OutputPlan()
@@ -391,8 +456,14 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
     from admm_onnx.data import load_dataset
     from admm_onnx.pipeline import evaluate, make_readers, prepare_model
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     prepared = prepare_model(model, output_name)
-    _, eval_reader, _ = make_readers(prepared, load_dataset(data, labels_key), batch_size)
+    dataset = load_dataset(data, labels_key)
+    # Only the evaluation reader is used: the (unused) training reader must not refuse a data
+    # set smaller than one batch.
+    n_train = len(getattr(dataset, "x_train", ())) or batch_size
+    _, eval_reader, _ = make_readers(prepared, dataset, max(1, min(batch_size, n_train)))
     stats = evaluate(model, eval_reader, prepared.output_name)
     if as_json:
         click.echo(json.dumps({"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples}))
@@ -423,9 +494,17 @@ def models_build(name, out, out_old, input_shape, classes, seed):
         raise ConfigError(f"--input-shape must look like 1x28x28, got {input_shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"--input-shape must be C x H x W with positive sizes, got {input_shape!r}")
+    if shape[0] * shape[1] * shape[2] > 2**24:
+        raise ConfigError(f"--input-shape {input_shape} is too large for a reference model (at most 16M values)")
+    if classes < 1 or classes > 100000:
+        raise ConfigError(f"--classes must be between 1 and 100000, got {classes}")
     out = _merge_output(out, out_old, required=True)
     check_output_path(out)
-    save_model(build(name, input_shape=shape, num_classes=classes, seed=seed), out)
+    try:
+        model = build(name, input_shape=shape, num_classes=classes, seed=seed)
+    except (ValueError, ZeroDivisionError, KeyError) as exc:
+        raise ConfigError(f"cannot build {name} for --input-shape {input_shape}: {exc}") from None
+    save_model(model, out)
     click.echo(f"Wrote {out}")
 
 
@@ -439,9 +518,13 @@ def demo(ctx, out_dir, out_dir_old, quiet):
     """Build LeNet-5, train it, ADMM-prune it and retrain it, on the embedded digits data."""
     from admm_onnx.demo import run_demo
 
+    from admm_onnx.demo import DEMO_FILES
+    from admm_onnx.io import claim_output_folder
+
     _setup_logging(quiet, ctx.obj["debug"])
-    out_dir = _merge_output(out_dir, out_dir_old, "--out-dir") or "admm-demo"
-    run_demo(Path(out_dir), ClickProgress(not quiet), echo=click.echo)
+    out_dir = Path(_merge_output(out_dir, out_dir_old, "--out-dir") or "admm-demo")
+    with claim_output_folder(out_dir, DEMO_FILES, "-o"):
+        run_demo(out_dir, ClickProgress(not quiet), echo=click.echo)
 
 
 def _register_optional_commands() -> None:

@@ -13,8 +13,12 @@ def plot(report_path, out):
     """Residuals and rho per layer per iteration, loss and top-1 per epoch and phase, kept
     fraction per layer and weight-magnitude histograms, from a --report file (or the curves of a
     'sensitivity --json' file)."""
+    from admm_onnx.io import OutputPlan
     from admm_onnx.plot import load_report, plot_format, plot_report
 
+    plan = OutputPlan()
+    plan.add_input(report_path, what="the report")
+    plan.add_output(out, "-o")
     plot_format(out)
     data = load_report(report_path)
     if "baseline" in data and "levels" in data:  # admm-onnx sensitivity --json

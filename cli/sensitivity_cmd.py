@@ -23,6 +23,23 @@ def _levels(text):
     return out
 
 
+def _check_cache_dir(path: Path) -> None:
+    """--cache must be a folder (or creatable in an existing, writable folder)."""
+    from admm_onnx.errors import OutputError
+
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"--cache: {path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputError(f"--cache: cannot write in {path} (permission denied)")
+        return
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"--cache: the folder {parent} does not exist", hint="create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--cache: cannot create {path} (no write permission in {parent})")
+
+
 @click.command("sensitivity")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-d", "--data", required=True, help="digits | mnist:DIR | FILE.npz (the training split is used)")
@@ -56,18 +73,26 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     from admm_onnx.allocation.sensitivity import DEFAULT_LEVELS, check_levels, run_sensitivity, write_plot
     from admm_onnx.data import fit_to_input, load_dataset
     from admm_onnx.errors import ConfigError
-    from admm_onnx.io import check_output_path
+    from admm_onnx.data import dataset_paths
+    from admm_onnx.io import OutputPlan
     from admm_onnx.pipeline import prepare_model
 
-    from .main import _setup_logging, _write_json
+    from .main import _setup_logging, _write_json, check_parallelism, usable_cores
 
     _setup_logging(quiet, ctx.obj["debug"])
     if samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {samples}")
     level_list = check_levels(_levels(levels) or DEFAULT_LEVELS)
-    for p in (json_path, plot_path):
-        if p:
-            check_output_path(p, model)
+    workers, _ = check_parallelism(workers, None)
+    # Every input and output, checked against each other before any work.
+    plan = OutputPlan()
+    plan.add_model_input(model)
+    plan.add_input(*dataset_paths(data), what="the -d data")
+    plan.add_output(json_path, "--json")
+    plan.add_output(plot_path, "--plot")
+    if cache_dir and not no_cache:
+        _check_cache_dir(Path(cache_dir))
+        plan.add_input(cache_dir, what="the --cache folder")
     if plot_path:
         from admm_onnx.plot import plot_format
 
@@ -80,7 +105,7 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     idx.sort()
     x = fit_to_input(dataset.x_train[idx], prepared.input_shape, prepared.input_name)
     y = dataset.y_train[idx]
-    runner = make_runner(workers if workers is not None else (os.cpu_count() or 1), ray_address)
+    runner = make_runner(workers if workers is not None else usable_cores(), ray_address)
     cache = None if no_cache else (cache_dir or "default")
     result = run_sensitivity(prepared, x, y, level_list, metric, structure, None, runner, cache)
     click.echo(result.table())

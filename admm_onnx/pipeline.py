@@ -39,6 +39,8 @@ from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
+from .graph._util import opset_version
+from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
@@ -112,6 +114,14 @@ def prepare_model(
         original = load_model(model_input)
         external = _file_used_external_data(model_input)
     _check_precision(original)
+    if original.ir_version > MAX_IR_VERSION or opset_version(original) > MAX_OPSET:
+        lowered = onnx.ModelProto()
+        lowered.CopyFrom(original)
+        changes = lower_versions(lowered)  # the user's graph too: it is run in ORT 1.19 and written
+        if changes:
+            log.warning("the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
+                        MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
+            original = lowered
     training = onnx.ModelProto()
     training.CopyFrom(original)
     prepare_for_training(training)

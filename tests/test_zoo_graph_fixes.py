@@ -195,3 +195,46 @@ def test_convtranspose_left_alone_is_named(case):
     assert "ConvTranspose" in {n.op_type for n in model.graph.node}
     with pytest.raises(TrainingError, match="ConvTranspose"):
         check_differentiable(model, analyse(model, "y").trainable, "y")
+
+
+# -- opset 22 / IR 11 that use nothing newer (skl2onnx and onnx >= 1.18 defaults) -------------
+def conv_mlp(opset, ir, bf16=False):
+    inits = [w("conv", 3, 2, 3, 3), w("fc", 12, 4, seed=1)]
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"]),  # Conv: bumped at opset 22 (bfloat16 added)
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    if bf16:
+        inits.append(numpy_helper.from_array(np.zeros(2, np.float32), "unused"))
+        inits[-1].data_type = TensorProto.BFLOAT16
+        inits[-1].raw_data = b"\0" * 4
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    return model
+
+
+@pytest.mark.parametrize("opset, ir", [(22, 10), (21, 11), (22, 11)])
+def test_newer_declared_versions_are_lowered(opset, ir, tmp_path):
+    from admm_onnx.graph._util import opset_version
+    from admm_onnx.pipeline import output_model, prepare_model
+
+    user = conv_mlp(opset, ir)
+    before = user.SerializeToString()
+    prepared = prepare_model(user)
+    assert user.SerializeToString() == before  # the caller's model is not modified
+    assert sorted(prepared.info.prunable) == ["conv", "fc"]
+    written = output_model(prepared, {"conv": np.zeros((3, 2, 3, 3), np.float32)})
+    assert opset_version(written) == min(opset, 21) and written.ir_version == min(ir, 10)
+    onnx.checker.check_model(written)
+    x = np.ones((2, 2, 4, 4), np.float32)
+    assert run(written, {"x": x})[0].shape == (2, 4)
+
+
+def test_opset_22_with_bfloat16_is_refused():
+    from admm_onnx.errors import ModelError
+    from admm_onnx.pipeline import prepare_model
+
+    with pytest.raises(ModelError, match="opset 22"):
+        prepare_model(conv_mlp(22, 10, bf16=True))

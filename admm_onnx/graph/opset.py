@@ -2,9 +2,16 @@
 
 Contract:
 - Limits: ORT 1.19.2 (and onnx 1.17) load IR <= 10 and default-domain opset <= 21. A model
-  above either limit is refused with a one-line ModelError naming the limit and the fix
-  (:func:`check_versions`). Converting down is not done: the pruned model is the user's own
-  graph with new weights, and it would still be unloadable by ORT 1.19.
+  above either limit that uses nothing newer is lowered, the user's graph included
+  (:func:`lower_versions`, called by the pipeline when it loads the model): the same graph,
+  declared at opset 21 and/or IR 10, computes the same and loads in every ONNX Runtime since
+  1.19. "Nothing newer" is decided from the schemas of the onnx package: every default-domain
+  op of the graph (subgraphs and functions included) has, at the model's opset, the same
+  attributes, inputs and outputs as at opset 21 (the opset-22 bumps only add bfloat16 to the
+  type constraints), and no tensor is bfloat16 (which those bumps allowed) or of a type newer
+  than IR 10. Anything else (an opset this onnx does not know, a changed op) is refused with a
+  one-line ModelError naming the limit and the fix (:func:`check_versions`); converting ops
+  down is not done.
 - Old opsets: the training graph needs opset >= 12 (``SoftmaxCrossEntropyLoss``, Dropout's
   ``training_mode`` input) and ORT's gradient builders are best exercised at the opsets
   current exporters write. A training copy below :data:`MIN_OPSET` is converted with
@@ -19,6 +26,8 @@ Contract:
 The user's graph is not touched: the original is written back with its own opset and IR.
 """
 from __future__ import annotations
+
+from typing import List
 
 import onnx
 from onnx import helper, version_converter
@@ -50,6 +59,81 @@ def check_versions(model: onnx.ModelProto) -> None:
             f"the model uses opset {opset}; ONNX Runtime 1.19 supports opset <= {MAX_OPSET}",
             hint=f"re-export it with opset {MAX_OPSET} or convert it: onnx.version_converter.convert_version(model, {MAX_OPSET})",
         )
+
+
+def _all_nodes(model: onnx.ModelProto):
+    """Every node: functions, the main graph and its subgraphs."""
+    for f in model.functions:
+        yield from f.node
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            yield node
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(a.graphs)
+
+
+def _elem_types(model: onnx.ModelProto) -> set:
+    g = model.graph
+    types = {t.data_type for t in g.initializer}
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.HasField("tensor_type"):
+            types.add(v.type.tensor_type.elem_type)
+    for node in _all_nodes(model):
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                types.add(a.t.data_type)
+            elif node.op_type == "Cast" and a.name == "to":
+                types.add(a.i)
+    return types
+
+
+def _signature(schema) -> tuple:
+    return (sorted(schema.attributes), [(i.name, i.option) for i in schema.inputs],
+            [(o.name, o.option) for o in schema.outputs])
+
+
+def _newer_ops(model: onnx.ModelProto, opset: int) -> List[str]:
+    """Default-domain ops whose definition at ``opset`` differs from opset 21 (besides types)."""
+    from onnx import defs
+
+    bad = set()
+    for node in _all_nodes(model):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            new, old = defs.get_schema(node.op_type, opset, ""), defs.get_schema(node.op_type, MAX_OPSET, "")
+        except Exception:  # noqa: BLE001  (not defined at one of the two)
+            bad.add(node.op_type)
+            continue
+        if new.since_version > MAX_OPSET and _signature(new) != _signature(old):
+            bad.add(node.op_type)
+    return sorted(bad)
+
+
+def lower_versions(model: onnx.ModelProto) -> List[str]:
+    """Lower ``model``'s IR to 10 and default opset to 21 in place when it uses nothing newer
+    (module docstring); returns what was lowered (empty: nothing to do or not possible, then
+    :func:`check_versions` says why)."""
+    from onnx import defs
+
+    changed = []
+    types = _elem_types(model)
+    opset = opset_version(model)
+    if _has_default_opset(model) and MAX_OPSET < opset <= defs.onnx_opset_version():
+        if onnx.TensorProto.BFLOAT16 not in types and not _newer_ops(model, opset):
+            for op in model.opset_import:
+                if op.domain in ("", "ai.onnx"):
+                    op.version = MAX_OPSET
+            changed.append(f"opset {opset} -> {MAX_OPSET}")
+    if model.ir_version > MAX_IR_VERSION and max(types, default=0) <= onnx.TensorProto.INT4:
+        changed.append(f"IR {model.ir_version} -> {MAX_IR_VERSION}")
+        model.ir_version = MAX_IR_VERSION
+    return changed
 
 
 def _init_names(model: onnx.ModelProto) -> set:

@@ -204,10 +204,10 @@ def conv_mlp(opset, ir, bf16=False):
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Flatten", ["r"], ["f"]),
              helper.make_node("MatMul", ["f", "fc"], ["y"])]
-    if bf16:
-        inits.append(numpy_helper.from_array(np.zeros(2, np.float32), "unused"))
-        inits[-1].data_type = TensorProto.BFLOAT16
-        inits[-1].raw_data = b"\0" * 4
+    if bf16:  # computes in bfloat16 on the way (Cast to bfloat16 and back)
+        nodes[1:2] = [helper.make_node("Cast", ["c"], ["c16"], to=TensorProto.BFLOAT16),
+                      helper.make_node("Relu", ["c16"], ["r16"]),
+                      helper.make_node("Cast", ["r16"], ["r"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -212,6 +212,17 @@ def test_prune_with_a_macs_budget(trained, tmp_path):
     assert total * 0.25 - max(c.positions for c in costs.values()) < kept <= total * 0.25
 
 
+def test_sweep_samples_are_the_same_on_every_call(trained):
+    """The sweep's samples come from the reader's arrays (a seeded subset), not from its
+    current shuffle: two budgets on one reader (local vs Ray, a rerun) sweep the same images."""
+    from admm_onnx.allocation.plan import reader_samples
+
+    _, prepared, _, _, data = trained
+    tr, _, _ = make_readers(prepared, data, 32, seed=3)
+    a, b = reader_samples(tr, 100, seed=0), reader_samples(tr, 100, seed=0)
+    assert a[0].shape[0] == 100 and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def _cli_inputs(trained, tmp_path, monkeypatch):
     """The trained model's path and its data as an .npz; the sweep cache in tmp_path."""

@@ -43,6 +43,8 @@ def reader_samples(reader, n: int, seed: int = 0) -> Tuple[np.ndarray, Optional[
         if r is None:
             break
         x = getattr(r, "x", None)
+        if isinstance(x, dict) and len(x) == 1:  # ArrayReader keeps its inputs by name
+            x = next(iter(x.values()))
         if isinstance(x, np.ndarray):
             idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
             y = getattr(r, "y", None)
@@ -51,6 +53,8 @@ def reader_samples(reader, n: int, seed: int = 0) -> Tuple[np.ndarray, Optional[
     from ..data import LABELS
 
     xs, ys = [], []
+    if hasattr(reader, "set_epoch"):
+        reader.set_epoch(0)  # the same order (and so the same samples) on every call
     reader.rewind()
     got = 0
     while got < n:

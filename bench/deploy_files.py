@@ -66,7 +66,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--calibration", type=int, default=1000, help="training images for the activation ranges")
-    p.add_argument("--activations", choices=("int8", "uint8"), default="int8")
+    p.add_argument("--activations", choices=("uint8", "int8"), default="uint8")
     p.add_argument("--deploy-python", default=str(ROOT / ".venv-deploy" / "bin" / "python"))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)

@@ -134,3 +134,32 @@ def test_cli_export_qdq_needs_data_and_inspect_shows_it(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "qdq-int8 (4-bit levels)" in text and "qdq-int8 (3-bit levels)" in text
 
+
+
+def test_residual_network_batchnorm_folded_levels_kept_all_convs_fused(deploy_env):
+    """ResNet-20: BatchNormalization folded into its Conv (a quantized weight keeps its integers,
+    the scale absorbs the BN factor), residual Adds and the pooling run as int8 kernels."""
+    model = build("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=0)
+    rng = np.random.default_rng(0)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":  # trained-looking statistics
+            for name, lo, hi in zip(node.input[1:5], (0.5, -0.2, -0.3, 0.5), (1.5, 0.2, 0.3, 2.0)):
+                shape = tuple(inits[name].dims)
+                inits[name].CopyFrom(numpy_helper.from_array(rng.uniform(lo, hi, shape).astype(np.float32), name))
+    name = "layer1.0.conv1.weight"
+    w = numpy_helper.to_array(inits[name])
+    q, s = fit_levels(w, 4, 0)
+    inits[name].CopyFrom(numpy_helper.from_array(dequantize(q, s, 0), name))
+    mark_model(model, {name: QuantSpec(4, tuple(map(float, s)), 0)})
+    x = np.random.default_rng(1).random((40, 3, 32, 32)).astype(np.float32)
+    out, _ = formats.export(model, "qdq", calibration=x[:32])
+    stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(stored[name + "/bn_folded/int8"], q.astype(np.int8))  # the trained integers
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    res = deploy_env.run({"float": model, "qdq": out}, {"input": x[32:]}, optimized=True)
+    ops = [n.op_type for n in onnx.load(str(res.optimized["qdq"])).graph.node]
+    assert {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"} <= set(ops)
+    assert not set(ops) & (FLOAT_COMPUTE | {"Add", "BatchNormalization"}), sorted(set(ops))
+    f, i8 = res.outputs["float"][0], res.outputs["qdq"][0]
+    assert np.abs(f - i8).max() <= 0.1 * np.abs(f).max()

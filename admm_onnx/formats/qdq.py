@@ -1,8 +1,7 @@
 """``qdq``: int8 weights and activations in QDQ form, the format onnxruntime runs with integer kernels.
 
 What the file holds (ONNX's QDQ convention, as ``onnxruntime.quantization.quantize_static``
-writes it with its recommended defaults: QDQ, int8 activations and weights, weights symmetric
-per channel):
+writes it: QDQ, 8-bit activations, int8 weights symmetric per channel):
 
 - every weight of a Conv, Gemm or MatMul as an int8 initializer read through
   ``DequantizeLinear(q, scale, 0)``. A weight that a pruning run quantized (its
@@ -17,10 +16,20 @@ per channel):
   leaving a quantized node, and on the outputs of the ops that only move or clip values
   between them (Relu, MaxPool, Reshape, Flatten, ...). Scales and zero points come from the
   user's calibration data: the float model runs in an onnxruntime ``InferenceSession``, the
-  range of each tensor is its min/max over the data (always including 0), asymmetric int8 (or
-  uint8), like ORT's ``MinMax`` calibrator. Tensors joined by a value-moving op share one range,
+  range of each tensor is its min/max over the data (always including 0), asymmetric uint8 (or
+  int8), like ORT's ``MinMax`` calibrator. Tensors joined by a value-moving op share one range,
   so onnxruntime can drop the pair around it; a tensor read only by a Relu takes the range of
   the Relu's output (quantizing with zero point at the bottom of the range is the Relu).
+
+Activations are uint8 by default (U8S8). ORT's tool recommends S8S8, but on x86-64 onnxruntime
+(1.32) converts int8 activation pairs to uint8 itself and does so only for a quantized tensor
+with one reader: in a ResNet the block inputs (read by the next conv and the residual Add)
+then stayed float, and the int8 file ran 1.9x slower than fp32 (uint8: every conv fused,
+0.72x). ``activations="int8"`` writes S8S8 all the same.
+
+BatchNormalization after a Conv is folded into it first (as ORT's tool does): a weight on
+trained levels keeps its integers, its scale absorbs ``gamma / sqrt(var + eps)``; the folded
+weights are named ``<weight>/bn_folded``.
 
 Graph outputs stay float. onnxruntime (1.32 checked by tests/test_qdq.py) fuses the pairs
 into QLinearConv, QGemm/QLinearMatMul/MatMulIntegerToFloat and int8 MaxPool at session
@@ -52,6 +61,8 @@ METADATA_KEY = "admm_onnx.qdq"
 #: Ops whose output values are some of their input values (max, copy, reshape): one range.
 MOVING_OPS = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Relu",
               "GlobalMaxPool", "Gather", "Slice", "Split"}
+#: Ops quantized on their first N inputs and their output (QLinearAdd, QLinearGlobalAveragePool, ...).
+INT8_OPS = {"Add": 2, "GlobalAveragePool": 1, "AveragePool": 1}
 _ACT = {"int8": (TensorProto.INT8, np.int8, -128, 127), "uint8": (TensorProto.UINT8, np.uint8, 0, 255)}
 
 
@@ -167,6 +178,71 @@ def activation_params(lo: float, hi: float, activations: str = "int8") -> Tuple[
     return np.float32(scale), zp
 
 
+def _fold_batchnorm(model: onnx.ModelProto, specs) -> Tuple[Dict[str, object], int]:
+    """Fold every inference BatchNormalization that alone reads a Conv's output into that Conv (in
+    place), as onnxruntime's quantization tool does before quantizing: ``w' = w * f``,
+    ``b' = (b - mean) * f + beta`` per output channel, ``f = gamma / sqrt(var + eps)``. A weight on
+    trained levels keeps its integers: its scale becomes ``float32(scale * f)`` (per channel), so
+    ``DequantizeLinear(q, scale')`` is the folded weight. Returns (specs, BatchNorms folded)."""
+    from ..quantization import QuantSpec, dequantize
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: Dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    specs = dict(specs)
+    drop, folded = set(), 0
+    for k, bn in enumerate(graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
+            continue
+        conv = producer.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or readers.get(bn.input[0], 0) != 1 or bn.input[0] in graph_outputs
+                or conv.input[1] not in inits or not all(i in inits for i in bn.input[1:5])
+                or _attr(bn, "training_mode", 0)):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        f = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
+        spec = specs.get(conv.input[1])
+        if spec is not None and (spec.axis in (0, None)):
+            s = np.broadcast_to(np.asarray(spec.scale, np.float64), (w.shape[0],))
+            scale = (s * f).astype(np.float32)
+            q = spec.integers(w)
+            specs[conv.input[1]] = QuantSpec(spec.bits, tuple(float(x) for x in scale), 0)
+            w_new = dequantize(q, scale, 0)
+        else:
+            specs.pop(conv.input[1], None)
+            w_new = (w.astype(np.float64) * f.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2]
+             else np.zeros(w.shape[0]))
+        b_new = ((b - mean) * f + beta).astype(np.float32)
+        w_name, b_name = conv.input[1] + "/bn_folded", conv.input[1].rsplit(".", 1)[0] + ".bias/bn_folded"
+        graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
+        if conv.input[1] in specs:
+            specs[w_name] = specs.pop(conv.input[1])
+        conv.input[1] = w_name
+        if len(conv.input) > 2:
+            conv.input[2] = b_name
+        else:
+            conv.input.append(b_name)
+        conv.output[0] = bn.output[0]
+        drop.add(k)
+        folded += 1
+    if drop:
+        kept = [n for k, n in enumerate(graph.node) if k not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+        read = {i for n in graph.node for i in n.input}
+        keep = [t for t in graph.initializer if t.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return specs, folded
+
+
 def _weight_integers(w: np.ndarray, spec, axis: int) -> Tuple[np.ndarray, np.ndarray, Optional[int], bool]:
     """(int8 q, float32 scales, axis or None, exact) for one weight."""
     if spec is not None:
@@ -181,15 +257,15 @@ def _weight_integers(w: np.ndarray, spec, axis: int) -> Tuple[np.ndarray, np.nda
     return q, scale, axis, False
 
 
-def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: str = "int8",
+def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: str = "uint8",
                  max_samples: int = 1000):
     """The QDQ model of ``model`` (see the module docstring) and an ExportReport.
 
     ``calibration``: the user's data (a DataReader such as ``ArrayReader``, an iterable of feed
     dicts, or one array for a single-input model), at most ``max_samples`` samples used.
     ``specs``: weight -> QuantSpec of the trained levels (default: those recorded in the model
-    that its weights satisfy). ``activations``: "int8" (S8S8, ORT's recommended default) or
-    "uint8" (U8S8). The input is never modified.
+    that its weights satisfy). ``activations``: "uint8" (U8S8, the default) or "int8" (S8S8,
+    see the module docstring). The input is never modified.
     """
     from ..quantization import model_quantization
     from .base import ExportReport, WeightRow, _check_model_arg
@@ -205,7 +281,10 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
     specs = dict(model_quantization(model) if specs is None else specs)
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    specs, folded = _fold_batchnorm(out, specs)
     graph = out.graph
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(out)  # the function to calibrate: BatchNormalization folded, no QDQ yet
     sites = _sites(out)
     if not sites:
         raise ModelError("no Conv, Gemm or MatMul with a constant weight to quantize")
@@ -234,6 +313,11 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
         add(s.x)
         if s.node.output[0] not in graph_outputs:
             add(s.node.output[0])
+    for n in graph.node:  # ops onnxruntime runs on int8 when every input and the output are quantized
+        if n.op_type in INT8_OPS and n.output[0] not in graph_outputs and all(
+                i and i not in inits for i in n.input[: INT8_OPS[n.op_type]]):
+            for t in list(n.input[: INT8_OPS[n.op_type]]) + [n.output[0]]:
+                add(t)
     changed = True
     while changed:  # spread through value-moving ops, both directions
         changed = False
@@ -253,7 +337,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
                 parent[find(a)] = find(b)
                 changed = True
     tensors = sorted(parent)
-    ranges = calibrate(model, tensors, calibration, max_samples)
+    ranges = calibrate(float_model, tensors, calibration, max_samples)
     # A tensor read only by Relu nodes is quantized with the Relu's output range.
     for t in tensors:
         readers = consumers.get(t, [])
@@ -344,7 +428,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
             nodes += after.pop(o, [])
     del graph.node[:]
     graph.node.extend(nodes)
-    facts = {"activations": activations, "calibration": "minmax", "max_samples": max_samples,
+    facts = {"batchnorm_folded": folded, "activations": activations, "calibration": "minmax", "max_samples": max_samples,
              "exact_weights": sorted(exact), "post_training_weights": sorted(post), "levels": levels}
     entry = out.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(facts, sort_keys=True)
@@ -428,7 +512,7 @@ class Qdq(Format):
     #: Lossy: outputs are compared with the float model by accuracy, not bit for bit.
     exact = False
 
-    def encode(self, model: onnx.ModelProto, calibration=None, specs=None, activations: str = "int8",
+    def encode(self, model: onnx.ModelProto, calibration=None, specs=None, activations: str = "uint8",
                max_samples: int = 1000, **options):
         return quantize_qdq(model, calibration, specs, activations, max_samples)
 

@@ -135,8 +135,58 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+ROW = 18  # height of one bar in a bar chart (one row per layer)
+
+
+def _is_hbars(chart: Dict[str, object]) -> bool:
+    """Bar charts over named layers are drawn as horizontal bars, one row per layer: names of
+    any length stay readable however many layers the model has."""
+    return chart["kind"] == "bars" and bool(chart["categories"])
+
+
+def chart_height(chart: Dict[str, object]) -> int:
+    return MT + MB + ROW * len(chart["categories"]) if _is_hbars(chart) else H
+
+
+def _hbars_svg(chart: Dict[str, object], y0: int) -> str:
+    names = [str(n) for n in chart["categories"]]
+    s = chart["series"][0]
+    values = [0.0 if v is None else float(v) for v in s["y"]]
+    left = min(300, 12 + 6 * max(len(n) for n in names))
+    pw = W - left - 70
+    hi = max(values + [1e-12])
+    ticks = _ticks(0.0, hi)
+    hi = max(hi, ticks[-1])
+
+    def px(v):
+        return left + v / hi * pw
+
+    color = s.get("color", COLORS[0])
+    height = chart_height(chart)
+    out = [f'<g transform="translate(0,{y0})" data-chart="{html.escape(chart["title"])}">',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(chart["title"])}</text>']
+    bottom = MT + ROW * len(names)
+    for t in ticks:
+        out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{MT}" y2="{bottom}" stroke="#eee"/>'
+                   f'<text x="{px(t):.1f}" y="{bottom + 14}" text-anchor="middle" font-size="10">{_fmt(t)}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 25}" text-anchor="middle" font-size="11">'
+               f'{html.escape(chart["ylabel"])}</text>')
+    out.append(f'<g data-series="{html.escape(s["name"])}" fill="{color}">')
+    for i, (name, v) in enumerate(zip(names, values)):
+        y = MT + ROW * i
+        out.append(f'<text x="{left - 6}" y="{y + ROW * 0.7:.1f}" text-anchor="end" font-size="11" fill="black">'
+                   f'{html.escape(name)}</text>'
+                   f'<rect x="{left}" y="{y + 3}" width="{max(0.0, px(v) - left):.1f}" height="{ROW - 6}"/>'
+                   f'<text x="{px(v) + 4:.1f}" y="{y + ROW * 0.7:.1f}" font-size="10" fill="black">{_fmt(v)}</text>')
+    out.append("</g>")
+    out.append(f'<line x1="{left}" x2="{left}" y1="{MT}" y2="{bottom}" stroke="#999"/></g>')
+    return "\n".join(out)
+
+
 def chart_svg(chart: Dict[str, object], y0: int = 0) -> str:
     """One chart as an SVG ``<g>`` placed at vertical offset ``y0``."""
+    if _is_hbars(chart):
+        return _hbars_svg(chart, y0)
     series = chart["series"]
     logy = chart["logy"]
     logx = chart.get("logx", False)
@@ -224,8 +274,12 @@ def chart_svg(chart: Dict[str, object], y0: int = 0) -> str:
 
 
 def charts_svg(charts: Sequence[Dict[str, object]]) -> str:
-    body = "\n".join(chart_svg(c, i * H) for i, c in enumerate(charts))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H * max(1, len(charts))}" '
+    parts, y = [], 0
+    for c in charts:
+        parts.append(chart_svg(c, y))
+        y += chart_height(c)
+    body = "\n".join(parts)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{max(y, H)}" '
             f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
 
 
@@ -251,8 +305,21 @@ def charts_png(charts: Sequence[Dict[str, object]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("PNG needs matplotlib", hint='pip install "admm-onnx[plot]", or write .svg or .html') from None
-    fig, axes = plt.subplots(len(charts), 1, figsize=(8, 3.2 * len(charts)), squeeze=False)
+    heights = [3.2 * chart_height(c) / H for c in charts]
+    fig, axes = plt.subplots(len(charts), 1, figsize=(8, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, chart in zip(axes[:, 0], charts):
+        if _is_hbars(chart):
+            s = chart["series"][0]
+            ax.barh(range(len(chart["categories"])), [0.0 if v is None else v for v in s["y"]],
+                    color=s.get("color", COLORS[0]))
+            ax.set_yticks(range(len(chart["categories"])))
+            ax.set_yticklabels(chart["categories"], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(chart["title"], fontsize=10)
+            ax.set_xlabel(chart["ylabel"])
+            ax.grid(alpha=0.3, axis="x")
+            continue
         for k, s in enumerate(chart["series"]):
             color = s.get("color", COLORS[k % len(COLORS)])
             pts = [(x, y) for x, y in zip(s["x"], s["y"]) if y is not None]

@@ -283,9 +283,14 @@ def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a table/object at the top level")
     data = dict(data)
+    if "model_output" in data:  # the model tensor, named like --model-output (``output`` is the old key)
+        if "output" in data and data["output"] != data["model_output"]:
+            raise ConfigError("both model_output and output given; use model_output only")
+        data["output"] = data.pop("model_output")
     unknown = set(data) - _CONFIG_KEYS - {"sparsity", "bits"}
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_CONFIG_KEYS | {'sparsity', 'bits'}))}")
+        valid = (_CONFIG_KEYS - {"output"}) | {"sparsity", "bits", "model_output"}
+        raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
     sparsity = data.pop("sparsity", None)
     bits = data.pop("bits", None)
     rules = data.pop("rules", [])

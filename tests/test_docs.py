@@ -129,3 +129,16 @@ def test_readme_table_defaults_match_the_help(path):
     assert table, "no option table found"
     wrong = {o: (table[o], shown[o]) for o in table if o in shown and not _same(shown[o], table[o])}
     assert not wrong, f"README default vs --help default: {wrong}"
+
+
+def test_config_names_the_model_tensor_like_the_command_line():
+    from admm_onnx.config import config_from_dict
+    from admm_onnx.errors import ConfigError
+
+    assert config_from_dict({"model_output": "logits"}).output == "logits"
+    assert config_from_dict({"output": "logits"}).output == "logits"  # the older key still works
+    with pytest.raises(ConfigError, match="model_output only"):
+        config_from_dict({"model_output": "a", "output": "b"})
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"outptu": "a"})
+    assert "model_output" in str(info.value) and " output," not in str(info.value)

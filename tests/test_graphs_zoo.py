@@ -25,9 +25,9 @@ from admm_onnx.graph.prepare import prepare_for_training
 
 #: Ops of each light model that ORT training 1.19.2 cannot differentiate as exported.
 NEEDS_REWRITE = {
-    "bvlc_alexnet": {"LRN"}, "zfnet512": {"LRN"}, "inception_v1": {"LRN"},
-    "resnet50": {"Sum"}, "shufflenet": {"Sum"},
-    "densenet121": set(), "inception_v2": set(), "squeezenet": set(), "vgg19": set(),
+    "bvlc_alexnet": {"LRN"}, "zfnet512": {"LRN"}, "inception_v1": {"LRN", "AveragePool"},
+    "resnet50": {"Sum", "AveragePool"}, "shufflenet": {"Sum", "AveragePool"},
+    "densenet121": {"AveragePool"}, "inception_v2": {"AveragePool"}, "squeezenet": set(), "vgg19": set(),
 }
 #: Spatial input sizes the architecture allows besides 224 (global pooling, no baked Reshape).
 RESIZABLE = {"densenet121", "squeezenet"}

@@ -238,3 +238,40 @@ def test_opset_22_with_bfloat16_is_refused():
 
     with pytest.raises(ModelError, match="opset 22"):
         prepare_model(conv_mlp(22, 10, bf16=True))
+
+
+# -- AveragePool -> depthwise Conv ------------------------------------------------------------------
+def avgpool_model(**kw):
+    """x (N, 2, 8, 7) -> Conv 1x1 (3 channels) -> AveragePool -> Flatten -> y."""
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"]), helper.make_node("AveragePool", ["c"], ["p"], **kw),
+             helper.make_node("Flatten", ["p"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 8, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", None])], [w("conv", 3, 2, 1, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_shape=[2, 2], strides=[2, 2]),                                    # DenseNet transition
+    dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0),  # Inception branch
+    dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 0, 1], count_include_pad=1),
+])
+def test_avgpool_becomes_conv_and_trains(kw, tmp_path):
+    """ORT 1.19.2's CPU AveragePoolGrad kills the process (SIGFPE) at the first step."""
+    model = avgpool_model(**kw)
+    x = np.random.default_rng(5).standard_normal((2, 2, 8, 7)).astype(np.float32)
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert "AveragePool" not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    info, moved = train_step(model, {"x": x}, "y", tmp_path)
+    assert list(info.prunable) == ["conv"] and moved == ["conv"]  # the constant kernel is not a parameter
+
+
+def test_avgpool_with_ceil_mode_is_named():
+    model = avgpool_model(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
+    prepare_for_training(model)
+    with pytest.raises(TrainingError, match="AveragePool"):
+        check_differentiable(model, analyse(model, "y").trainable, "y")

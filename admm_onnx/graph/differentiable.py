@@ -9,8 +9,9 @@ InstanceNormalization, GroupNormalization, LpNormalization, Einsum, GlobalMaxPoo
 ReduceMax/Min/Prod/SumSquare/LogSum, DepthToSpace, SpaceToDepth, CumSum, Upsample, Mod,
 Atan/Tan/Asin/Acos/Sinh/Cosh/Atanh have none; the graph rewrites in prepare.py cover the common
 ones). Resize and ConvTranspose have builders but their ResizeGrad/ConvTransposeGrad kernels are
-CUDA-only: a CPU training session refuses to start, so they are not listed (resize_matmul.py
-and convtranspose_conv.py rewrite the static-shape ones).
+CUDA-only: a CPU training session refuses to start; AveragePool's CPU AveragePoolGrad kills
+the process with SIGFPE at the first step. None of the three is listed (resize_matmul.py,
+convtranspose_conv.py and avgpool_conv.py rewrite the usual forms).
 
 - :func:`undifferentiable_nodes` lists the nodes on a differentiable path that have no builder.
 - :func:`check_differentiable` raises a one-line :class:`~admm_onnx.errors.TrainingError`
@@ -35,7 +36,7 @@ from .shapes import tensor_info
 
 #: Default-domain op types with an ORT training 1.19.2 gradient builder.
 GRADIENT_OPS = frozenset(
-    """Abs Add AveragePool BatchNormalization Cast Clip Concat Conv Cos Div Dropout
+    """Abs Add BatchNormalization Cast Clip Concat Conv Cos Div Dropout
     Erf Exp Expand Flatten Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Identity
     LayerNormalization LeakyRelu Log LogSoftmax MatMul Max MaxPool Min Mul Neg Pad Pow Reciprocal
     ReduceL2 ReduceLogSumExp ReduceMean ReduceSum Relu Reshape ScatterElements ScatterND
@@ -57,6 +58,8 @@ _HINTS = {
     "HardSigmoid": "admm_onnx rewrites HardSigmoid itself; is this HardSigmoid in a subgraph?",
     "InstanceNormalization": "export it as ReduceMean/Sub/Mul/Div or as LayerNormalization over the spatial axes",
     "Einsum": "export the contraction as MatMul/Transpose",
+    "AveragePool": "admm_onnx rewrites an AveragePool with ceil_mode 0, explicit pads, no dilation and a known "
+                   "channel count; export with those (ORT's AveragePool gradient crashes on the CPU)",
     "ConvTranspose": "admm_onnx rewrites a ConvTranspose with group 1, explicit pads, a static input shape (but the "
                      "batch) and an initializer weight; export the model with a fixed input size",
     "Resize": "admm_onnx rewrites a Resize whose input shape (but the batch) is static and whose scales/sizes "

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterable, List, Tuple
 
 import onnx
 
+from .avgpool_conv import avgpool_to_conv
 from .batchnorm_frozen import freeze_batchnorm
 from .convtranspose_conv import convtranspose_to_conv
 from .dropout import enable_dropout
@@ -45,6 +46,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("HardSigmoid/HardSwish -> Clip forms", hard_activations),
     ("Elu/Selu/Celu/Softplus/Softsign/Mish -> Relu/Exp/Log forms", smooth_activations),
     ("Resize -> MatMul with interpolation matrices (no CPU ResizeGrad)", resize_to_matmul),
+    ("AveragePool -> depthwise Conv with a constant kernel (ORT's AveragePoolGrad crashes)", avgpool_to_conv),
     ("ConvTranspose -> Conv on flipped, zero-inserted activations (no CPU ConvTransposeGrad)", convtranspose_to_conv),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),
     ("BatchNormalization with frozen running statistics", freeze_batchnorm),

@@ -40,6 +40,7 @@ from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
 from .graph._util import opset_version
+from .graph.ml_linear import ML_LINEAR_OPS, lift_ml_linear
 from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
@@ -122,6 +123,14 @@ def prepare_model(
             log.warning("the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
                         MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
             original = lowered
+    if any(n.domain == "ai.onnx.ml" and n.op_type in ML_LINEAR_OPS for n in original.graph.node):
+        lifted = onnx.ModelProto()
+        lifted.CopyFrom(original)
+        count = lift_ml_linear(lifted)  # the user's graph too: its weights are node attributes
+        if count:
+            log.warning("%d scikit-learn linear node(s) (LinearClassifier/LinearRegressor/Normalizer) read and "
+                        "written as MatMul/Add/Softmax... with initializer weights, the same outputs", count)
+            original = lifted
     training = onnx.ModelProto()
     training.CopyFrom(original)
     prepare_for_training(training)

@@ -275,3 +275,69 @@ def test_avgpool_with_ceil_mode_is_named():
     prepare_for_training(model)
     with pytest.raises(TrainingError, match="AveragePool"):
         check_differentiable(model, analyse(model, "y").trainable, "y")
+
+
+# -- scikit-learn linear ML ops lifted into standard ops ------------------------------------------
+def ml_model(kind, post=b"SOFTMAX", labels="ints", normalizer=None, opset=9):
+    """X (N, 4) -> [Scaler] -> LinearClassifier/LinearRegressor [-> Normalizer] (skl2onnx's shapes)."""
+    rng = np.random.default_rng(6)
+    coef = [float(v) for v in rng.standard_normal(3 * 4)]
+    nodes = [helper.make_node("Scaler", ["X"], ["scaled"], domain="ai.onnx.ml", offset=[0.5] * 4, scale=[2.0] * 4)]
+    if kind == "classifier":
+        kw = {"classlabels_ints": [3, 5, 7]} if labels == "ints" else {"classlabels_strings": [b"a", b"b", b"c"]}
+        nodes.append(helper.make_node("LinearClassifier", ["scaled"], ["label", "scores"], domain="ai.onnx.ml",
+                                      coefficients=coef, intercepts=[0.1, -0.2, 0.3], post_transform=post, **kw))
+        out = "scores"
+        if normalizer:
+            nodes.append(helper.make_node("Normalizer", ["scores"], ["probabilities"], domain="ai.onnx.ml",
+                                          norm=normalizer))
+            out = "probabilities"
+        outputs = [helper.make_tensor_value_info("label", TensorProto.INT64 if labels == "ints" else TensorProto.STRING,
+                                                 [None]),
+                   helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, 3])]
+    else:
+        nodes.append(helper.make_node("LinearRegressor", ["scaled"], ["variable"], domain="ai.onnx.ml",
+                                      coefficients=coef, intercepts=[0.1, -0.2, 0.3], targets=3))
+        outputs = [helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 3])]
+    graph = helper.make_graph(nodes, "skl", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])], outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("kind, post, labels, normalizer, opset", [
+    ("classifier", b"SOFTMAX", "ints", "L1", 9),     # LogisticRegression in a pipeline (skl2onnx, opset 9)
+    ("classifier", b"LOGISTIC", "strings", None, 17),
+    ("classifier", b"NONE", "ints", "L2", 15),       # LinearSVC-style raw scores
+    ("regressor", b"NONE", None, None, 21),          # LinearRegression / Ridge
+])
+def test_sklearn_linear_nodes_are_lifted_with_the_same_outputs(kind, post, labels, normalizer, opset):
+    from admm_onnx.graph.ml_linear import lift_ml_linear
+    from admm_onnx.pipeline import output_model, prepare_model
+
+    model = ml_model(kind, post, labels, normalizer, opset)
+    x = np.random.default_rng(7).standard_normal((6, 4)).astype(np.float32)
+    want = run(model, {"X": x})
+    lifted = onnx.ModelProto()
+    lifted.CopyFrom(model)
+    assert lift_ml_linear(lifted) == 1 + (normalizer is not None)
+    got = run(lifted, {"X": x})
+    for a, b in zip(want, got):
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        else:
+            assert np.array_equal(a, b)
+    prepared = prepare_model(model)  # the pipeline lifts a copy: the weights become prunable
+    name = ("LinearClassifier" if kind == "classifier" else "LinearRegressor") + ".coefficients"
+    assert list(prepared.info.prunable) == [name] and prepared.info.prunable[name].shape == (4, 3)
+    written = output_model(prepared, {name: np.zeros((4, 3), np.float32)})
+    assert [o.name for o in written.graph.output] == [o.name for o in model.graph.output]
+    assert [o.type for o in written.graph.output] == [o.type for o in model.graph.output]
+
+
+def test_sklearn_linear_node_left_alone_when_unsupported():
+    from admm_onnx.graph.ml_linear import lift_ml_linear
+
+    model = ml_model("classifier", b"PROBIT")
+    assert lift_ml_linear(model) == 0 and "LinearClassifier" in {n.op_type for n in model.graph.node}

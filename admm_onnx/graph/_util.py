@@ -108,3 +108,17 @@ def scalar(graph: onnx.GraphProto, names: "NameScope", base: str, value: float, 
 def float_type(types: dict, name: str) -> int:
     """The element type of tensor ``name`` from ``types`` (float32 when unknown)."""
     return types.get(name) or onnx.TensorProto.FLOAT
+
+
+def probe_session(model: onnx.ModelProto):
+    """An ORT InferenceSession on ``model`` for the rewrites' numeric probes.
+
+    The process's first ORT session decides whether the calling thread flushes denormals
+    (training.flush_denormals): a rewrite probing before the Trainer opens its sessions would
+    leave ADMM training several times slower, so the flushing session is opened first."""
+    import onnxruntime as ort
+
+    from ..training import flush_denormals
+
+    flush_denormals()
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, auto_pad, checked, is_default_domain, opset_version
+from ._util import NameScope, attr, auto_pad, checked, is_default_domain, opset_version, probe_session
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,6 @@ def _nodes(node: onnx.NodeProto, shape, names: NameScope, dtype) -> Optional[Lis
 
 
 def _agrees(node: onnx.NodeProto, nodes: List[onnx.NodeProto], shape, elem: int, opset: int) -> bool:
-    import onnxruntime as ort
-
     dims = [2] + [d if isinstance(d, int) and d > 0 else 7 for d in shape[1:]]
     x = np.random.default_rng(0).standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(elem))
     results = []
@@ -98,7 +96,7 @@ def _agrees(node: onnx.NodeProto, nodes: List[onnx.NodeProto], shape, elem: int,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = 8
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = probe_session(model)
         results.append(sess.run(None, {node.input[0]: x})[0].astype(np.float64))
     want, got = results
     return want.shape == got.shape and float(np.max(np.abs(want - got))) <= _TOLERANCE * (1 + float(np.max(np.abs(want))))

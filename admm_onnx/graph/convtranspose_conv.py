@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, auto_pad, checked, is_default_domain, opset_version
+from ._util import NameScope, attr, auto_pad, checked, is_default_domain, opset_version, probe_session
 from .resize_matmul import along_axis
 from .shapes import tensor_info
 
@@ -98,8 +98,6 @@ def _nodes(node: onnx.NodeProto, mats, rank: int, names: NameScope, out: Optiona
 
 def _agrees(node: onnx.NodeProto, mats, shape, weight: np.ndarray, bias: Optional[np.ndarray], opset: int) -> bool:
     """Run the node and its replacement on a random input; do they agree?"""
-    import onnxruntime as ort
-
     rank = len(shape)
     elem = helper.np_dtype_to_tensor_dtype(weight.dtype)
     x = np.random.default_rng(0).standard_normal([2] + list(shape[1:])).astype(weight.dtype)
@@ -114,7 +112,7 @@ def _agrees(node: onnx.NodeProto, mats, shape, weight: np.ndarray, bias: Optiona
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))])
         model.ir_version = 8
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = probe_session(model)
         results.append(sess.run(None, {node.input[0]: x})[0].astype(np.float64))
     want, got = results
     return want.shape == got.shape and float(np.max(np.abs(want - got))) <= _TOLERANCE * (1 + float(np.max(np.abs(want))))

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, checked, is_default_domain, opset_version
+from ._util import NameScope, attr, checked, is_default_domain, opset_version, probe_session
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ class _Probe:
         self.kept = {0}
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        import onnxruntime as ort
-
         inputs, inits = ["x"], []
         for slot, name in enumerate(self.node.input[1:], start=1):
             if not name:
@@ -91,7 +89,7 @@ class _Probe:
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = min(model.ir_version, 8)
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = probe_session(model)
         return sess.run(None, {"x": x})[0]
 
 

@@ -77,8 +77,9 @@ class RhoPolicy:
     mu: float = 10.0
     tau: float = 2.0
     tol: float = 0.0
+    stall: float = 0.0
 
-    def factor(self, r: Residual) -> float:
+    def factor(self, r: Residual, previous: Optional[Residual] = None) -> float:
         if self.mode == "growth":
             return self.growth
         if self.mode != "balance":
@@ -86,6 +87,8 @@ class RhoPolicy:
         if self.tol > 0 and r.primal <= self.tol:
             return 1.0
         if r.primal > self.mu * r.dual:
+            return self.tau
+        if self.stall > 0 and previous is not None and r.primal > self.stall * previous.primal:
             return self.tau
         if r.dual > self.mu * r.primal:
             return 1.0 / self.tau
@@ -228,7 +231,8 @@ class AdmmState:
             dual = float(np.sqrt(sum(float(np.linalg.norm(z_new[t] - self.Z[t])) ** 2 for t in c.tensors)))
             r = Residual(primal=primal / norm, dual=dual / norm)
             residuals[name] = r
-            f = self.policy.factor(r)
+            prev = self.history[-1].get(name) if self.history else None
+            f = self.policy.factor(r, prev)
             for t in c.tensors:
                 u = self.U[t] + weights[t] - z_new[t]
                 self.Z[t] = z_new[t]

@@ -153,9 +153,14 @@ class PruneConfig:
     #: ADMM stops when every layer's relative primal residual ||W - Z|| / ||W|| is at most this
     #: (0: always run admm_iters).
     admm_tol: float = 0.02
-    #: Z/U update (and rho change) every this many optimizer steps inside the ADMM epochs, and
-    #: at the end of every ADMM iteration; 0: only at the end of every iteration (the paper).
-    admm_update_steps: int = 0
+    #: Z/U update (and rho change, and convergence check) every this many optimizer steps inside
+    #: the ADMM epochs, and at the end of every ADMM iteration; 0: only at the end of every
+    #: iteration (the paper's schedule).
+    admm_update_steps: int = 20
+    #: rho_mode "balance": rho times rho_tau after an update whose primal residual is above
+    #: rho_stall x the previous one (stalled) or above 10 x the dual; 0 turns the stall rule off.
+    rho_stall: float = 0.9
+    rho_tau: float = 1.5
     lr: float = 1e-3
     retrain_lr: Optional[float] = None
     #: "constant" or "cosine" (decay to 0 over the retraining phase) for masked retraining.
@@ -204,6 +209,12 @@ class PruneConfig:
         _check_positive(self.rho_ratio, "rho_ratio")
         _check_positive(self.admm_tol, "admm_tol", allow_zero=True)
         _check_positive(self.admm_update_steps, "admm_update_steps", allow_zero=True, integer=True)
+        _check_positive(self.rho_stall, "rho_stall", allow_zero=True)
+        if self.rho_stall >= 1:
+            raise ConfigError(f"rho_stall must be below 1 (0: off), got {self.rho_stall!r}")
+        _check_positive(self.rho_tau, "rho_tau")
+        if self.rho_tau <= 1:
+            raise ConfigError(f"rho_tau must be above 1, got {self.rho_tau!r}")
         _check_positive(self.lr, "lr")
         if self.retrain_lr is not None:
             _check_positive(self.retrain_lr, "retrain_lr")
@@ -252,7 +263,7 @@ class PruneConfig:
         """The :class:`~admm_onnx.admm.RhoPolicy` of this configuration."""
         from .admm import RhoPolicy
 
-        return RhoPolicy(self.rho_mode, growth=self.rho_growth, tol=self.admm_tol)
+        return RhoPolicy(self.rho_mode, growth=self.rho_growth, tol=self.admm_tol, stall=self.rho_stall, tau=self.rho_tau)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,9 +5,10 @@ data_reader, ...)``: a model in, a model out, data readers for training and eval
 
 Phases of :func:`prune`:
 1. prepare a training copy of the model (graph rewrites for ORT training), resolve the rules;
-2. ADMM: up to ``admm_iters`` x ``epochs_per_iter`` epochs on base loss + penalty, Z/U updates
-   between iterations (admm.py), rho calibrated then adapted per layer; ends early once every
-   primal residual is under ``admm_tol``;
+2. ADMM: up to ``admm_iters`` x ``epochs_per_iter`` epochs on base loss + penalty, a Z/U update
+   every ``admm_update_steps`` optimizer steps and at the end of every iteration (admm.py), rho
+   calibrated then adapted per layer after every update; ends (mid-epoch too) once every primal
+   residual is under ``admm_tol``;
 3. hard step: each variable projected onto its constraint set (sparsity, levels, ...);
 4. masked retraining, ``retrain_epochs`` epochs with a fresh optimizer, W * M in the graph,
    quantized weights read through fake quantization (graph/fake_quant.py: levels in the forward
@@ -793,18 +794,19 @@ def _admm_outcome(state: AdmmState, config: PruneConfig, report: PruneReport) ->
         report.admm_stop = "no ADMM iterations"
         return
     if state.converged():
-        report.admm_stop = f"converged: every primal residual <= {config.admm_tol:g} after {state.iteration} iteration(s)"
+        report.admm_stop = f"converged: every primal residual <= {config.admm_tol:g} after {state.iteration} Z/U update(s)"
         log.info("ADMM %s", report.admm_stop)
         return
     if config.admm_tol <= 0:  # asked for a fixed number of iterations: nothing to warn about
-        report.admm_stop = f"all {state.iteration} iteration(s) run (--admm-tol 0)"
+        report.admm_stop = f"all {state.iteration} Z/U update(s) run (--admm-tol 0)"
         log.info("ADMM %s", report.admm_stop)
         return
-    report.admm_stop = f"iteration cap ({state.iteration} of --admm-iters {config.admm_iters}) before convergence"
+    report.admm_stop = (f"iteration cap (--admm-iters {config.admm_iters} x --epochs-per-iter {config.epochs_per_iter}, "
+                        f"{state.iteration} Z/U update(s)) before convergence")
     worst = sorted(last.items(), key=lambda kv: -kv[1].primal)
     above = [f"{n} {r.primal:.3f}" for n, r in worst if r.primal > config.admm_tol]
     log.warning(
-        "ADMM did not converge in %d iteration(s): primal residual above %g for %s. The hard step will cut "
+        "ADMM did not converge in %d Z/U update(s): primal residual above %g for %s. The hard step will cut "
         "what ADMM did not reach; raise --admm-iters or --epochs-per-iter%s",
         state.iteration, config.admm_tol, ", ".join(above),
         "" if config.rho is None else ", or leave --rho unset (automatic)",

@@ -5,7 +5,8 @@ One short run per model, all ADMM settings at their defaults unless given: dense
 the hard step and after retraining. Prints one line per run (top-1s, hard-prune gap, why ADMM
 stopped, final rho, samples seen, wall time, load average) and writes them as JSON.
 
-Models: ``lenet5`` (admm_onnx.models, MNIST), ``cnn`` (a small Conv-BN-ReLU CNN built here,
+Models: ``lenet5`` (admm_onnx.models, MNIST), ``resnet20`` (the CIFAR-10 reference model of
+admm_onnx.models, on the JPEG copy of CIFAR-10 in /work/shared/data/cifar10), ``cnn`` (a small Conv-BN-ReLU CNN built here,
 Fashion-MNIST), ``transformer`` (a one-block ViT-style transformer on 7x7 patches built here,
 MNIST). Data: the first ``--train-images`` training images, the full 10,000-image test split.
 
@@ -133,6 +134,7 @@ def tiny_transformer(input_shape=(1, 28, 28), num_classes=10, seed=0, dim=64, he
 
 MODELS = {
     "lenet5": (lambda seed: build("lenet5", seed=seed), "mnist", 2e-3),
+    "resnet20": (lambda seed: build("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=seed), "cifar10", 2e-3),
     "cnn": (lambda seed: small_cnn(seed=seed), "fashion-mnist", 2e-3),
     "transformer": (lambda seed: tiny_transformer(seed=seed), "mnist", 1e-3),
 }
@@ -140,7 +142,14 @@ MODELS = {
 
 def run(name, args, out_dir: Path) -> dict:
     builder, data_name, dense_lr = MODELS[name]
-    full = load_idx_dir(str(Path(args.data) / data_name))
+    if data_name == "cifar10":  # a JPEG copy of CIFAR-10 (see its README): decoded once into a cache
+        from resnet20_cifar10 import load_cifar
+
+        x_tr, y_tr, x_te, y_te = load_cifar(Path(args.cifar_cache))
+        full = Dataset(x_tr.astype(np.float32) / 255.0, y_tr, x_te.astype(np.float32) / 255.0, y_te, name="cifar10")
+        data_name = "cifar10 (JPEG copy)"
+    else:
+        full = load_idx_dir(str(Path(args.data) / data_name))
     n = args.train_images
     data = Dataset(full.x_train[:n], full.y_train[:n], full.x_test, full.y_test, name=data_name)
     model = builder(args.seed)
@@ -151,7 +160,8 @@ def run(name, args, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     dense = train(prepared, dense_path, tr, args.dense_epochs, ev, base)
     t_dense = time.perf_counter() - t0
-    overrides = {k: getattr(args, k) for k in ("rho", "rho_mode", "rho_growth", "admm_tol", "rho_ratio")}
+    overrides = {k: getattr(args, k) for k in ("rho", "rho_mode", "rho_growth", "admm_tol", "rho_ratio",
+                                                 "admm_update_steps")}
     config = base.replace(admm_iters=args.admm_iters, epochs_per_iter=args.epochs_per_iter,
                           retrain_epochs=args.retrain_epochs, lr=args.lr, **overrides)
     config = config.with_sparsity(args.sparsity, args.bits)
@@ -168,15 +178,17 @@ def run(name, args, out_dir: Path) -> dict:
         "hard_prune_gap": rep.hard_prune_gap, "admm_stop": rep.admm_stop, "iterations": len(rep.residuals),
         "max_primal": max((r["primal"] for r in last.values()), default=None), "rho": rep.rho,
         "samples_seen": dense.samples_seen + rep.samples_seen, "seconds_dense": t_dense, "seconds_prune": t_prune,
-        "loadavg_after": os.getloadavg(), "config": {k: v for k, v in config.to_dict().items() if k != "rules"},
+        "loadavg_after": os.getloadavg(), "residuals": rep.residuals, "config": {k: v for k, v in config.to_dict().items() if k != "rules"},
     }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="directory holding mnist/ and fashion-mnist/ (IDX .gz files)")
-    ap.add_argument("--models", default="lenet5,cnn,transformer")
+    ap.add_argument("--models", default="lenet5,resnet20,cnn,transformer")
     ap.add_argument("--out", default="/tmp/admm_defaults")
+    ap.add_argument("--cifar-cache", default="/tmp/admm-onnx-cifar10/cifar10_jpeg_uint8.npz",
+                    help="decoded CIFAR-10 (JPEG copy) cache of bench/resnet20_cifar10.py (made if absent)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-images", type=int, default=10_000)
@@ -189,7 +201,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--workers", type=int, default=1)
-    for k, t in (("rho", float), ("rho_mode", str), ("rho_growth", float), ("admm_tol", float), ("rho_ratio", float)):
+    for k, t in (("rho", float), ("rho_mode", str), ("rho_growth", float), ("admm_tol", float), ("rho_ratio", float),
+                 ("admm_update_steps", int)):
         ap.add_argument("--" + k.replace("_", "-"), type=t, default=None, help="default: PruneConfig's")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -15,15 +15,18 @@ and results.json.
 Usage:
   python bench/lenet5_mnist.py --mnist /work/shared/data/mnist --out /tmp/lenet5 [--seed 0]
       [--model lenet5|lenet300-100] [--ratios paper|x100|...|conv1=0.2,conv2=0.08,...]
-      [--then RATIOS ...] [--dataset-name MNIST] [schedule overrides: --dense-epochs --admm-iters
-       --epochs-per-iter --retrain-epochs --rho --rho-growth --lr --retrain-lr --batch-size]
+      [--then RATIOS ...] [--dataset-name MNIST] [--schedule lenet5|lenet5-long|lenet300-100]
+      [--validation N] [schedule overrides: --dense-epochs --dense-lr --dense-schedule --admm-iters
+       --epochs-per-iter --admm-update-steps --rho --rho-mode --rho-growth --admm-tol --lr
+       --retrain-epochs --retrain-lr --batch-size --augment-shift --augment-phase]
 
 --then RATIOS prunes the pruned model again (progressive pruning, as in the ADMM follow-ups
 that reach 85x-246x on LeNet-5): e.g. --ratios conv6k --then x100.
 
-The default schedule (per model) was tuned on this 2-core machine; see SCHEDULES. Note that,
-as in the paper and most pruning work on MNIST, the schedule was chosen looking at test top-1
-(there is no separate validation split).
+The default schedule (per model) was tuned on this 2-core machine; see SCHEDULES. LeNet-5's
+4-minute default (issue 16) was chosen on a validation split (--validation 5000: the last 5,000
+training images, training on the other 55,000), not on test top-1; the earlier 28-epoch
+default (--schedule lenet5-long) was chosen looking at test top-1, as in the paper.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import numpy as np
 
 from admm_onnx import io as onnx_io
 from admm_onnx.config import PruneConfig, Rule
-from admm_onnx.data import DataReader, load_idx_dir
+from admm_onnx.data import DataReader, Dataset, load_idx_dir
 from admm_onnx.models import build
 from admm_onnx.pipeline import evaluate, make_readers, prepare_model, prune, train
 from admm_onnx.quantization import read_quantization
@@ -91,15 +94,24 @@ PRIOR_ART = {
 
 # -- default schedules (tuned here; see the module docstring) ----------------------------------------
 SCHEDULES = {
-    # 4 dense + 12 ADMM + 12 retraining epochs = 28 passes over the 60k images (1.68M samples).
-    # (3 + 12 + 8 reached 99.20-99.27% on seeds 0 and 2 but 98.98% on seed 1.)
-    "lenet5": dict(dense_epochs=4, dense_lr=2e-3, admm_iters=12, epochs_per_iter=1, rho=1.5e-3, rho_growth=1.3,
-                   lr=2e-3, retrain_epochs=12, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
+    # The 4-minute default (issue 16): 2 dense epochs (cosine), ADMM capped at 3 epochs with a Z/U
+    # update every 20 steps, automatic rho and the stall rule (ends early once every primal
+    # residual is under admm_tol), then masked retraining (cosine, 1-px shifts).
+    "lenet5": dict(dense_epochs=2, dense_lr=3e-3, dense_schedule="cosine", admm_iters=3, epochs_per_iter=1,
+                   admm_update_steps=20, rho=None, rho_mode="balance", rho_growth=1.3, admm_tol=0.02, lr=2e-3,
+                   retrain_epochs=6, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
+    # The earlier default (2026-11-30, 539-572 s on 2 cores): 4 dense + 12 ADMM + 12 retraining epochs
+    # = 28 passes over the 60k images (1.68M samples), the paper's rho schedule (1.5e-3 x1.3 per epoch).
+    "lenet5-long": dict(dense_epochs=4, dense_lr=2e-3, dense_schedule="constant", admm_iters=12, epochs_per_iter=1,
+                        admm_update_steps=0, rho=1.5e-3, rho_mode="growth", rho_growth=1.3, admm_tol=0.0, lr=2e-3,
+                        retrain_epochs=12, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
     # The MLP trains ~10x faster per sample; it wants a small rho (1.5e-3 cost 1 point of top-1),
     # no shift augmentation (it is not translation-invariant) and more epochs: 10 + 20 + 20.
-    "lenet300-100": dict(dense_epochs=10, dense_lr=1e-3, admm_iters=20, epochs_per_iter=1, rho=1e-4, rho_growth=1.3,
-                         lr=1e-3, retrain_epochs=20, retrain_lr=1e-3, batch_size=128, augment_shift=0, augment_phase="retrain"),
+    "lenet300-100": dict(dense_epochs=10, dense_lr=1e-3, dense_schedule="constant", admm_iters=20, epochs_per_iter=1,
+                         admm_update_steps=0, rho=1e-4, rho_mode="growth", rho_growth=1.3, admm_tol=0.0, lr=1e-3,
+                         retrain_epochs=20, retrain_lr=1e-3, batch_size=128, augment_shift=0, augment_phase="retrain"),
 }
+DEFAULT_SCHEDULE = {"lenet5": "lenet5", "lenet300-100": "lenet300-100"}
 
 
 def configure_ort_sessions(threads: int = 0, spin: bool = False, ftz: bool = True) -> None:
@@ -145,33 +157,30 @@ def denormals_flushed() -> bool:
 
 
 class ShiftReader(DataReader):
-    """Training reader wrapper: each image shifted by a random (dy, dx) in [-s, s]^2, zero fill.
+    """Training reader wrapper: each image shifted by a random (dy, dx) in [-s, s]^2, zero fill,
+    while :attr:`active` (set per phase by :class:`PhaseSwitch` from the progress labels).
 
-    The paper trains without augmentation; the tuned default shifts by up to 1 px during masked
-    retraining only (--augment-shift 0 turns it off).
-    Seeded, so runs stay reproducible.
+    The paper trains without augmentation; the tuned defaults shift by up to 1 px during masked
+    retraining only (--augment-shift 0 turns it off). Seeded, so runs stay reproducible.
     """
 
-    def __init__(self, reader, shift: int, seed: int, from_pass: int = 0):
-        self.reader, self.shift, self.from_pass = reader, shift, from_pass
+    def __init__(self, reader, shift: int, seed: int):
+        self.reader, self.shift, self.active = reader, shift, False
         self.rng = np.random.default_rng(seed + 1_000_003)
-        self.passes = 0  # rewinds so far: Trainer.train_epoch rewinds once per epoch
 
     def __len__(self):
         return len(self.reader)
 
     def rewind(self):
-        self.passes += 1
         self.reader.rewind()
 
     def set_epoch(self, epoch: int) -> None:  # the pipeline reseeds the shuffle per epoch
         if hasattr(self.reader, "set_epoch"):
             self.reader.set_epoch(epoch)
 
-
     def get_next(self):
         feed = self.reader.get_next()
-        if feed is None or self.passes <= self.from_pass:
+        if feed is None or not self.active:
             return feed
         name = self.reader.input_name
         x = feed[name]
@@ -185,6 +194,18 @@ class ShiftReader(DataReader):
         out = dict(feed)
         out[name] = np.ascontiguousarray(windows[np.arange(n), :, dy, dx])
         return out
+
+
+class PhaseSwitch:
+    """A progress callback (admm_onnx.progress) that turns a ShiftReader on for the phases whose
+    label starts with one of ``prefixes`` ("train" dense, "ADMM", "retrain") and off otherwise."""
+
+    def __init__(self, reader: Optional[ShiftReader], prefixes):
+        self.reader, self.prefixes = reader, tuple(prefixes)
+
+    def __call__(self, event) -> None:
+        if event.kind == "start" and self.reader is not None:
+            self.reader.active = event.label.startswith(self.prefixes)
 
 
 def parse_ratios(model: str, spec: str) -> Dict[str, float]:
@@ -290,12 +311,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset-name", default=None, help="label for the report (default: the directory name)")
-    ap.add_argument("--model", default="lenet5", choices=sorted(SCHEDULES))
+    ap.add_argument("--model", default="lenet5", choices=sorted(DEFAULT_SCHEDULE))
+    ap.add_argument("--schedule", default=None, choices=sorted(SCHEDULES),
+                    help="schedule preset (default: the model's; lenet5-long: the earlier 28-epoch default)")
+    ap.add_argument("--validation", type=int, default=0, metavar="N",
+                    help="hold out the last N training images and evaluate on them instead of the test set "
+                         "(for choosing settings without looking at test top-1)")
     ap.add_argument("--ratios", default=None, help="preset (lenet5: paper, conv6k, x20, x85, x100, x150, x200; "
                     "lenet300-100: han, dns) or name=keep,... e.g. conv1=0.2,conv2=0.08,fc1=0.009,fc2=0.07")
-    for key, typ in [("dense_epochs", int), ("dense_lr", float), ("admm_iters", int), ("epochs_per_iter", int),
-                     ("rho", float), ("rho_growth", float), ("lr", float), ("retrain_epochs", int),
-                     ("retrain_lr", float), ("batch_size", int)]:
+    for key, typ in [("dense_epochs", int), ("dense_lr", float), ("dense_schedule", str), ("admm_iters", int),
+                     ("epochs_per_iter", int), ("admm_update_steps", int), ("rho", float), ("rho_mode", str),
+                     ("rho_growth", float), ("admm_tol", float), ("lr", float), ("retrain_epochs", int),
+                     ("retrain_lr", float), ("batch_size", int), ("augment_shift", int), ("augment_phase", str)]:
         ap.add_argument("--" + key.replace("_", "-"), type=typ, default=None)
     ap.add_argument("--then", action="append", default=[], metavar="RATIOS",
                     help="progressive pruning: after the first prune, prune the pruned model again to these ratios "
@@ -310,10 +337,6 @@ def main(argv=None) -> dict:
                     help="with --bits: channel (a scale per output channel), tensor (one per weight), or "
                          "name=channel|tensor,... (e.g. conv1=channel,conv2=channel,fc1=tensor,fc2=tensor)")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
-    ap.add_argument("--augment-shift", type=int, default=None,
-                    help="random shifts of up to N pixels in training (default 1; 0: no augmentation, as in the paper)")
-    ap.add_argument("--augment-phase", choices=("all", "retrain"), default=None,
-                    help="with --augment-shift: augment every phase, or masked retraining only (default)")
     ap.add_argument("--workers", type=int, default=2,
                     help="training processes per batch (admm_onnx workers; 1: one process). The figures in the README "
                          "use 2; the count changes float summation order, so results differ slightly with another")
@@ -328,7 +351,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     configure_ort_sessions(args.ort_threads, args.spin, not args.no_ftz)
     machine = machine_info()
-    sched = dict(SCHEDULES[args.model])
+    schedule_name = args.schedule or DEFAULT_SCHEDULE[args.model]
+    sched = dict(SCHEDULES[schedule_name])
     for k in sched:
         if getattr(args, k) is not None:
             sched[k] = getattr(args, k)
@@ -356,6 +380,9 @@ def main(argv=None) -> dict:
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     data = load_idx_dir(args.mnist)
+    if args.validation:
+        n = len(data.y_train) - args.validation
+        data = Dataset(data.x_train[:n], data.y_train[:n], data.x_train[n:], data.y_train[n:], name=data.name)
     timings["load_data"] = time.perf_counter() - t0
 
     def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
@@ -365,7 +392,8 @@ def main(argv=None) -> dict:
                         for n, k in stage_keep.items()),
             compression=spec[len("auto "):] if spec.startswith("auto ") else None,
             admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
-            rho=sched["rho"], rho_growth=sched["rho_growth"], rho_mode="growth", admm_tol=0.0,  # the paper's schedule
+            rho=sched["rho"], rho_growth=sched["rho_growth"], rho_mode=sched["rho_mode"], admm_tol=sched["admm_tol"],
+            admm_update_steps=sched["admm_update_steps"],
             lr=sched["lr"], retrain_lr=sched["retrain_lr"],
             retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed, workers=args.workers,
         )
@@ -374,16 +402,16 @@ def main(argv=None) -> dict:
     model = build(args.model, input_shape=data.x_train.shape[1:], seed=args.seed)
     prepared = prepare_model(model)
     train_reader, eval_reader, batch = make_readers(prepared, data, config.batch_size, args.seed)
-    admm_passes = sched["admm_iters"] * sched["epochs_per_iter"]
+    shift = None
     if sched["augment_shift"]:
-        skip = 0 if sched["augment_phase"] == "all" else sched["dense_epochs"] + admm_passes
-        train_reader = ShiftReader(train_reader, sched["augment_shift"], args.seed, from_pass=skip)
+        train_reader = shift = ShiftReader(train_reader, sched["augment_shift"], args.seed)
+    switch = PhaseSwitch(shift, ("train", "ADMM", "retrain") if sched["augment_phase"] == "all" else ("retrain",))
 
     # Phase 1: dense training.
     dense_path = out / f"{args.model}_dense.onnx"
     t0 = time.perf_counter()
     dense = train(prepared, dense_path, train_reader, sched["dense_epochs"], eval_reader,
-                  config.replace(lr=sched["dense_lr"]))
+                  config.replace(lr=sched["dense_lr"]), progress=switch, schedule=sched["dense_schedule"])
     timings["dense"] = time.perf_counter() - t0
     print(f"Dense: top-1 {pct(dense.accuracy_after)} after {sched['dense_epochs']} epochs, {timings['dense']:.1f} s", flush=True)
 
@@ -394,10 +422,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     for k, (spec, stage_keep) in enumerate(stages, 1):
         target = pruned_path if k == len(stages) else out / f"{args.model}_pruned_stage{k}.onnx"
-        if k > 1 and isinstance(train_reader, ShiftReader) and sched["augment_phase"] != "all":
-            train_reader.from_pass = train_reader.passes + admm_passes  # augment this stage's retraining only
         stage_bits = bits if k == len(stages) else None
-        report = prune(source, target, train_reader, stage_config(stage_keep, spec, stage_bits), eval_reader)
+        report = prune(source, target, train_reader, stage_config(stage_keep, spec, stage_bits), eval_reader,
+                       progress=switch)
         reports.append(report)
         if report.allocation:  # --compression: the ratios the allocator chose
             stage_keep.update({n: v["fraction_kept"] for n, v in report.allocation["layers"].items()})
@@ -441,10 +468,10 @@ def main(argv=None) -> dict:
             r["bits"] = spec.bits
             r["levels_used"] = int(np.unique(inits[r["layer"]]).size)
     total_w, total_nz = sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)
-    dense_samples = len(train_reader) * batch * sched["dense_epochs"]
+    dense_samples = dense.samples_seen
     samples = dense_samples + samples_pruning
-    admm_samples = len(train_reader) * batch * admm_passes * len(stages)
-    retrain_samples = samples_pruning - admm_samples
+    retrain_samples = len(train_reader) * batch * sched["retrain_epochs"] * len(stages)
+    admm_samples = samples_pruning - retrain_samples  # ADMM may stop early (converged)
     train_seconds = timings["dense"] + timings["admm"] + timings["retrain"]
 
     paper = PAPER_LENET5 if args.model == "lenet5" and name.lower() == "mnist" else None
@@ -453,7 +480,7 @@ def main(argv=None) -> dict:
     print(table(rows, paper))
     print(f"Compression: ours {total_w / total_nz:.1f}x ({total_nz:,} nonzero of {total_w:,})"
           + (f"; paper {total_w / sum(p[1] for p in paper.values()):.1f}x" if paper else ""))
-    print(f"Top-1 (10,000 test images): ours {pct(final.accuracy)} (dense {pct(dense.accuracy_after)}, after ADMM "
+    print(f"Top-1 ({'held-out training images' if args.validation else '10,000 test images'}): ours {pct(final.accuracy)} (dense {pct(dense.accuracy_after)}, after ADMM "
           f"{pct(report.accuracy_after_admm)}, hard-pruned {pct(report.accuracy_hard_pruned)}"
           + (f"; after stage 1 {pct(reports[0].accuracy_after)}" if len(stages) > 1 else "") + f"); CSR file {pct(csr_eval.accuracy)}"
           + (f"; paper {pct(PAPER_TOP1)}" if paper else ""))
@@ -468,17 +495,23 @@ def main(argv=None) -> dict:
           f"samples/s (incl. per-epoch eval); overall {samples / train_seconds:,.0f} samples/s of training")
     print(f"Training samples seen: {samples:,} (dense {dense_samples:,}, ADMM {admm_samples:,}, retrain {retrain_samples:,}) "
           f"vs the paper's ~{PAPER_SAMPLES:,} ({PAPER_SAMPLES / samples:.1f}x fewer here)")
-    if args.model == "lenet5" and name.lower() == "mnist":
-        ok = final.accuracy >= 0.992 and total_nz <= 6050 and timings["total"] <= 900
-        print(f"Issue-4 target (>= 99.20% top-1, <= 6,050 nonzero, <= 900 s wall from scratch): {'MET' if ok else 'NOT met'} "
-              f"({pct(final.accuracy)}, {total_nz:,} nonzero, {timings['total']:.0f} s)")
+    if args.model == "lenet5" and name.lower() == "mnist" and not args.validation:
+        ok = final.accuracy >= 0.992 and total_nz <= 6050 and timings["total"] <= 240
+        print(f"Issue-16 target (>= 99.20% top-1, <= 6,050 nonzero, <= 240 s wall from scratch on 2 cores): "
+              f"{'MET' if ok else 'NOT met'} ({pct(final.accuracy)}, {total_nz:,} nonzero, {timings['total']:.0f} s at load "
+              f"{os.getloadavg()[0]:.1f})")
+    if args.validation:
+        print(f"Evaluated on {args.validation:,} held-out TRAINING images (--validation), not the test set")
     print(f"Files: {dense_path}, {pruned_path}, {csr_path} ({csr_path.stat().st_size:,} bytes vs "
           f"{pruned_path.stat().st_size:,} dense-stored), {out / 'results.json'}")
 
     result = {
         "machine": machine,
         "model": args.model, "dataset": name, "data_dir": str(args.mnist), "seed": args.seed,
-        "ratios": ratio_spec, "then": args.then, "stages": stage_results, "keep": keep, "schedule": sched, "retrain_schedule": args.retrain_schedule,
+        "ratios": ratio_spec, "then": args.then, "schedule_name": schedule_name, "validation": args.validation,
+        "eval_split": f"last {args.validation} training images" if args.validation else "test (10,000)",
+        "loadavg_at_end": os.getloadavg(), "residual_updates": [len(r.residuals) for r in reports],
+        "admm_stop": [r.admm_stop for r in reports], "hard_prune_gap": [r.hard_prune_gap for r in reports], "stages": stage_results, "keep": keep, "schedule": sched, "retrain_schedule": args.retrain_schedule,
         "workers": args.workers, "ort_threads": args.ort_threads, "ort_spinning": args.spin, "ftz": not args.no_ftz,
         "batch_size_used": batch,
         "layers": rows, "total_weights": total_w, "total_nonzero": total_nz, "compression": total_w / total_nz,

@@ -247,6 +247,8 @@ def _common_training_options(f):
 @click.option("--max-keep", type=float, default=None, help="With a budget: most fraction any allocated weight keeps.  [default: 1]")
 @click.option("--admm-iters", type=int, default=None, help="ADMM iterations.  [default: 10]")
 @click.option("--epochs-per-iter", type=int, default=None, help="Training epochs per ADMM iteration.  [default: 1]")
+@click.option("--admm-update-steps", type=int, default=None,
+              help="Z/U update every K optimizer steps inside ADMM epochs (0: once per iteration).  [default: 20]")
 @click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed).  [default: 4]")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Quantize every prunable weight to symmetric k-bit levels (with --sparsity: both).")
@@ -254,8 +256,8 @@ def _common_training_options(f):
               help="With --bits: one scale per output channel or one per weight tensor.  [default: channel]")
 @click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho.  [default: auto, per layer from the loss gradient]")
 @click.option("--rho-mode", type=click.Choice(["balance", "growth"]), default=None,
-              help="rho per layer from the residuals (balance) or times --rho-growth per iteration.  [default: balance]")
-@click.option("--rho-growth", type=float, default=None, help="rho multiplier per iteration with --rho-mode growth.  [default: 1.3]")
+              help="rho per layer from the residuals (balance) or times --rho-growth per Z/U update.  [default: balance]")
+@click.option("--rho-growth", type=float, default=None, help="rho multiplier per Z/U update with --rho-mode growth.  [default: 1.3]")
 @click.option("--admm-tol", type=float, default=None,
               help="ADMM stops when every primal residual ||W-Z||/||W|| is below this (0: never early).  [default: 0.02]")
 @click.option("--retrain-lr", type=float, default=None, help="Learning rate for retraining.  [default: --lr]")
@@ -277,9 +279,9 @@ def _common_training_options(f):
 @click.pass_context
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, allocation, min_keep,
           max_keep,
-          admm_iters, epochs_per_iter, retrain_epochs, bits, quant_scale, rho, rho_mode, rho_growth, admm_tol,
-          retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to, data,
-          labels_key, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
+          admm_iters, epochs_per_iter, admm_update_steps, retrain_epochs, bits, quant_scale, rho, rho_mode, rho_growth,
+          admm_tol, retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to,
+          data, labels_key, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
@@ -303,7 +305,8 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if sparsity is not None or bits is not None:
         config = config.with_sparsity(sparsity, None if bits is None else int(bits), quant_scale)
     config = config.replace(
-        admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, retrain_epochs=retrain_epochs, rho=rho,
+        admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, admm_update_steps=admm_update_steps,
+        retrain_epochs=retrain_epochs, rho=rho,
         rho_mode=rho_mode, rho_growth=rho_growth, admm_tol=admm_tol, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
         output=output_name, threads=threads, workers=workers, labels_key=labels_key,
     )

@@ -48,12 +48,29 @@ def test_quantized_and_sparse_weights_take_only_their_levels(lenet5_small, data,
 
 
 def test_stopping_rule_ends_admm_early_and_reports_it(mlp_small, data, tmp_path):
-    config = PruneConfig(admm_iters=6, epochs_per_iter=1, retrain_epochs=0, batch_size=32, admm_tol=0.5).with_sparsity(0.5)
+    config = PruneConfig(admm_iters=6, epochs_per_iter=1, retrain_epochs=0, batch_size=32, admm_tol=0.5,
+                         admm_update_steps=0).with_sparsity(0.5)
     report = _run(mlp_small, data, tmp_path / "p.onnx", config)
     assert len(report.residuals) < 6
     assert report.admm_stop.startswith("converged")
     assert all(r["primal"] <= 0.5 for r in report.residuals[-1].values())
     assert report.hard_prune_gap == report.accuracy_after_admm - report.accuracy_hard_pruned
+
+
+def test_updates_inside_epochs_and_a_mid_epoch_stop(mlp_small, data, tmp_path):
+    """admm_update_steps=K: a Z/U update every K optimizer steps; the stopping rule is checked
+    after each, so ADMM can end inside an epoch (fewer samples than whole epochs)."""
+    config = PruneConfig(admm_iters=8, epochs_per_iter=1, retrain_epochs=0, batch_size=32, admm_tol=0.2,
+                         admm_update_steps=3).with_sparsity(0.5)
+    prepared = prepare_model(mlp_small)
+    train_reader, eval_reader, _ = make_readers(prepared, data, 32, 0)
+    steps = len(train_reader)
+    report = prune(prepared, tmp_path / "p.onnx", train_reader, config, eval_reader)
+    assert report.admm_stop.startswith("converged")
+    admm_epochs = [e for e in report.epochs if e["phase"].startswith("ADMM")]
+    assert len(report.residuals) >= 2 and len(report.residuals) <= 8 * (steps // 3 + 1)
+    assert report.samples_seen % 32 == 0 and report.samples_seen < 32 * steps * len(admm_epochs)  # stopped mid-epoch
+    assert all(r["primal"] <= 0.2 for r in report.residuals[-1].values())
 
 
 def test_cap_without_convergence_warns_with_the_residuals(mlp_small, data, tmp_path, caplog):
@@ -64,17 +81,13 @@ def test_cap_without_convergence_warns_with_the_residuals(mlp_small, data, tmp_p
     assert any("did not converge" in r.message and "--admm-iters" in r.message for r in caplog.records)
 
 
-def test_default_rho_makes_admm_reach_the_sparse_set_better_than_the_old_default(tmp_path):
+def test_defaults_make_admm_reach_the_sparse_set_on_a_short_run(tmp_path):
     """A small version of issue 16's run (digits instead of MNIST): 2 dense epochs, then 90%
-    sparsity with 3 ADMM iterations of 1 epoch and 1 retraining epoch. The old default (rho 1e-3
-    growing x1.3) left the weights where they were; the automatic rho must move them: smaller
-    primal residual, a smaller hard-prune gap and a better model after retraining.
-
-    (The first version also asked for a final top-1 within 5 points of the dense model; on
-    digits both runs end 5-11 points below it (92.20% and 85.79% vs 97.21%): 3 ADMM epochs of
-    45 steps leave the weights far from the sparse set whatever rho does, so that bound was a
-    coin toss, and it failed from the commit that added it. What auto rho does claim is
-    measured against the old default, with margin.)"""
+    sparsity in every layer with the default ADMM settings, capped at 14 epochs of 45 steps (the
+    issue's run: 3 of 156). ADMM must converge (every
+    primal residual under the tolerance, so it stops early), the hard prune must cost under 2
+    points (measured: -0.8; the old default rho 1e-3 x1.3 per epoch lost 70 points here, and 6 on
+    the issue's run), and retraining must keep a usable model (measured 95%, dense 97%)."""
     from admm_onnx.data import load_dataset
     from admm_onnx.models import build
     from admm_onnx.pipeline import train
@@ -85,12 +98,12 @@ def test_default_rho_makes_admm_reach_the_sparse_set_better_than_the_old_default
     prepared = prepare_model(src)
     tr, ev, _ = make_readers(prepared, data, 32)
     dense = train(prepared, tmp_path / "dense.onnx", tr, 2, ev, PruneConfig(lr=3e-3, batch_size=32))
-    runs = {}
-    for label, extra in (("auto", {}), ("old", dict(rho=1e-3, rho_mode="growth", admm_tol=0.0))):
-        config = PruneConfig(admm_iters=3, epochs_per_iter=1, retrain_epochs=1, batch_size=32, lr=3e-3, **extra).with_sparsity(0.9)
-        runs[label] = _run(tmp_path / "dense.onnx", data, tmp_path / f"{label}.onnx", config)
-    primal = {k: max(r["primal"] for r in rep.residuals[-1].values()) for k, rep in runs.items()}
-    assert primal["auto"] < 0.5 * primal["old"]
-    assert runs["auto"].hard_prune_gap < runs["old"].hard_prune_gap
-    assert runs["auto"].accuracy_after >= runs["old"].accuracy_after + 0.03
+    config = PruneConfig(admm_iters=14, epochs_per_iter=1, retrain_epochs=1, batch_size=32, lr=3e-3).with_sparsity(0.9)
+    report = _run(tmp_path / "dense.onnx", data, tmp_path / "auto.onnx", config)
     assert dense.accuracy_after > 0.9
+    assert report.admm_stop.startswith("converged")
+    assert sum(e["phase"].startswith("ADMM") for e in report.epochs) < 14  # stopped before the cap (measured: 10)
+    assert max(r["primal"] for r in report.residuals[-1].values()) <= config.admm_tol
+    assert report.hard_prune_gap < 0.02
+    assert report.accuracy_hard_pruned >= dense.accuracy_after - 0.1
+    assert report.accuracy_after >= dense.accuracy_after - 0.06

@@ -85,7 +85,7 @@ def test_fixed_iteration_count_is_not_reported_as_a_failure(lenet5_small, data_n
                  "--admm-tol", "0", "--admm-iters", "1", "--retrain-epochs", "0", "--batch-size", "32"])
     assert code == 0
     out, err = capsys.readouterr()
-    assert "ADMM: all 1 iteration(s) run (--admm-tol 0)" in out
+    assert "ADMM: all 1 Z/U update(s) run (--admm-tol 0)" in out
     assert "did not converge" not in err
 
 

@@ -133,6 +133,15 @@ def test_residual_balancing_and_dual_rescaling():
     np.testing.assert_allclose(2.0 * admm.U["w"], w - admm.Z["w"])  # rho * U is what it was (1 * (W - Z))
 
 
+def test_stalled_primal_residual_raises_rho():
+    p = RhoPolicy("balance", mu=10, tau=1.5, tol=0.02, stall=0.9)
+    assert p.factor(Residual(0.3, 0.2), Residual(0.31, 0.2)) == 1.5  # primal did not drop 10%: raise
+    assert p.factor(Residual(0.2, 0.2), Residual(0.3, 0.2)) == 1.0  # dropping fast enough: hold
+    assert p.factor(Residual(0.3, 0.2)) == 1.0  # no previous update
+    assert p.factor(Residual(0.01, 0.2), Residual(0.01, 0.2)) == 1.0  # converged: held
+    assert RhoPolicy("balance", tau=1.5).factor(Residual(0.3, 0.2), Residual(0.3, 0.2)) == 1.0  # stall 0: off
+
+
 def test_calibration_scales_rho_to_the_loss_gradient():
     w = np.array([1.0, 0.5, -0.2, 0.1], np.float32)
     admm = AdmmState([TopK("w", 0.5)])

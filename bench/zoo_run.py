@@ -11,7 +11,8 @@ Per model:
    dynamic batch dims get the sample count, other dynamic dims 32. ``--form names`` (default)
    writes one array per input name (evaluation arrays as ``test/NAME``) and no labels, so the
    tool prunes without labels (self-distillation), or with ``--labels teacher`` the dense
-   model's argmax (first float output, flattened per sample) as labels;
+   model's argmax as labels when its first float output is (N, C) class scores (no labels
+   otherwise);
    ``--form xy`` writes the single-input ``x_train, y_train, x_test, y_test`` form with the
    dense model's own argmax as labels (single-input classifiers only).
 2. The CLI with default settings but ``--sparsity 0.5`` and a short schedule (:data:`QUICK`,
@@ -138,7 +139,7 @@ def make_inputs(model, n, seed):
 
 
 def teacher_labels(dense_path, feeds):
-    """The dense model's argmax class (first float output, flattened per sample) per feed."""
+    """The dense model's argmax class per feed when its first float output is (N, C), else (None, None)."""
     import onnxruntime as ort  # the training package's inference session
 
     sess = ort.InferenceSession(str(dense_path), providers=["CPUExecutionProvider"])
@@ -147,7 +148,9 @@ def teacher_labels(dense_path, feeds):
         outs = [np.array([list(r.values()) for r in o]) if isinstance(o, list) else np.asarray(o)
                 for o in sess.run(None, feed)]
         scores = next(o for o in outs if o.dtype.kind == "f")
-        labels.append(scores.reshape(len(scores), -1).argmax(-1).astype(np.int64))
+        if scores.ndim != 2:
+            return None, None
+        labels.append(scores.argmax(-1).astype(np.int64))
     return labels
 
 
@@ -156,11 +159,15 @@ def write_data(path, model, train, test, form, dense_path, labels="none"):
         # Keyed by input name, the evaluation arrays as test/NAME (issue 12's form).
         arrays = {**train, **{f"test/{k}": v for k, v in test.items()}}
         if labels == "teacher":
-            arrays["labels"], arrays["test/labels"] = teacher_labels(dense_path, (train, test))
+            y_train, y_test = teacher_labels(dense_path, (train, test))
+            if y_train is not None:  # class scores (N, C) only; other outputs go without labels
+                arrays["labels"], arrays["test/labels"] = y_train, y_test
         np.savez(path, **arrays)
         return
     (name,) = list(train)
     y_train, y_test = teacher_labels(dense_path, (train, test))
+    if y_train is None:
+        raise ValueError("the first float output is not (N, C) class scores")
     np.savez(path, x_train=train[name], y_train=y_train, x_test=test[name], y_test=y_test)
 
 

@@ -341,3 +341,28 @@ def test_sklearn_linear_node_left_alone_when_unsupported():
 
     model = ml_model("classifier", b"PROBIT")
     assert lift_ml_linear(model) == 0 and "LinearClassifier" in {n.op_type for n in model.graph.node}
+
+
+def test_ort_average_pool_gradient_still_crashes_without_the_rewrite(tmp_path):
+    """The reason for avgpool_conv.py, kept honest: ORT 1.19.2's own AveragePool gradient kills
+    the training process with SIGFPE (run in a child process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = avgpool_model(kernel_shape=[2, 2], strides=[2, 2])
+    onnx.save(model, tmp_path / "m.onnx")
+    script = textwrap.dedent(f"""
+        import numpy as np, onnx
+        from admm_onnx._ort import api, artifacts
+        model = onnx.load({str(tmp_path / "m.onnx")!r})
+        artifacts.generate_artifacts(model, requires_grad=["conv"], loss=artifacts.LossType.MSELoss,
+                                     optimizer=artifacts.OptimType.AdamW, artifact_directory={str(tmp_path)!r})
+        state = api.CheckpointState.load_checkpoint({str(tmp_path / "checkpoint")!r})
+        module = api.Module({str(tmp_path / "training_model.onnx")!r}, state, {str(tmp_path / "eval_model.onnx")!r})
+        module.train()
+        module(np.ones((2, 2, 8, 7), np.float32), np.zeros((2, 36), np.float32))
+        print("survived")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -8 and "survived" not in proc.stdout, (proc.returncode, proc.stderr[-500:])

@@ -9,7 +9,9 @@ The dense model is the bench's (``bench/lenet5_mnist.py``: 4 epochs, lr 2e-3, ba
 trained once into OUT/lenet5_dense.onnx (or ``--model FILE``). No run reads the cache. Writes
 OUT/sensitivity_sweep.json (``--json`` to put it elsewhere, e.g. bench/results/) with the
 machine, the load average before every run, each run's seconds (evaluations, and wall
-including worker start-up) and whether every runner gave the same curves.
+including worker start-up), its CPU seconds (this process and its worker processes: the cost,
+which a loaded machine changes far less than the wall time) and whether every runner gave the
+same curves.
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from lenet5_mnist import machine_info  # noqa: E402
+
+
+def _cpu() -> float:
+    """User + system CPU seconds of this process and of its reaped children."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def dense_model(path: Path, mnist: str, seed: int) -> Path:
@@ -82,11 +92,15 @@ def main(argv=None) -> dict:
     for r in range(args.rounds):
         for label, kw in variants:
             load = os.getloadavg()[0]
+            cpu0 = _cpu()
             t0 = time.perf_counter()
             result = run_sensitivity(prepared, x, y, DEFAULT_LEVELS, "loss", "element", None, make_runner(**kw), None)
             wall = time.perf_counter() - t0
+            cpu = _cpu() - cpu0
             runs.append({"round": r, "runner": label, "evaluations": result.computed, "seconds": result.seconds,
-                         "wall_seconds": wall, "loadavg_1min_before": load})
+                         "wall_seconds": wall, "loadavg_1min_before": load,
+                         # this process + its finished worker processes (not Ray's workers)
+                         "cpu_seconds": None if "ray" in label else cpu})
             curves.setdefault(label, result.to_dict()["layers"])
             print(f"round {r + 1}/{args.rounds} {label}: {result.computed} evaluations, {result.seconds:.1f} s "
                   f"({wall:.1f} s wall), load {load:.1f}", flush=True)
@@ -96,7 +110,8 @@ def main(argv=None) -> dict:
 
     base = variants[0][0]
     summary = {label: {"median_seconds": median(label, "seconds"), "median_wall_seconds": median(label, "wall_seconds"),
-                       "speedup_vs_one_process": median(base, "seconds") / median(label, "seconds")}
+                       "speedup_vs_one_process": median(base, "seconds") / median(label, "seconds"),
+                       "median_cpu_seconds": None if "ray" in label else median(label, "cpu_seconds")}
                for label, _ in variants}
     first = curves[base]
     identical = all(json.dumps(c, sort_keys=True) == json.dumps(first, sort_keys=True) for c in curves.values())
@@ -107,7 +122,8 @@ def main(argv=None) -> dict:
     path = Path(args.json) if args.json else out / "sensitivity_sweep.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for label, s in summary.items():
-        print(f"{label}: median {s['median_seconds']:.1f} s ({s['median_wall_seconds']:.1f} s wall), "
+        cpu = "" if s["median_cpu_seconds"] is None else f", {s['median_cpu_seconds']:.1f} CPU-s"
+        print(f"{label}: median {s['median_seconds']:.1f} s ({s['median_wall_seconds']:.1f} s wall{cpu}), "
               f"{s['speedup_vs_one_process']:.2f}x")
     print(f"identical curves: {identical}; wrote {path}")
     return result

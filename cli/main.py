@@ -315,6 +315,11 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             raise ConfigError("--sparsity and a budget (--compression, --target-params, --target-macs) exclude each other")
         config = config.replace(compression=compression, target_params=target_params, target_macs=target_macs)
     config = config.replace(min_keep=min_keep, max_keep=max_keep, allocation=allocation)
+    given = [o for o, v in (("--allocation", allocation), ("--min-keep", min_keep), ("--max-keep", max_keep)) if v is not None]
+    if channels is None and given and config.compression is None and config.target_params is None \
+            and config.target_macs is None:
+        raise ConfigError(f"{', '.join(given)} only apply with a budget (--compression, --target-params or "
+                          "--target-macs); without one they would be ignored")
     if plot_path:
         from admm_onnx.plot import plot_format
 

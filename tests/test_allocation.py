@@ -329,3 +329,17 @@ def test_sensitivity_of_channel_groups(trained):
     assert c.nonzero == [max(1, round(0.1 * c.params)), c.params // 2, c.params]
     assert c.value[0] > result.baseline  # keeping 10% of the channels hurts a trained model
     assert "| Group" in result.table()
+
+
+def test_cli_budget_options_without_a_budget_and_unreachable_budgets_stop_at_once(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    path, npz = _cli_inputs(trained, tmp_path, monkeypatch)
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(path), "-d", str(npz), "-o", str(out), "--sparsity", "0.5", "--allocation", "global"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allocation only apply with a budget" in err
+    # min keep 90% of every layer cannot fit 1/10 of the weights: said before any sweep runs
+    assert main(["prune", str(path), "-d", str(npz), "-o", str(out), "--compression", "10x", "--min-keep", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "below what the per-layer minimum keep needs" in err and "sensitivity" not in err
+    assert not list((tmp_path / "cache").glob("**/*.json")) and not out.exists()

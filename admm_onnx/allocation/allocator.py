@@ -96,22 +96,16 @@ class AllocationResult:
         return float(sum(self.predicted_delta.values()))
 
 
-def allocate(
-    curves: Mapping[str, LayerCurve],
+def bound_counts(
+    names: Sequence[str],
     sizes: Mapping[str, int],
     budget: float,
     unit: Optional[Mapping[str, float]] = None,
     min_keep: Optional[Mapping[str, float]] = None,
     max_keep: Optional[Mapping[str, float]] = None,
-    integer_budget: bool = True,
-) -> AllocationResult:
-    """Keep counts per layer with sum(keep_i * unit_i) == ``budget`` (a weights budget, unit 1:
-    exactly; otherwise <= budget within one weight's unit) minimising the predicted damage.
-
-    ``min_keep`` / ``max_keep``: fractions per layer (default: at least one weight, at most
-    all). Raises ConfigError when the bounds make the budget unreachable.
-    """
-    names = list(curves)
+) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(least, most) kept count per layer under ``min_keep`` / ``max_keep``; ConfigError when
+    they make ``budget`` unreachable (checked before any sweep is run)."""
     if not names:
         raise ConfigError("no layer left for the allocator (every prunable weight is pinned or excluded)")
     unit = {n: float((unit or {}).get(n, 1.0)) for n in names}
@@ -131,6 +125,27 @@ def allocate(
     if budget > ceil_cost + 1e-9:
         raise ConfigError(f"the budget ({budget:,.0f}) is above what the per-layer maximum keep allows ({ceil_cost:,.0f})",
                           hint="raise max_keep, or ask for more compression")
+    return lo_cnt, hi_cnt
+
+
+def allocate(
+    curves: Mapping[str, LayerCurve],
+    sizes: Mapping[str, int],
+    budget: float,
+    unit: Optional[Mapping[str, float]] = None,
+    min_keep: Optional[Mapping[str, float]] = None,
+    max_keep: Optional[Mapping[str, float]] = None,
+    integer_budget: bool = True,
+) -> AllocationResult:
+    """Keep counts per layer with sum(keep_i * unit_i) == ``budget`` (a weights budget, unit 1:
+    exactly; otherwise <= budget within one weight's unit) minimising the predicted damage.
+
+    ``min_keep`` / ``max_keep``: fractions per layer (default: at least one weight, at most
+    all). Raises ConfigError when the bounds make the budget unreachable.
+    """
+    names = list(curves)
+    unit = {n: float((unit or {}).get(n, 1.0)) for n in names}
+    lo_cnt, hi_cnt = bound_counts(names, sizes, budget, unit, min_keep, max_keep)
 
     # Per layer: a grid of counts from lo to hi, its monotone interpolated curve, its hull.
     segments = []  # (slope, layer, cost_from, cost_to, delta_from, delta_to)
@@ -152,7 +167,7 @@ def allocate(
     # Walk: steepest decrease first; ties by layer order (deterministic).
     segments.sort(key=lambda s: (s[0], s[1], s[2]))
     spent = {n: lo_cnt[n] * unit[n] for n in names}
-    remaining = budget - floor_cost
+    remaining = budget - sum(spent.values())
     lam = 0.0
     for slope, li, c0, c1, _, _ in segments:
         if remaining <= 1e-12:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..projection import keep_count
-from .allocator import LayerCurve, allocate
+from .allocator import LayerCurve, allocate, bound_counts
 from .budget import make_budget
 from .costs import layer_costs
 
@@ -117,19 +117,21 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
     if config.allocation == "global":
         return _global(config, info, budget, sizes, costs, pinned, excluded, free, int(round(left)))
 
+    levels = DEFAULT_LEVELS
+    if config.min_keep is not None and config.min_keep < min(levels):
+        levels = tuple(sorted(set(levels) | {config.min_keep}, reverse=True))
+    min_keep = {n: (config.min_keep if config.min_keep is not None else min(levels)) for n in free}
+    max_keep = {n: config.max_keep for n in free} if config.max_keep is not None else None
+    bound_counts(free, sizes, left, unit, min_keep, max_keep)  # an unreachable budget fails before the sweep
+
     x, y = reader_samples(train_reader, config.sensitivity_samples, seed=config.seed)
     from ..data import fit_to_input
 
     x = fit_to_input(x, prepared.input_shape, prepared.input_name)
-    levels = DEFAULT_LEVELS
-    if config.min_keep is not None and config.min_keep < min(levels):
-        levels = tuple(sorted(set(levels) | {config.min_keep}, reverse=True))
     runner = runner or make_runner(config.workers)
     metric = config.sensitivity_metric
     result = run_sensitivity(prepared, x, y, levels, metric, "element", free, runner, cache_dir)
     curves = {n: LayerCurve(tuple(result.curves[n].keep), tuple(result.curves[n].deltas(result.baseline))) for n in free}
-    min_keep = {n: (config.min_keep if config.min_keep is not None else min(levels)) for n in free}
-    max_keep = {n: config.max_keep for n in free} if config.max_keep is not None else None
     alloc = allocate(curves, {n: sizes[n] for n in free}, left, {n: unit[n] for n in free}, min_keep, max_keep)
 
     rules = tuple(Rule(names=(n,), sparsity=_sparsity(sizes[n], alloc.keep[n])) for n in free)

@@ -101,4 +101,4 @@ def test_log_file_anywhere_and_for_every_command(lenet5_small, data_npz, tmp_pat
 def test_unwritable_log_file_is_one_line(lenet5_small, data_npz, tmp_path, capsys):
     assert main(["eval", str(lenet5_small), "-d", str(data_npz), "--log-file", str(tmp_path / "no" / "x.log")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: cannot write the --log-file")
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--log-file" in err

@@ -39,7 +39,7 @@ def command_row(path: Tuple[str, ...]) -> str:
 WHERE = {
     ("prune",): lambda: section("Pruning your model"),
     ("sensitivity",): lambda: section("Automatic per-layer ratios"),
-    ("export",): lambda: command_row(("export",)) + section("Sparse deployment"),
+    ("export",): lambda: command_row(("export",)) + section("Deployment"),
 }
 
 

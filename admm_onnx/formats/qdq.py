@@ -400,7 +400,8 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
         if specs.get(s.w) is not None:
             levels[s.w] = int(specs[s.w].bits)
         rows.append(WeightRow(s.w, s.node.op_type, tuple(w.shape), int(w.size), int(np.count_nonzero(w)),
-                              "int8" + ("" if is_exact else " (post-training)"), int(q.size + 4 * w_scale.size), int(w.nbytes)))
+                              "int8" + ("" if is_exact else " (post-training)"), int(q.size + 4 * w_scale.size), int(w.nbytes),
+                              bits=8))
         if s.b is not None and s.x in params:
             b = numpy_helper.to_array(inits[s.b]).astype(np.float32)
             x_scale = params[s.x][0]

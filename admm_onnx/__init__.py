@@ -15,6 +15,33 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+
+def _quiet_signals_while_the_cli_starts() -> None:
+    """Run as the ``admm-onnx`` command, a Ctrl-C / SIGTERM / SIGHUP during these imports
+    (nothing is written yet) exits quietly with 128 + signum instead of a traceback; the CLI's
+    own handlers replace these once it runs."""
+    import os
+    import signal
+    import sys
+
+    if not sys.argv or os.path.basename(sys.argv[0]) not in ("admm-onnx", "admm-onnx.exe"):
+        return
+
+    def leave(signum, frame):  # pragma: no cover - a race at start-up
+        try:
+            os.write(2, b"Interrupted.\n")
+        finally:
+            os._exit(128 + signum)
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        try:
+            signal.signal(getattr(signal, name), leave)
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+_quiet_signals_while_the_cli_starts()
+
 from . import _install
 
 _install.check()  # plain onnxruntime beside the training build: one clear line, not an ImportError deep in ORT

@@ -315,9 +315,11 @@ def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
 
 def load_config(path) -> PruneConfig:
     """Load a configuration from a ``.toml`` or ``.json`` file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    from .io import check_input_file
+
+    p = check_input_file(path, "config", error=ConfigError)  # a regular file: never blocks on a FIFO
+    if p.stat().st_size > 16 * 2**20:
+        raise ConfigError(f"config file {p} is {p.stat().st_size / 2**20:.0f} MiB; a configuration is a few lines")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -325,8 +327,8 @@ def load_config(path) -> PruneConfig:
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}: invalid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of over 4300 digits
+            raise ConfigError(f"{p}: invalid JSON: {' '.join(str(exc).split())[:200]}") from None
     else:
         try:
             import tomllib
@@ -334,8 +336,8 @@ def load_config(path) -> PruneConfig:
             import tomli as tomllib
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError, an int of over 4300 digits
+            raise ConfigError(f"{p}: invalid TOML: {' '.join(str(exc).split())[:200]}") from None
     try:
         return config_from_dict(data)
     except TypeError as exc:

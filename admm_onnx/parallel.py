@@ -119,8 +119,11 @@ class WorkerPool:
         self.exchange: Optional[Exchange] = None
         try:
             self.exchange = Exchange(self._path, layout, workers, create=True)
-            for rank in range(1, workers):
-                self._start(rank, directory, checkpoint, layout, threads)
+            from .interrupts import deferred
+
+            with deferred():  # a signal waits until every worker has its whole start-up message
+                for rank in range(1, workers):
+                    self._start(rank, directory, checkpoint, layout, threads)
             for rank, conn in enumerate(self.conns, 1):
                 self._reply(rank, conn)  # "ready", or the worker's error
         except BaseException:

@@ -331,8 +331,14 @@ def _trainer(
     if workers > 1 and prepared.fixed_batch:
         log.info("the model has a fixed batch size (%d): training in one process", prepared.fixed_batch)
         workers = 1
-    return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared), checkpoint=checkpoint,
-                   threads=config.threads, workers=workers)
+    try:
+        return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared),
+                       checkpoint=checkpoint, threads=config.threads, workers=workers)
+    except TrainingError as exc:
+        if checkpoint is None:
+            raise
+        raise ConfigError(f"cannot resume from {checkpoint}: {exc}",
+                          hint=f"the checkpoint is damaged; remove {Path(checkpoint).parent.parent} and start again") from exc
 
 
 def _epoch(
@@ -512,7 +518,10 @@ def prune(
         if resume:
             work.check_identity(identity)
             saved = work.read_progress()
-            report = PruneReport.from_dict(saved["report"])
+            try:
+                report = PruneReport.from_dict(saved["report"])
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+                raise work.damaged(work.progress_file) from None
             log.info("resuming %s: %s", path, saved["phase"] if saved["phase"] != "admm" else f"ADMM iteration {saved['step'] + 1}")
         else:
             if work.has_progress():
@@ -589,7 +598,14 @@ class _PruneRun:
         variables, rho = admm_variables(self.plan, report.allocation)  # the plan, or a global top-k
         state = AdmmState(variables, policy=c.rho_policy(), rho=rho)
         if start:
-            state.load(work.path / "admm_state.npz")
+            try:
+                state.load(work.path / "admm_state.npz")
+            except (OSError, ValueError, KeyError, EOFError, TypeError, IndexError) as exc:
+                raise work.damaged(work.path / "admm_state.npz", type(exc).__name__) from None
+            except Exception as exc:  # zipfile.BadZipFile, zlib.error
+                if type(exc).__module__ in ("zipfile", "zlib"):
+                    raise work.damaged(work.path / "admm_state.npz", type(exc).__name__) from None
+                raise
         else:
             state.initialize(state.read_weights(trainer))
             if self.eval_reader is not None:

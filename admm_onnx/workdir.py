@@ -217,6 +217,11 @@ class WorkDir:
                 hint="resume with the same options (only --workers and --threads may change)",
             )
 
+    def damaged(self, path: Path, why: str = "") -> ConfigError:
+        """The error for a state file of this work directory that cannot be used."""
+        return ConfigError(f"{path} is damaged{f' ({why})' if why else ''}; this run cannot be resumed",
+                           hint=f"remove {self.path} and start again")
+
     def _read_json(self, path: Path) -> Dict[str, Any]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -232,7 +237,9 @@ class WorkDir:
     # -- progress -------------------------------------------------------------------------
     def read_progress(self) -> Dict[str, Any]:
         data = self._read_json(self.progress_file)
-        if data.get("phase") not in ("admm", "retrain") or not isinstance(data.get("step"), int) or "report" not in data:
+        step = data.get("step")
+        if (data.get("phase") not in ("admm", "retrain") or isinstance(step, bool) or not isinstance(step, int)
+                or step < 0 or not isinstance(data.get("report"), dict)):
             raise ConfigError(f"{self.progress_file} is damaged; this run cannot be resumed",
                               hint=f"remove {self.path} and start again")
         return data
@@ -250,8 +257,13 @@ class WorkDir:
             np.savez(tmp, **arrays)
 
     def load_arrays(self, name: str) -> Dict[str, np.ndarray]:
-        with np.load(self.path / name, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        from .errors import DataError
+        from .io import read_npz
+
+        try:
+            return read_npz(self.path / name, "work directory state")
+        except DataError as exc:
+            raise self.damaged(self.path / name, str(exc).split(": ")[-1]) from None
 
     def save_state(self, state) -> None:
         """Save an :class:`~admm_onnx.admm.AdmmState` as ``admm_state.npz``."""
@@ -269,4 +281,6 @@ class WorkDir:
 
     def existing_checkpoint(self, phase: str) -> Optional[Path]:
         path = self.checkpoint(phase)
+        if path.is_symlink():  # the tool writes regular files only: never read through a planted link
+            raise self.damaged(path, "a symbolic link")
         return path if path.is_file() else None

@@ -129,6 +129,12 @@ def check_parallelism(workers: Optional[int], threads: Optional[int]):
     return workers, threads
 
 
+def _capped(config):
+    """The configuration with its workers / threads (options or config file) checked and capped."""
+    workers, threads = check_parallelism(config.workers, config.threads)
+    return config.replace(workers=workers, threads=threads)
+
+
 def _write_json(path: Optional[str], data) -> None:
     """Write ``data`` as JSON to ``path`` atomically (the path was checked by an OutputPlan)."""
     if not path:
@@ -295,7 +301,6 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
-    workers, threads = check_parallelism(workers, threads)
     config = load_config(config_path) if config_path else PruneConfig()
     channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation)
     if channels is not None:
@@ -320,6 +325,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             and config.target_macs is None:
         raise ConfigError(f"{', '.join(given)} only apply with a budget (--compression, --target-params or "
                           "--target-macs); without one they would be ignored")
+    config = _capped(config)
     if plot_path:
         from admm_onnx.plot import plot_format
 
@@ -559,28 +565,23 @@ from .plot_cmd import plot as _plot  # noqa: E402
 cli.add_command(_plot)
 
 
-class _Signalled(KeyboardInterrupt):
-    """SIGTERM / SIGHUP, handled like Ctrl-C (state committed, resume hint)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _on_signal(signum, frame):  # pragma: no cover - exercised through subprocess tests
-    raise _Signalled(signum)
+from admm_onnx.interrupts import Signalled as _Signalled  # noqa: E402  (SIGTERM / SIGHUP)
 
 
 def _install_signal_handlers() -> dict:
+    """SIGINT, SIGTERM and SIGHUP all raise (admm_onnx.interrupts): the run commits its state
+    and says how to resume, temp folders and exchange files are removed on the way out."""
     import signal
 
+    from admm_onnx.interrupts import handler
+
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is None:
             continue
         try:
-            previous[sig] = signal.signal(sig, _on_signal)
+            previous[sig] = signal.signal(sig, handler)
         except (ValueError, OSError):  # not the main thread
             pass
     return previous

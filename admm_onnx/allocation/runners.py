@@ -67,6 +67,9 @@ def _main_not_reimported():
             setattr(main, k, v)
 
 
+from ..interrupts import deferred  # noqa: E402
+
+
 class ProcessRunner:
     name = "processes"
 
@@ -79,7 +82,8 @@ class ProcessRunner:
         workers = min(self.workers, len(tasks))
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=setup, initargs=setup_args) as pool:
-            with _main_not_reimported():  # the workers start here
+            # The workers start here; a signal waits until they have their start-up message.
+            with _main_not_reimported(), deferred():
                 futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):

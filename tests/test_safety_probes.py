@@ -377,7 +377,6 @@ MODEL_PROBES = [
     ("ext data the model itself", _external(_ext_location("x.onnx")), "truncated"),
 ]
 TRAINING_MODEL_PROBES = [
-    ("IR 11", _save(_set("ir_version", 11)), "ir version 11"),
     ("opset 30", _save(_set("opset", 30)), "opset 30"),
     ("fp16", _save(_fp16), "float16"),
     ("no initializers", _no_initializers, ""),

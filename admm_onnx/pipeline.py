@@ -310,6 +310,19 @@ def _workdir(path: Optional[Path], keep: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_checkpoint(checkpoint: Path) -> None:
+    """A resumed run's checkpoint must load: else one line saying the work directory is damaged."""
+    from ._ort import api
+
+    try:
+        api.CheckpointState.load_checkpoint(str(checkpoint))
+    except Exception as exc:  # ORT raises its own exception types
+        from .errors import clean_message
+
+        raise ConfigError(f"cannot resume from {checkpoint}: {clean_message(str(exc))[:200]}",
+                          hint=f"the checkpoint is damaged; remove {checkpoint.parent.parent} and start again") from None
+
+
 def _trainer(
     prepared: PreparedModel,
     model: onnx.ModelProto,
@@ -326,6 +339,8 @@ def _trainer(
     trainable = prepared.info.trainable if trainable is None else list(trainable)
     if not trainable:
         raise ModelError("the model has no trainable weights (float initializers the output depends on)")
+    if checkpoint is not None:
+        _check_checkpoint(Path(checkpoint))  # before the artifacts beside it are rebuilt
     build_artifacts(model, directory, trainable, loss, prepared.output_name, frozen, config.optimizer)
     workers = config.workers
     if workers > 1 and prepared.fixed_batch:

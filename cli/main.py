@@ -362,10 +362,15 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
                               "run the same command with --resume to continue.", signum) from None
         raise Interrupted(f"Interrupted{' ' + how if how else ''} before the first step completed; nothing to resume.",
                           signum) from None
-    except AdmmOnnxError as exc:
-        if (work / "progress.json").exists() and not isinstance(exc, (ConfigError,)):
-            exc.hint = (exc.hint + "; " if exc.hint else "") + f"progress so far is in {work}, continue with --resume"
-        raise
+    except Exception as exc:
+        user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
+        if user is None:
+            raise
+        if (work / "progress.json").exists() and not isinstance(user, (ConfigError,)):
+            user.hint = (user.hint + "; " if user.hint else "") + f"progress so far is in {work}, continue with --resume"
+        if user is exc:
+            raise
+        raise user from exc
     if not keep_workdir:
         WorkDir(work).remove()  # only what the run wrote
     report.phase_seconds["total"] = time.perf_counter() - t0

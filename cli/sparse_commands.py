@@ -26,10 +26,16 @@ def _load(path: Path) -> Tuple[onnx.ModelProto, bool]:
     return model, external
 
 
-def _plan_output(model_path: Path, output: Path, external: bool) -> None:
-    """Refuse an output that is the input model, its external data, a device, a folder..."""
+def _plan_output(model_path: Path, output: Path, external: bool, *inputs) -> None:
+    """Refuse an output that is the input model, its external data, any other input (``inputs``:
+    paths, or data specs), a device, a folder..."""
+    from admm_onnx.data import dataset_paths
+
     plan = io.OutputPlan()
     plan.add_model_input(model_path)
+    for extra in inputs:
+        if extra is not None:
+            plan.add_input(*dataset_paths(str(extra)), what="an input of this command")
     plan.add_output(output, "-o", model=True, external=True if external else None)
 
 
@@ -107,7 +113,7 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
                quant_path: Optional[Path], calib_data: Optional[str], calibration_samples: int, activations: str) -> None:
     """Store the weights of PRUNED.onnx compactly (sparse, packed) or as int8 (qdq) in a new ONNX file."""
     model, external = _load(model_path)
-    _plan_output(model_path, output, external)
+    _plan_output(model_path, output, external, quant_path, calib_data)
     options = {}
     if fmt == "qdq":
         options.update(_calibration(model, calib_data, calibration_samples, activations))

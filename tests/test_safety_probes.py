@@ -414,3 +414,421 @@ def test_model_path_that_is_a_folder(room):
     (room / "x.onnx").mkdir()
     for command in COMMANDS:
         room.probe(COMMANDS[command], "directory", command)
+
+
+# -- outputs and options ------------------------------------------------------------------------
+def _mkdir(name):
+    return lambda r: (r / name).mkdir()
+
+
+def _file_txt(r):
+    (r / "file.txt").write_text("x")
+
+
+def _foreign_workdir(r):
+    (r / "wd").mkdir()
+    (r / "wd" / "keep.txt").write_text("mine")
+
+
+def _prune_o(*extra):
+    return ["prune", "@/m.onnx", "-d", "@/d.npz", "--sparsity", "0.5", *QUICK, *extra]
+
+
+HOME = os.path.expanduser("~")
+OUTPUT_PROBES = [
+    ("-o /dev/null", None, _prune_o("-o", "/dev/null"), "device"),
+    ("-o FIFO", lambda r: os.mkfifo(r / "o.onnx"), _prune_o("-o", "@/o.onnx"), "fifo"),
+    ("-o folder", _mkdir("o.onnx"), _prune_o("-o", "@/o.onnx"), "directory"),
+    ("-o the model", None, _prune_o("-o", "@/m.onnx"), "input model"),
+    ("-o the data", None, _prune_o("-o", "@/d.npz"), "data"),
+    ("-o the config", None, ["prune", "@/m.onnx", "-d", "@/d.npz", "--config", "@/c.toml", "-o", "@/c.toml", *QUICK],
+     "config"),
+    ("-o the input's external data", None,
+     ["prune", "@/ext.onnx", "-d", "@/d.npz", "--sparsity", "0.5", "-o", "@/ext.onnx.data", *QUICK], "external data"),
+    ("-o whose .data is the input's", lambda r: shutil.copy(r / "m.onnx", r / "o.onnx.data"),
+     ["prune", "@/ext.onnx", "-d", "@/d.npz", "--sparsity", "0.5", "-o", "@/o.onnx", *QUICK], "refusing to overwrite"),
+    ("--report the data", None, _prune_o("-o", "@/o.onnx", "--report", "@/d.npz"), "data"),
+    ("--report = -o", None, _prune_o("-o", "@/o.onnx", "--report", "@/o.onnx"), "also the -o output"),
+    ("--report = --sparse-output", None,
+     _prune_o("-o", "@/o.onnx", "--report", "@/s.onnx", "--sparse-output", "@/s.onnx"), "also the"),
+    ("-o in a missing folder", None, _prune_o("-o", "@/nope/o.onnx"), "does not exist"),
+    ("-o under a regular file", _file_txt, _prune_o("-o", "@/file.txt/o.onnx"), "does not exist"),
+    ("--report under a regular file", _file_txt, _prune_o("-o", "@/o.onnx", "--report", "@/file.txt/r.json"),
+     "does not exist"),
+    ("--report /dev/null", None, _prune_o("-o", "@/o.onnx", "--report", "/dev/null"), "device"),
+    ("--plot bad suffix", None, _prune_o("-o", "@/o.onnx", "--plot", "@/p.txt"), "picture format"),
+    ("--sparse-output under a file", _file_txt, _prune_o("-o", "@/o.onnx", "--sparse-output", "@/file.txt/s.onnx"),
+     "does not exist"),
+    ("--workdir with foreign files", _foreign_workdir, _prune_o("-o", "@/o.onnx", "--workdir", "@/wd"),
+     "did not write"),
+    ("--workdir .", None, _prune_o("-o", "@/o.onnx", "--workdir", "."), "--workdir"),
+    ("--workdir /", None, _prune_o("-o", "@/o.onnx", "--workdir", "/"), "--workdir"),
+    ("--workdir $HOME", None, _prune_o("-o", "@/o.onnx", "--workdir", HOME), ""),
+    ("--workdir the input's folder", None, _prune_o("-o", "@/o.onnx", "--workdir", "@"), "--workdir"),
+    ("--workdir a file", None, _prune_o("-o", "@/o.onnx", "--workdir", "@/c.toml"), ""),
+    ("--workdir under a file", _file_txt, _prune_o("-o", "@/o.onnx", "--workdir", "@/file.txt/wd"), "does not exist"),
+    ("--workdir /dev/shm", None, _prune_o("-o", "@/o.onnx", "--workdir", "/dev/shm"), ""),
+    ("--log-file the model", None, ["--log-file", "@/m.onnx", *_prune_o("-o", "@/o.onnx")], "input model"),
+    ("--log-file a folder", _mkdir("lg"), ["--log-file", "@/lg", *_prune_o("-o", "@/o.onnx")], ""),
+    ("--workers 0", None, _prune_o("-o", "@/o.onnx", "--workers", "0"), "workers"),
+    ("--workers -1", None, _prune_o("-o", "@/o.onnx", "--workers", "-1"), "workers"),
+    ("--threads -1", None, _prune_o("-o", "@/o.onnx", "--threads", "-1"), "threads"),
+    ("--threads 100000", None, _prune_o("-o", "@/o.onnx", "--threads", "100000"), "threads"),
+    ("config threads 100000", lambda r: (r / "k.toml").write_text("sparsity = 0.5\nthreads = 100000\n"),
+     ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--config", "@/k.toml", *QUICK], "threads"),
+    ("--batch-size 0", None, _prune_o("-o", "@/o.onnx", "--batch-size", "0"), "batch"),
+    ("--batch-size huge", None, _prune_o("-o", "@/o.onnx", "--batch-size", "100000000"), "batch"),
+    ("--lr 0", None, _prune_o("-o", "@/o.onnx", "--lr", "0"), "lr"),
+    ("--lr nan", None, _prune_o("-o", "@/o.onnx", "--lr", "nan"), "lr"),
+    ("--lr inf", None, _prune_o("-o", "@/o.onnx", "--lr", "inf"), "lr"),
+    ("--rho nan", None, _prune_o("-o", "@/o.onnx", "--rho", "nan"), "rho"),
+    ("--seed -1", None, _prune_o("-o", "@/o.onnx", "--seed", "-1"), "seed"),
+    ("--admm-iters -1", None, _prune_o("-o", "@/o.onnx", "--admm-iters", "-1"), "admm_iters"),
+    ("--batch-size x", None, _prune_o("-o", "@/o.onnx", "--batch-size", "x"), "batch-size"),
+    ("--epochs -1", None, ["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--epochs", "-1", "-q"], "epochs"),
+    ("train -o the model", None, ["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/m.onnx", "--epochs", "1", "-q"],
+     "input model"),
+    ("train -o /dev/null", None, ["train", "@/m.onnx", "-d", "@/d.npz", "-o", "/dev/null", "--epochs", "1", "-q"],
+     "device"),
+    ("eval --batch-size 0", None, ["eval", "@/m.onnx", "-d", "@/d.npz", "--batch-size", "0"], "batch"),
+    ("export -o the model", None, ["export", "@/m.onnx", "-o", "@/m.onnx"], "input model"),
+    ("export -o /dev/null", None, ["export", "@/m.onnx", "-o", "/dev/null"], "device"),
+    ("export -o the input's .data", None, ["export", "@/ext.onnx", "-o", "@/ext.onnx.data"], "external data"),
+    ("export -o the calibration data", None,
+     ["export", "@/m.onnx", "-o", "@/d.npz", "--format", "qdq", "-d", "@/d.npz"], "input"),
+    ("densify -o the model", None, ["densify", "@/m.onnx", "-o", "@/m.onnx"], "input model"),
+    ("densify -o a folder", _mkdir("od"), ["densify", "@/m.onnx", "-o", "@/od"], "directory"),
+    ("inspect --plot the model", None, ["inspect", "@/m.onnx", "--plot", "@/m.onnx"], ""),
+    ("inspect --plot /dev/null", None, ["inspect", "@/m.onnx", "--plot", "/dev/null"], ""),
+    ("sensitivity --json the model", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--json", "@/m.onnx"],
+     "input model"),
+    ("sensitivity --json the data", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--json", "@/d.npz"], "data"),
+    ("sensitivity --plot /dev/null", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--plot", "/dev/null"], ""),
+    ("sensitivity --workers 0", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--workers", "0"], "workers"),
+    ("sensitivity --samples 0", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--samples", "0"], "samples"),
+    ("sensitivity --levels abc", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--levels", "abc"], "levels"),
+    ("sensitivity --cache a file", None, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--cache", "@/c.toml"], ""),
+    ("sensitivity --cache under a file", _file_txt,
+     ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--cache", "@/file.txt/cc"], "does not exist"),
+    ("plot a FIFO report", lambda r: os.mkfifo(r / "r.json"), ["plot", "@/r.json", "-o", "@/p.svg"], "fifo"),
+    ("plot a deep report", lambda r: (r / "r.json").write_text("[" * 100000 + "]" * 100000),
+     ["plot", "@/r.json", "-o", "@/p.svg"], "not a json report"),
+    ("plot -o the report", lambda r: (r / "r.json").write_text("{}"), ["plot", "@/r.json", "-o", "@/r.json"], "report"),
+    ("plot -o /dev/null", lambda r: (r / "r.json").write_text("{}"), ["plot", "@/r.json", "-o", "/dev/null"], ""),
+    ("models build -o /dev/null", None, ["models", "build", "lenet5", "-o", "/dev/null"], "device"),
+    ("models build tiny shape", None, ["models", "build", "lenet5", "-o", "@/o.onnx", "--input-shape", "1x2x2"],
+     "input-shape"),
+    ("models build 0 classes", None, ["models", "build", "lenet5", "-o", "@/o.onnx", "--classes", "0"], "classes"),
+    ("demo -o a file", None, ["demo", "-o", "@/c.toml"], ""),
+    ("demo -o under a file", _file_txt, ["demo", "-o", "@/file.txt/dd"], ""),
+    ("demo -o a folder with other files", lambda r: None, ["demo", "-o", "@"], "other files"),
+    ("unknown command", None, ["frobnicate"], "no such command"),
+    ("unknown option", None, ["prune", "--frob"], "no such option"),
+    ("missing argument", None, ["prune"], "missing argument"),
+]
+
+
+@pytest.mark.parametrize("label,setup,argv,expect", OUTPUT_PROBES, ids=[p[0] for p in OUTPUT_PROBES])
+def test_bad_outputs_and_options_are_one_clean_error(room, label, setup, argv, expect):
+    if setup:
+        setup(room.root)
+    room.probe(argv, expect, label)
+
+
+# -- configuration files ------------------------------------------------------------------------
+CONFIG_PROBES = [
+    ("deep JSON", "k.json", "[" * 100000 + "]" * 100000, "recursion"),
+    ("deep JSON object", "k.json", '{"a":' * 50000 + "1" + "}" * 50000, "recursion"),
+    ("deep TOML", "k.toml", "a = " + "[" * 100000 + "]" * 100000, "recursion"),
+    ("invalid TOML", "k.toml", "sparsity = = 0.5", "invalid toml"),
+    ("invalid JSON", "k.json", "{sparsity: 0.5", "invalid json"),
+    ("JSON list", "k.json", "[1, 2]", "top level"),
+    ("unknown key", "k.toml", "sparsty = 0.5", "unknown config key"),
+    ("wrong type", "k.toml", "sparsity = 'half'", "sparsity"),
+    ("NaN sparsity", "k.json", '{"sparsity": NaN}', "sparsity"),
+    ("infinite lr", "k.json", '{"sparsity": 0.5, "lr": Infinity}', "lr"),
+    ("negative sparsity", "k.toml", "sparsity = -0.5", "sparsity"),
+    ("sparsity above 1", "k.toml", "sparsity = 1.5", "sparsity"),
+    ("rules not a list", "k.toml", "rules = 3", "rules"),
+    ("rule selects nothing", "k.json", '{"rules": [{"names": ["nope.*"], "sparsity": 0.5}]}', "selects no"),
+    ("5000-digit integer", "k.json", '{"sparsity": 0.5, "admm_iters": 1' + "0" * 5000 + "}", "invalid json"),
+    ("binary", "k.toml", bytes(range(256)), "cannot read"),
+    ("empty", "k.toml", "", "nothing to prune"),
+    ("yaml", "k.yaml", "sparsity: 0.5", "invalid toml"),
+    ("a FIFO", "k.toml", None, "fifo"),
+    ("huge", "k.json", '{"sparsity": 0.5, "x": "' + "a" * (17 * 2**20) + '"}', "mib"),
+]
+
+
+@pytest.mark.parametrize("label,name,text,expect", CONFIG_PROBES, ids=[p[0] for p in CONFIG_PROBES])
+def test_bad_config_is_one_clean_error(room, label, name, text, expect):
+    path = room / name
+    if text is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    room.probe(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--config", str(path), *QUICK], expect, label)
+
+
+def test_workers_above_the_cores_are_capped_with_a_warning(room, capsys):
+    argv = room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK,
+                      "--workers", "1000"])
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: --workers 1000 is more than the" in err
+    assert (room / "o.onnx").is_file() and not (room / "o.onnx.admm-work").exists()
+
+
+# -- resume from a damaged work directory ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_workdir(tmp_path_factory):
+    """The work directory of a finished quick run (--keep-workdir), built once."""
+    root = tmp_path_factory.mktemp("resume-template")
+    onnx.save(build("lenet300-100", input_shape=(1, 8, 8), num_classes=4), root / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 200)
+    np.savez(root / "d.npz", x_train=x[:160], y_train=y[:160], x_test=x[160:], y_test=y[160:])
+    argv = ["prune", str(root / "m.onnx"), "-d", str(root / "d.npz"), "-o", str(root / "o.onnx"), "--sparsity", "0.5",
+            *QUICK, "--keep-workdir"]
+    assert main(argv) == 0
+    return root / "o.onnx.admm-work"
+
+
+def _truncate(name, keep=None):
+    def fn(w):
+        raw = (w / name).read_bytes()
+        (w / name).write_bytes(raw[: len(raw) // 2 if keep is None else keep])
+    return fn
+
+
+def _json_set(name, **changes):
+    def fn(w):
+        import json
+
+        data = json.loads((w / name).read_text())
+        data.update(changes)
+        (w / name).write_text(json.dumps(data))
+    return fn
+
+
+def _each_checkpoint(fn):
+    return lambda w: [fn(p) for p in w.rglob("state.ckpt")]
+
+
+def _symlink_to_passwd(p):
+    p.unlink()
+    os.symlink("/etc/passwd", p)
+
+
+RESUME_PROBES = [
+    ("progress.json truncated", _truncate("progress.json"), [], "damaged"),
+    ("progress.json empty", _truncate("progress.json", 0), [], "damaged"),
+    ("progress.json deep", lambda w: (w / "progress.json").write_text("[" * 100000 + "]" * 100000), [], "damaged"),
+    ("progress.json unknown phase", _json_set("progress.json", phase="evil"), [], "damaged"),
+    ("progress.json negative step", _json_set("progress.json", step=-5), [], "damaged"),
+    ("progress.json report a list", _json_set("progress.json", report=[1, 2]), [], "damaged"),
+    ("run.json truncated", _truncate("run.json"), [], "damaged"),
+    ("run.json a list", lambda w: (w / "run.json").write_text("[]"), [], "damaged"),
+    ("pruned.npz truncated", _truncate("pruned.npz"), [], "damaged"),
+    ("checkpoint garbage", _each_checkpoint(lambda p: p.write_bytes(b"garbage")), [], "damaged"),
+    ("checkpoint symlinked outside", _each_checkpoint(_symlink_to_passwd), [], "symbolic link"),
+    ("another --lr", lambda w: None, ["--lr", "0.5"], "lr 0.001 -> 0.5"),
+    ("another --seed", lambda w: None, ["--seed", "7"], "seed 0 -> 7"),
+    ("a foreign file inside", lambda w: (w / "notes.txt").write_text("mine"), [], "did not write"),
+]
+
+
+@pytest.mark.parametrize("label,tamper,extra,expect", RESUME_PROBES, ids=[p[0] for p in RESUME_PROBES])
+def test_resume_from_a_damaged_or_different_run_is_one_clean_error(room, finished_workdir, label, tamper, extra, expect):
+    work = room / "o.onnx.admm-work"
+    shutil.copytree(finished_workdir, work, symlinks=True)
+    tamper(work)
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK, "--resume", *extra]
+    room.probe(argv, expect, label)
+
+
+# -- full disk ------------------------------------------------------------------------------------
+def test_full_disk_while_writing_the_model_is_one_line_and_leaves_nothing(room, monkeypatch):
+    import errno
+
+    import admm_onnx.io as io
+
+    def full(*args, **kwargs):
+        path = Path(args[1])
+        path.write_bytes(b"partial")  # a half-written temporary file, as a real ENOSPC leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io.onnx, "save_model", full)
+    room.probe(["export", "@/m.onnx", "-o", "@/o.onnx", "--min-sparsity", "0"], "no space left", "export ENOSPC")
+    room.probe(["models", "build", "lenet5", "-o", "@/o.onnx"], "no space left", "models build ENOSPC")
+
+
+def test_full_disk_during_training_is_one_line_and_resumable(room, monkeypatch, capsys):
+    """ENOSPC while committing ADMM state: one line naming the cause, no output or temporary
+    file, and the work directory kept (with the hint) only because it holds progress."""
+    import errno
+
+    import admm_onnx.workdir as workdir
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(workdir.WorkDir, "save_arrays", full)
+    monkeypatch.setattr(workdir.WorkDir, "save_state", full)
+    argv = room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK])
+    capsys.readouterr()
+    code = main(argv)
+    # (in-process, an earlier test's ORT session may make the trainer warn about denormals)
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if "denormals" not in line)
+    check_error(code, err, "prune ENOSPC", "no space left")
+    assert not (room / "o.onnx").exists() and not (room / "o.onnx.data").exists()
+    assert not [n for n in os.listdir(room.root) if n.endswith(".tmp")]
+    work = room / "o.onnx.admm-work"
+    assert not work.exists() or ((work / "progress.json").is_file() and "--resume" in err)
+    assert not os.listdir(room.tmp)
+
+
+# -- signals and strace (subprocess) ----------------------------------------------------------------
+def _cli(*args):
+    return [sys.executable, "-c", "import sys; from admm_onnx.cli.main import main; sys.exit(main())", *args]
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("command,signame,code", [
+    ("prune", "SIGTERM", 143),
+    pytest.param("prune", "SIGHUP", 129, marks=pytest.mark.slow),
+    pytest.param("train", "SIGTERM", 143, marks=pytest.mark.slow),
+    ("train", "SIGHUP", 129),
+])
+def test_sigterm_and_sighup_commit_state_and_say_how_to_resume(room, command, signame, code):
+    import signal
+
+    slow = ["--batch-size", "8", "-q"]
+    if command == "prune":
+        argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "50",
+                "--retrain-epochs", "50", *slow]
+        marker = room / "o.onnx.admm-work" / "progress.json"
+    else:
+        argv = ["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--epochs", "500", *slow]
+        marker = room / "o.onnx.admm-work" / "dense" / "training_model.onnx"
+    before = snapshot(room.root)
+    env = dict(os.environ, TMPDIR=str(room.tmp), PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.Popen(_cli(*room.argv(argv)), cwd=room.root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(marker)
+        import time
+
+        time.sleep(0.5)
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Interrupted by signal" in lines[0], err
+    assert "Traceback" not in err
+    after = snapshot(room.root)
+    assert all(after.get(k) == v for k, v in before.items()), "an input changed"
+    assert not (room / "o.onnx").exists() and not (room / "o.onnx.data").exists()
+    assert not os.listdir(room.tmp), f"left in TMPDIR: {os.listdir(room.tmp)}"
+    if command == "prune":
+        assert "--resume" in err and (room / "o.onnx.admm-work" / "progress.json").is_file()
+        resumed = main(room.argv(argv + ["--resume", "--admm-iters", "50"]))  # the same command goes on
+        assert resumed == 0 and (room / "o.onnx").is_file() and not (room / "o.onnx.admm-work").exists()
+    else:
+        assert not (room / "o.onnx.admm-work").exists(), "train left its work directory"
+
+
+@pytest.mark.slow  # (in-process: tests/test_safety.py::test_second_run_on_a_locked_workdir_names_the_first_pid)
+def test_two_runs_on_one_output_the_second_names_the_first_pid(room):
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "5000",
+            "--admm-tol", "0", "--batch-size", "8", "-q"]
+    env = dict(os.environ, TMPDIR=str(room.tmp))
+    first = subprocess.Popen(_cli(*room.argv(argv)), cwd=room.root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(room / "o.onnx.admm-work" / "progress.json")
+        second = subprocess.run(_cli(*room.argv(argv)), cwd=room.root, env=env, capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    check_error(second.returncode, second.stderr, "second run", f"pid {first.pid}")
+    assert not (room / "o.onnx").exists()
+
+
+WRITE_CALL = re.compile(r"^\d+\s+(openat|open|creat|mkdir|mkdirat|unlink|unlinkat|rename|renameat2?|rmdir|symlink|"
+                        r"symlinkat|link|linkat|chmod|fchmodat|truncate|mknod|mknodat)\((.*)$")
+
+
+def _writes_outside(trace: Path, allowed) -> list:
+    bad = []
+    for line in trace.read_text(errors="replace").splitlines():
+        m = WRITE_CALL.match(line)
+        if not m or ("= -1" in line and m.group(1) != "rename"):
+            continue
+        if m.group(1) in ("openat", "open") and not re.search(r"O_WRONLY|O_RDWR|O_CREAT|O_TRUNC", m.group(2)):
+            continue
+        for path in re.findall(r'"([^"]*)"', m.group(2))[:2]:
+            path = os.path.normpath(path)
+            if not path.startswith("/") or path in ("/dev/null", "/dev/tty") or path.startswith(("/proc/", "/sys/")):
+                continue
+            if path.startswith("/dev/shm/admm-onnx-exchange-") or path.startswith("/dev/shm/sem."):
+                continue
+            if not any(path == a or path.startswith(a + "/") for a in allowed):
+                bad.append(line)
+    return bad
+
+
+STRACE_RUNS = [
+    ("prune ok", ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/out/o.onnx", "--sparsity", "0.5", *QUICK,
+                  "--report", "@/out/r.json", "--workers", "2"], 0),
+    ("prune ext ok", ["prune", "@/ext.onnx", "-d", "@/d.npz", "-o", "@/out/o.onnx", "--sparsity", "0.5", *QUICK], 0),
+    ("train ok", ["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/out/o.onnx", "--epochs", "1", "-q"], 0),
+    ("export ok", ["export", "@/m.onnx", "-o", "@/out/o.onnx", "--min-sparsity", "0"], 0),
+    ("sensitivity ok", ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--json", "@/out/s.json", "--no-cache",
+                        "--samples", "50", "--levels", "0.5", "-q"], 0),
+    ("symlinked external data", ["prune", "@/evil.onnx", "-d", "@/d.npz", "-o", "@/out/o.onnx", "--sparsity", "0.5",
+                                 *QUICK], 2),
+    ("-o the data", ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/d.npz", "--sparsity", "0.5", *QUICK], 2),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("label,argv,code", STRACE_RUNS, ids=[r[0] for r in STRACE_RUNS])
+def test_strace_no_write_outside_the_output_folder_work_dir_and_tmpdir(room, label, argv, code):
+    out = room / "out"
+    out.mkdir()
+    onnx.save(_base(), room / "evil.onnx", save_as_external_data=True, location="evil.onnx.data", size_threshold=0)
+    secret = room.root.parent / "secret.bin"
+    os.replace(room / "evil.onnx.data", secret)
+    os.symlink(secret, room / "evil.onnx.data")
+    before = snapshot(room.root)
+    trace = room.root.parent / "trace.txt"
+    env = dict(os.environ, TMPDIR=str(room.tmp), PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=%file", "-o", str(trace), *_cli(*room.argv(argv))],
+                          cwd=room.root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stderr
+    if code == 2:
+        check_error(proc.returncode, proc.stderr, label)
+        assert snapshot(room.root) == before
+        allowed = [str(room.tmp)]
+    else:
+        allowed = [str(out), str(room.tmp)]
+        after = snapshot(room.root)
+        assert all(after.get(k) == v for k, v in before.items() if not k.startswith("out")), "an input changed"
+    assert not os.listdir(room.tmp)
+    bad = _writes_outside(trace, allowed)
+    assert not bad, "\n".join(bad[:10])

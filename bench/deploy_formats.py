@@ -9,7 +9,8 @@ written dense and in every registered format (csr also with fp16 values), then r
 onnxruntime (the newest release, ``.venv-deploy``, see tests/deploy_env.py): outputs compared
 bit for bit with the same weights stored dense (``densify`` of the file), the optimized graph
 checked for leftover decode ops, and batch 1 timed interleaved with the dense file in one
-process (1 intra-op thread, median over rounds of the paired time ratio).
+process (1 intra-op thread, a random order every round, median over rounds of the paired time
+ratio).
 
 Usage: python bench/deploy_formats.py [--runs 2000] [--out-dir DIR] [--json FILE]
 """

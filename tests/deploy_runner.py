@@ -15,8 +15,8 @@ REQUEST (JSON)::
      "optimized_dir": "dir" or null,                     # also save each optimized graph there
      "result": "result.json"}                            # written, see below
 
-Timing is interleaved: every round runs each model once, the order alternating between
-rounds, all sessions living in this one process, so load on the machine hits every model alike.
+Timing is interleaved: every round runs each model once, in a random order (seeded), all
+sessions living in this one process, so load on the machine hits every model alike.
 ``result.json`` has the onnxruntime version, per label the median and minimum seconds per run,
 all samples, the session creation seconds and the optimized graph path.
 """
@@ -71,8 +71,11 @@ def main(argv):
             names = {i.name for i in sess.get_inputs()}
             one[label] = {k: v[:1] if v.ndim else v for k, v in feeds.items() if k in names}
         labels = list(sessions)
+        rng = np.random.default_rng(0)
         for r in range(warmup + runs):
-            order = labels if r % 2 == 0 else labels[::-1]
+            # a fresh random order every round: no model is always first, last, or run twice in a
+            # row across a round boundary (which favours it through warm caches)
+            order = [labels[i] for i in rng.permutation(len(labels))]
             for label in order:
                 sess, feed = sessions[label], one[label]
                 t0 = time.perf_counter()

@@ -127,3 +127,14 @@ def test_batch1_latency_as_dense(deploy_env, feeds, name, kind):
         f"{name}: batch-1 time / dense = {', '.join(f'{r:.3f}' for r in ratios)} in onnxruntime {res.onnxruntime} "
         f"(dense median {res.median('dense') * 1e6:.0f} us)"
     )
+
+
+def test_harness_reports_a_model_the_runtime_refuses(deploy_env, tmp_path):
+    from deploy_env import DeployEnvError
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(DeployEnvError, match="failed"):
+        deploy_env.run({"bad": bad}, {"input": np.zeros((1, 256), np.float32)})
+    major, minor = (int(x) for x in deploy_env.version.split(".")[:2])
+    assert (major, minor) >= (1, 27), f"the deployment runtime should be a recent onnxruntime, got {deploy_env.version}"

@@ -5,29 +5,31 @@ folds at session creation (so inference runs dense kernels on the exact weights)
 
 Per encoded weight ``W`` (flattened in C order, ``N`` entries):
 
-- ``<W>.p`` (uint8): the *positions* of the stored entries, as gaps. Entry i sits at
-  ``pos[i] = pos[i-1] + 1 + g[i]`` (``pos[-1] = -1``), each ``g[i]`` in ``[0, 2^b - 1]`` packed
-  in ``b`` bits (LSB first), ``b`` in 1..8 chosen per weight to minimise the bytes. A gap too
-  long for ``b`` bits is bridged by *filler* entries holding the value 0 (as in Deep
-  Compression's relative indices), so stored entries = nonzeros + fillers.
+- *positions* of the stored entries as gaps: entry i sits at ``pos[i] = pos[i-1] + 1 + g[i]``
+  (``pos[-1] = -1``), each ``g[i]`` in ``[0, 2^b - 1]``, ``b`` in 1..8 chosen per weight to
+  minimise the bytes. A gap too long for ``b`` bits is bridged by *filler* entries holding the
+  value 0 (as in Deep Compression's relative indices): stored entries = nonzeros + fillers.
 - values, one of:
 
   - *levels* (a weight with a quantization spec: ``W = float32(q) * float32(scale)``, integer
-    ``q`` in ``[-L, L]``, ``L = 2^(k-1) - 1``, from ``admm-onnx prune --bits``): ``<W>.q``
-    (uint8) holds ``q + L`` in ``k`` bits per entry, ``<W>.s`` the float32 scale (shape ``[]``
-    per tensor, or the weight's rank with the channel axis kept: per channel);
-  - *raw* (no spec): ``<W>.v`` the stored values in the weight's own float type.
+    ``q`` in ``[-L, L]``, ``L = 2^(k-1) - 1``, from ``admm-onnx prune --bits``): the code
+    ``q + L`` in ``k`` bits, and ``<W>.s`` the float32 scale (shape ``[]`` per tensor, or the
+    weight's rank with only the channel axis kept: per channel);
+  - *raw* (no spec): ``<W>.v``, the stored values in the weight's own float type.
 
+- ``<W>.p`` (uint8): one field per entry, LSB first: ``g + (q + L) * 2^b`` in ``b + k`` bits
+  for levels, ``g`` in ``b`` bits for raw values.
 - ``<W>.m`` (int32): ``[b, k, entries, L, *shape]`` (``k = L = 0`` for raw values).
 
 Decode (model-local functions ``PackedQ`` / ``PackedF``, domain :data:`DOMAIN`, stored once;
 one call node per weight writes the weight under its own name): bytes -> bits by
-``BitShift(RIGHT)`` and ``Mod 2`` on uint8, bits -> integers by a float ``MatMul`` with powers
-of two (exact: integers below 2^24), gaps -> positions by ``CumSum`` + ``Range`` in int64, then
-``ScatterElements`` of the values (``float(code) - L`` for levels) into zeros, ``Reshape``, and
-for levels a ``Mul`` by the scale: the same single float32 multiply that produced the weights,
-so the decoded weight equals the dense one bit for bit (a zero entry becomes ``+0.0``). No node
-has a data-dependent output shape, so onnxruntime (1.19 and >= 1.27 alike) folds it all.
+``BitShift(RIGHT)`` and ``Mod 2`` on uint8, bits -> field integers by a float ``MatMul`` with
+powers of two (exact: below 2^16), fields split by a division by ``2^b`` and ``Floor`` (exact),
+gaps -> positions by ``CumSum`` in int64, then ``ScatterElements`` of the values
+(``code - L`` for levels) into zeros, ``Reshape``, and for levels a ``Mul`` by the scale: the
+same single float32 multiply that produced the weights, so the decoded weight equals the dense
+one bit for bit (a zero entry becomes ``+0.0``). No node has a data-dependent output shape, so
+onnxruntime (1.19 and >= 1.27 alike) folds it all.
 
 Needs opset >= 11 (BitShift, CumSum, ScatterElements) and raises IR to 8 (functions) like
 ``csr``. Limits: like ``csr`` (folding needs graph optimisations on; a node output above 1 GB is
@@ -70,7 +72,7 @@ OP_LEVELS = "PackedQ"
 OP_RAW = "PackedF"
 MIN_OPSET = 11
 MIN_FUNCTION_IR = 8
-SUFFIXES = (".p", ".q", ".s", ".v", ".m")
+SUFFIXES = (".p", ".s", ".v", ".m")
 MAX_POSITION_BITS = 8
 
 
@@ -136,39 +138,19 @@ def best_position_bits(positions: np.ndarray, value_bits: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _unpack_nodes(src: str, bits: str, count: str, out: str, tag: str) -> List[onnx.NodeProto]:
-    """Nodes turning packed bytes ``src`` into ``count`` float integers ``out`` (``bits`` wide).
-
-    Shapes of every output follow from constant inputs: onnxruntime folds them all."""
-    n = helper.make_node
-    t = lambda s: f"{tag}{s}"  # noqa: E731
-    return [
-        n("Reshape", [src, "col"], [t("b2")]),  # [nbytes, 1]
-        n("BitShift", [t("b2"), "sh8"], [t("bs")], direction="RIGHT"),  # [nbytes, 8]
-        n("Mod", [t("bs"), "two8"], [t("bit")]),
-        n("Reshape", [t("bit"), "m1"], [t("fl")]),
-        n("Mul", [count, bits], [t("nb")]),
-        n("Slice", [t("fl"), "c0", t("nb")], [t("used")]),
-        n("Concat", ["m1", bits], [t("sh")], axis=0),
-        n("Reshape", [t("used"), t("sh")], [t("mat")]),  # [count, bits]
-        n("Cast", [t("mat")], [t("matf")], to=TensorProto.FLOAT),
-        n("Reshape", [bits, "z_shape"], [t("bs0")]),  # scalar
-        n("Range", ["z", t("bs0"), "one"], [t("rg")]),
-        n("Cast", [t("rg")], [t("rg8")], to=TensorProto.UINT8),
-        n("BitShift", ["one8", t("rg8")], [t("pw8")], direction="LEFT"),  # 1, 2, 4, ...
-        n("Cast", [t("pw8")], [t("pwf")], to=TensorProto.FLOAT),
-        n("Reshape", [t("pwf"), "col"], [t("pwc")]),  # [bits, 1]
-        n("MatMul", [t("matf"), t("pwc")], [t("ints")]),  # exact: small integers
-        n("Reshape", [t("ints"), "m1"], [out]),
-    ]
-
-
 def _decode_function(levels: bool, opset: int) -> onnx.FunctionProto:
-    """``W = PackedQ(p, q, s, m)`` (levels) or ``W = PackedF<to>(p, v, m)`` (raw values)."""
-    i64 = TensorProto.INT64
+    """``W = PackedQ(p, s, m)`` (levels) or ``W = PackedF<to>(p, v, m)`` (raw values).
+
+    ``p`` holds one field of ``w`` bits per entry (LSB first): ``gap + code * 2^b`` for levels
+    (``w = b + k``), ``gap`` for raw values (``w = b``). Bytes -> bits by BitShift/Mod on uint8,
+    bits -> integers by a float MatMul with powers of two (exact: below 2^16), the field split
+    by a division by ``2^b`` and Floor (exact: powers of two, small integers), gaps -> positions
+    in int64. Every output shape follows from constant inputs: onnxruntime folds it all.
+    """
+    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
 
     def const(name, dtype, dims, values):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor("", dtype, dims, values))
 
     n = helper.make_node
     body = [
@@ -181,55 +163,78 @@ def _decode_function(levels: bool, opset: int) -> onnx.FunctionProto:
         const("col", i64, [2], [-1, 1]),
         const("big", i64, [1], [2**62]),
         const("z", i64, [], [0]),
-        const("one", i64, [], [1]),
-        const("one8", TensorProto.UINT8, [1], [1]),
-        const("two8", TensorProto.UINT8, [1], [2]),
         const("sh8", TensorProto.UINT8, [1, 8], list(range(8))),
+        const("two8", TensorProto.UINT8, [1], [2]),
+        const("pw", f32, [16], [float(1 << i) for i in range(16)]),
         n("Cast", ["m"], ["mi"], to=i64),
-        n("Slice", ["mi", "c0", "c1"], ["pb"]),  # gap bits
+        n("Slice", ["mi", "c0", "c1"], ["b"]),  # gap bits
         n("Slice", ["mi", "c2", "c3"], ["ne"]),  # entries
         n("Slice", ["mi", "c4", "big"], ["shape"]),
         n("ReduceProd", ["shape"], ["N"], keepdims=1),
     ]
-    # gaps -> positions: CumSum(g + 1) - 1
-    body += _unpack_nodes("p", "pb", "ne", "gf", "P")
-    body += [
-        n("Cast", ["gf"], ["gi"], to=i64),
+    if levels:
+        body += [
+            n("Slice", ["mi", "c1", "c2"], ["k"]),  # level bits
+            n("Slice", ["mi", "c3", "c4"], ["L"]),
+            n("Add", ["b", "k"], ["w"]),
+        ]
+        width = "w"
+    else:
+        width = "b"
+    body += [  # p -> ne integers u of `width` bits (float)
+        n("Reshape", ["p", "col"], ["pc"]),  # [nbytes, 1]
+        n("BitShift", ["pc", "sh8"], ["ps"], direction="RIGHT"),  # [nbytes, 8]
+        n("Mod", ["ps", "two8"], ["pbit"]),
+        n("Reshape", ["pbit", "m1"], ["bits"]),
+        n("Mul", ["ne", width], ["nbits"]),
+        n("Slice", ["bits", "c0", "nbits"], ["used"]),
+        n("Concat", ["m1", width], ["fs"], axis=0),
+        n("Reshape", ["used", "fs"], ["fm"]),  # [ne, width]
+        n("Cast", ["fm"], ["ff"], to=f32),
+        n("Slice", ["pw", "c0", width], ["pv"]),
+        n("Reshape", ["pv", "col"], ["pvc"]),  # [width, 1]: 1, 2, 4, ...
+        n("MatMul", ["ff", "pvc"], ["uc"]),
+        n("Reshape", ["uc", "m1"], ["u"]),
+    ]
+    if levels:
+        body += [
+            n("Add", ["b", "c1"], ["b1"]),
+            n("Slice", ["pw", "b", "b1"], ["P"]),  # 2^b
+            n("Div", ["u", "P"], ["ud"]),
+            n("Floor", ["ud"], ["code"]),
+            n("Mul", ["code", "P"], ["hi"]),
+            n("Sub", ["u", "hi"], ["gap"]),
+        ]
+        gap = "gap"
+    else:
+        gap = "u"
+    body += [  # positions: CumSum(gap + 1) - 1
+        n("Cast", [gap], ["gi"], to=i64),
         n("Add", ["gi", "c1"], ["g1"]),
         n("CumSum", ["g1", "z"], ["cs"]),
         n("Sub", ["cs", "c1"], ["pos"]),
     ]
     if levels:
         body += [
-            n("Slice", ["mi", "c1", "c2"], ["vb"]),  # value bits
-            n("Slice", ["mi", "c3", "c4"], ["L"]),
-        ]
-        body += _unpack_nodes("q", "vb", "ne", "codes", "Q")
-        body += [
-            n("Cast", ["L"], ["Lf"], to=TensorProto.FLOAT),
-            n("Sub", ["codes", "Lf"], ["qf"]),  # exact: small integers
-            n("ConstantOfShape", ["N"], ["zf"], value=helper.make_tensor("zv", TensorProto.FLOAT, [1], [0.0])),
+            n("Cast", ["L"], ["Lf"], to=f32),
+            n("Sub", ["code", "Lf"], ["qf"]),  # exact: small integers
+            n("ConstantOfShape", ["N"], ["zf"]),  # float32 zeros
             n("ScatterElements", ["zf", "pos", "qf"], ["flat"], axis=0),
             n("Reshape", ["flat", "shape"], ["qw"]),
             n("Mul", ["qw", "s"], ["W"]),  # float32(q) * float32(scale), as the weights were made
         ]
-        inputs = ["p", "q", "s", "m"]
-        attrs: List[str] = []
-        name = OP_LEVELS
+        inputs, attrs, name = ["p", "s", "m"], [], OP_LEVELS
     else:
         cast_to = onnx.AttributeProto(name="to", ref_attr_name="to", type=onnx.AttributeProto.INT)
-        zf = n("ConstantOfShape", ["N"], ["zf"])
         zc = n("Cast", ["zf"], ["zw"])
         zc.attribute.append(cast_to)
         body += [
-            zf, zc,
+            n("ConstantOfShape", ["N"], ["zf"]),
+            zc,
             n("ScatterElements", ["zw", "pos", "v"], ["flat"], axis=0),  # copies the values
             n("Reshape", ["flat", "shape"], ["W"]),
         ]
-        inputs = ["p", "v", "m"]
-        attrs = ["to"]
-        name = OP_RAW
-    body.insert(0, const("z_shape", i64, [0], []))
+        inputs, attrs, name = ["p", "v", "m"], ["to"], OP_RAW
     return helper.make_function(DOMAIN, name, inputs, ["W"], body,
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=attrs)
 
@@ -267,12 +272,11 @@ def encode_weight(name: str, arr: np.ndarray, spec: Optional[QuantSpec]) -> Dict
         L, vbits = 0, 0
     pb = best_position_bits(positions, vbits if spec is not None else arr.dtype.itemsize * 8)
     gaps, source = delta_code(positions, pb)
-    out = {".p": pack_bits(gaps, pb)}
     if spec is not None:
         codes = np.where(source >= 0, q[positions[np.maximum(source, 0)]] if positions.size else 0, 0) + L
-        out[".q"] = pack_bits(codes, vbits)
-        out[".s"] = _scale_array(spec, arr.shape)
+        out = {".p": pack_bits(gaps + (codes << pb), pb + vbits), ".s": _scale_array(spec, arr.shape)}
     else:
+        out = {".p": pack_bits(gaps, pb)}
         vals = flat[positions[np.maximum(source, 0)]] if positions.size else flat[:0]
         out[".v"] = np.where(source >= 0, vals, np.zeros((), arr.dtype)).astype(arr.dtype)
     out[".m"] = np.array([pb, vbits, gaps.size, L, *arr.shape], np.int32)
@@ -284,13 +288,15 @@ def decode_weight(parts: Mapping[str, np.ndarray], dtype=np.float32) -> np.ndarr
     meta = parts[".m"].astype(np.int64)
     pb, vbits, count, L = (int(x) for x in meta[:4])
     shape = tuple(int(d) for d in meta[4:])
-    pos = positions_of(unpack_bits(parts[".p"], pb, count))
+    levels = ".s" in parts
+    fields = unpack_bits(parts[".p"], pb + (vbits if levels else 0), count)
+    pos = positions_of(fields & ((1 << pb) - 1))
     size = int(np.prod(shape, dtype=np.int64))
     if pos.size and (pos.max() >= size or pos.min() < 0):
         raise ModelError("packed position out of range")
-    if ".q" in parts:
+    if levels:
         qf = np.zeros(size, np.float32)
-        qf[pos] = (unpack_bits(parts[".q"], vbits, count) - L).astype(np.float32)
+        qf[pos] = ((fields >> pb) - L).astype(np.float32)
         return qf.reshape(shape) * parts[".s"].astype(np.float32)
     flat = np.zeros(size, dtype)
     flat[pos] = parts[".v"]
@@ -369,7 +375,7 @@ class Packed(Format):
             parts = encode_weight(name, arr, spec)
             new_inits += [numpy_helper.from_array(a, name + s) for s, a in parts.items()]
             if spec is not None:
-                calls.append(helper.make_node(OP_LEVELS, [name + s for s in (".p", ".q", ".s", ".m")], [name],
+                calls.append(helper.make_node(OP_LEVELS, [name + s for s in (".p", ".s", ".m")], [name],
                                               domain=DOMAIN))
                 used.add(True)
             else:
@@ -418,7 +424,7 @@ class Packed(Format):
                 parts = {s: _to_array(inits[name + s]) for s in SUFFIXES if name + s in inits}
             except KeyError as exc:  # pragma: no cover - guarded by the membership test
                 raise ModelError(f"packed weight {name!r} is incomplete: {exc}") from None
-            need = {".p", ".m"} | ({".q", ".s"} if nd.op_type == OP_LEVELS else {".v"})
+            need = {".p", ".m"} | ({".s"} if nd.op_type == OP_LEVELS else {".v"})
             if not need <= set(parts):
                 raise ModelError(f"packed weight {name!r} is incomplete: missing {sorted(need - set(parts))}")
             to = next((a.i for a in nd.attribute if a.name == "to"), TensorProto.FLOAT)
@@ -462,7 +468,7 @@ class Packed(Format):
         _drop_metadata(out)
         specs = {}
         for name, (parts, _) in weights.items():
-            if ".q" in parts:
+            if ".s" in parts:
                 m = parts[".m"]
                 s = parts[".s"]
                 big = [i for i, d in enumerate(s.shape) if d > 1]
@@ -493,7 +499,7 @@ def tensor_names(name: str) -> Set[str]:
 def storage_of(parts: Mapping[str, np.ndarray], dtype) -> Tuple[str, int]:
     """(storage label, bits per value) of a packed weight."""
     meta = parts[".m"]
-    if ".q" in parts:
+    if ".s" in parts:
         scope = "tensor" if parts[".s"].size == 1 and parts[".s"].ndim == 0 else "channel"
         return f"packed-{int(meta[1])}bit/{scope} pos{int(meta[0])}", int(meta[1])
     bits = np.dtype(dtype).itemsize * 8

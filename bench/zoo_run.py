@@ -8,7 +8,7 @@ Per model:
 1. Data made from the model's input signature (seeded): float inputs standard normal, token
    ids uniform in [5, vocabulary) (the vocabulary read from the embedding table the ids index),
    attention masks of ones with the last quarter of every other row zero, token types zeros;
-   dynamic batch dims get the sample count, other dynamic dims 32. ``--form names`` (default)
+   the first dim is the sample count (also when the model fixes its batch size), other dynamic dims 32. ``--form names`` (default)
    writes one array per input name (evaluation arrays as ``test/NAME``) and no labels, so the
    tool prunes without labels (self-distillation), or with ``--labels teacher`` the dense
    model's argmax as labels when its first float output is (N, C) class scores (no labels
@@ -61,8 +61,15 @@ res = {"ort": ort.__version__,
        "inputs_same": sig(dense.get_inputs()) == sig(pruned.get_inputs()),
        "outputs_same": sig(dense.get_outputs()) == sig(pruned.get_outputs()),
        "signature": {"inputs": sig(pruned.get_inputs()), "outputs": sig(pruned.get_outputs())}}
-a = dense.run(None, feed)
-b = pruned.run(None, feed)
+def run(sess):
+    try:
+        return sess.run(None, feed)
+    except Exception:  # a model with a fixed batch size: one sample at a time
+        n = len(next(iter(feed.values())))
+        rows = [sess.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(n)]
+        return [sum((list(x) for x in r), []) if isinstance(r[0], list) else np.concatenate(r) for r in zip(*rows)]
+a = run(dense)
+b = run(pruned)
 res["ran"] = True
 res["outputs"] = {}
 for o, x, y in zip(pruned.get_outputs(), a, b):
@@ -120,7 +127,10 @@ def make_inputs(model, n, seed):
         t = value.type.tensor_type
         dims = []
         for i, d in enumerate(t.shape.dim):
-            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (n if i == 0 else SEQ))
+            if i == 0:
+                dims.append(n)  # samples: a fixed batch size (1) is the tool's business
+            else:
+                dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else SEQ)
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
         low = value.name.lower()
         if np.issubdtype(dtype, np.integer):
@@ -144,11 +154,18 @@ def teacher_labels(dense_path, feeds):
 
     sess = ort.InferenceSession(str(dense_path), providers=["CPUExecutionProvider"])
     labels = []
+    def run(feed):
+        try:
+            return sess.run(None, feed)
+        except Exception:  # a model with a fixed batch size: one sample at a time
+            n = len(next(iter(feed.values())))
+            rows = [sess.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(n)]
+            return [sum((list(x) for x in r), []) if isinstance(r[0], list) else np.concatenate(r) for r in zip(*rows)]
+
     for feed in feeds:
-        outs = [np.array([list(r.values()) for r in o]) if isinstance(o, list) else np.asarray(o)
-                for o in sess.run(None, feed)]
+        outs = [np.array([list(r.values()) for r in o]) if isinstance(o, list) else np.asarray(o) for o in run(feed)]
         scores = next(o for o in outs if o.dtype.kind == "f")
-        if scores.ndim != 2:
+        if scores.ndim != 2 or len(scores) != len(next(iter(feed.values()))):
             return None, None
         labels.append(scores.argmax(-1).astype(np.int64))
     return labels

@@ -569,6 +569,25 @@ from .plot_cmd import plot as _plot  # noqa: E402
 
 cli.add_command(_plot)
 
+#: one line per command in ``admm-onnx --help`` (click cuts the docstrings' first sentences at
+#: about 45 characters, mid-phrase)
+SHORT_HELP = {
+    "prune": "ADMM-prune a model (the main job).",
+    "train": "Dense training, e.g. before pruning.",
+    "eval": "Top-1 and loss on the evaluation split.",
+    "sensitivity": "Per-layer sensitivity sweep.",
+    "demo": "The whole pipeline on embedded digits.",
+    "export": "Write a sparse/quantized deployment file.",
+    "densify": "Sparse file back to dense weights.",
+    "inspect": "Sparsity and storage per weight.",
+    "plot": "Pictures of a report or a sweep.",
+    "groups": "Channel groups for --structure channel.",
+    "models": "Build the reference models.",
+}
+for _name, _text in SHORT_HELP.items():
+    if _name in cli.commands:
+        cli.commands[_name].short_help = _text
+
 
 from admm_onnx.interrupts import Signalled as _Signalled  # noqa: E402  (SIGTERM / SIGHUP)
 

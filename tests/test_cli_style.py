@@ -102,3 +102,10 @@ def test_unwritable_log_file_is_one_line(lenet5_small, data_npz, tmp_path, capsy
     assert main(["eval", str(lenet5_small), "-d", str(data_npz), "--log-file", str(tmp_path / "no" / "x.log")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "--log-file" in err
+
+
+def test_command_list_is_not_cut_mid_phrase():
+    text = CliRunner().invoke(cli, ["--help"]).output.split("Commands:")[1]
+    rows = [line.split(None, 1) for line in text.strip().splitlines()]
+    assert {r[0] for r in rows} == set(cli.commands)
+    assert all(len(r) == 2 and not r[1].endswith("...") for r in rows), text

@@ -366,3 +366,41 @@ def test_ort_average_pool_gradient_still_crashes_without_the_rewrite(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -8 and "survived" not in proc.stdout, (proc.returncode, proc.stderr[-500:])
+
+
+# -- InstanceNormalization (GroupNorm and InstanceNorm exports) -----------------------------------
+@pytest.mark.parametrize("opset, group_norm", [(17, True), (18, False), (20, True)])
+def test_instancenorm_becomes_reductions_and_trains(opset, group_norm, tmp_path):
+    """Both torch exporters write nn.GroupNorm(2, 4) as Reshape -> InstanceNormalization ->
+    Reshape -> Mul -> Add; ORT 1.19.2 has no gradient for InstanceNormalization."""
+    inits = [w("conv", 4, 2, 3, 3), w("head", 3, 4, 1, 1, seed=1), w("gn_w", 4, seed=2), w("gn_b", 4, seed=3)]
+    if group_norm:
+        inits += [numpy_helper.from_array(np.ones(2, np.float32), "in_scale"),
+                  numpy_helper.from_array(np.zeros(2, np.float32), "in_bias"),
+                  numpy_helper.from_array(np.array([0, 2, -1], np.int64), "groups_shape"),
+                  numpy_helper.from_array(np.array([0, 4, 6, 6], np.int64), "back_shape"),
+                  numpy_helper.from_array(np.ones((4, 1, 1), np.float32) * 0.5, "affine_w")]
+        norm = [helper.make_node("Reshape", ["c", "groups_shape"], ["grouped"]),
+                helper.make_node("InstanceNormalization", ["grouped", "in_scale", "in_bias"], ["gn"], epsilon=1e-5),
+                helper.make_node("Reshape", ["gn", "back_shape"], ["back"]),
+                helper.make_node("Mul", ["back", "affine_w"], ["n"])]
+    else:
+        norm = [helper.make_node("InstanceNormalization", ["c", "gn_w", "gn_b"], ["n"], epsilon=1e-3)]
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"], pads=[1, 1, 1, 1]), *norm,
+             helper.make_node("Relu", ["n"], ["r"]), helper.make_node("Conv", ["r", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "gn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [t for t in inits if any(t.name in nd.input for nd in nodes)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(8).standard_normal((2, 2, 6, 6)).astype(np.float32)
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert "InstanceNormalization" not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    info, moved = train_step(model, {"x": x}, "y", tmp_path)
+    assert sorted(info.prunable) == ["conv", "head"] and {"conv", "head"} <= set(moved)
+    if not group_norm:
+        assert {"gn_w", "gn_b"} <= set(moved)  # scale and bias still trained

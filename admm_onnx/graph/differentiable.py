@@ -56,7 +56,8 @@ _HINTS = {
     "Elu": "admm_onnx rewrites Elu itself; is this Elu in a subgraph?",
     "HardSwish": "admm_onnx rewrites HardSwish itself; is this HardSwish in a subgraph?",
     "HardSigmoid": "admm_onnx rewrites HardSigmoid itself; is this HardSigmoid in a subgraph?",
-    "InstanceNormalization": "export it as ReduceMean/Sub/Mul/Div or as LayerNormalization over the spatial axes",
+    "InstanceNormalization": "admm_onnx rewrites InstanceNormalization of a known input rank itself; "
+                             "export it as ReduceMean/Sub/Mul/Div otherwise",
     "Einsum": "export the contraction as MatMul/Transpose",
     "AveragePool": "admm_onnx rewrites an AveragePool with ceil_mode 0, explicit pads, no dilation and a known "
                    "channel count; export with those (ORT's AveragePool gradient crashes on the CPU)",

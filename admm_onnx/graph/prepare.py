@@ -19,6 +19,7 @@ from .dropout import enable_dropout
 from .hard_activations import hard_activations
 from .initializer_inputs import drop_initializer_inputs
 from .layernorm_outputs import add_layernorm_outputs
+from .instancenorm import instancenorm_to_reductions
 from .lrn import lrn_to_pool
 from .opset import upgrade_opset
 from .pool_first import pool_before_activation
@@ -45,6 +46,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("PRelu -> Relu(x) - slope * Relu(-x)", prelu_to_relu),
     ("HardSigmoid/HardSwish -> Clip forms", hard_activations),
     ("Elu/Selu/Celu/Softplus/Softsign/Mish -> Relu/Exp/Log forms", smooth_activations),
+    ("InstanceNormalization (GroupNorm exports) -> ReduceMean/Sub/Sqrt/Div forms", instancenorm_to_reductions),
     ("Resize -> MatMul with interpolation matrices (no CPU ResizeGrad)", resize_to_matmul),
     ("AveragePool -> depthwise Conv with a constant kernel (ORT's AveragePoolGrad crashes)", avgpool_to_conv),
     ("ConvTranspose -> Conv on flipped, zero-inserted activations (no CPU ConvTransposeGrad)", convtranspose_to_conv),

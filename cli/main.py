@@ -6,6 +6,7 @@ Every :class:`~admm_onnx.errors.AdmmOnnxError` becomes one line on stderr and ex
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shlex
 import sys
@@ -86,16 +87,37 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 
 def _check_log_file(ctx, log_file: str) -> None:
     """--log-file is an output: a regular file (appended) that is none of the command's inputs
-    or outputs (every path-like parameter of the command counts)."""
+    or outputs. Every other word of the command line naming an existing file counts (a model
+    with its external data), so ``--log-file m.onnx inspect m.onnx`` is refused."""
     from admm_onnx.io import OutputPlan
 
+    words = list((ctx.find_root().obj or {}).get("argv") or [])
+    values = []
+    skip_own = True
+    for i, word in enumerate(words):
+        if word is None:
+            continue
+        if word.startswith("--log-file="):
+            if skip_own:
+                skip_own = False
+                continue
+            word = word.split("=", 1)[1]
+        elif word == "--log-file" and skip_own:
+            skip_own = False
+            words[i + 1 : i + 2] = [None] if i + 1 < len(words) else []
+            continue
+        if not word:
+            continue
+        for candidate in (word, word.split("=", 1)[-1], word.split(":", 1)[-1]):
+            if candidate and os.path.exists(candidate):
+                values.append(candidate)
+                break
     plan = OutputPlan()
-    for value in (ctx.params or {}).values():
-        if isinstance(value, (str, Path)) and str(value) and Path(str(value)).exists():
-            if str(value).lower().endswith(".onnx"):
-                plan.add_model_input(value)
-            else:
-                plan.add_input(value, what=f"an input or output of this command")
+    for value in values:
+        if value.lower().endswith(".onnx") and os.path.isfile(value):
+            plan.add_model_input(value)
+        else:
+            plan.add_input(value, what="named on the command line")
     plan.add_output(log_file, "--log-file")
 
 

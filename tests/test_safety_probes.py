@@ -832,3 +832,11 @@ def test_strace_no_write_outside_the_output_folder_work_dir_and_tmpdir(room, lab
     assert not os.listdir(room.tmp)
     bad = _writes_outside(trace, allowed)
     assert not bad, "\n".join(bad[:10])
+
+
+def test_an_existing_log_file_is_appended_but_an_input_never_is(room, capsys):
+    (room / "run.log").write_text("earlier\n")
+    assert main(room.argv(["--log-file", "@/run.log", "inspect", "@/m.onnx"])) == 0
+    assert (room / "run.log").read_text().startswith("earlier\n")
+    room.probe(["inspect", "@/m.onnx", "--log-file=@/m.onnx"], "input model", "--log-file= the model")
+    room.probe(["--log-file", "@/ext.onnx.data", "inspect", "@/ext.onnx"], "external data", "--log-file the .data")

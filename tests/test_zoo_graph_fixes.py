@@ -404,3 +404,31 @@ def test_instancenorm_becomes_reductions_and_trains(opset, group_norm, tmp_path)
     assert sorted(info.prunable) == ["conv", "head"] and {"conv", "head"} <= set(moved)
     if not group_norm:
         assert {"gn_w", "gn_b"} <= set(moved)  # scale and bias still trained
+
+
+# -- Pad reflect / edge / wrap -> Gather ---------------------------------------------------------
+@pytest.mark.parametrize("mode, pads, opset", [
+    ("reflect", [0, 0, 2, 1, 0, 0, 1, 2], 17),   # nn.ReflectionPad2d
+    ("edge", [0, 0, 1, 3, 0, 0, 3, 0], 17),      # nn.ReplicationPad2d
+    ("wrap", [0, 0, 1, 1, 0, 0, 2, 2], 19),      # circular
+    ("reflect", [0, 0, 1, 1, 0, 0, -1, 1], 13),  # a cropped side
+])
+def test_pad_modes_become_gathers_and_train(mode, pads, opset, tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"]),
+             helper.make_node("Pad", ["c", "pads"], ["p"], mode=mode),
+             helper.make_node("Conv", ["p", "head"], ["y"])]
+    inits = [w("conv", 4, 2, 1, 1), w("head", 3, 4, 3, 3, seed=1),
+             numpy_helper.from_array(np.array(pads, np.int64), "pads")]
+    graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, None, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset < 19 else 9
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(9).standard_normal((2, 2, 5, 6)).astype(np.float32)
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert "Pad" not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    info, moved = train_step(model, {"x": x}, "y", tmp_path)  # Pad's own gradient: constant mode only
+    assert sorted(moved) == ["conv", "head"]

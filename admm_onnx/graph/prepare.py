@@ -22,6 +22,7 @@ from .layernorm_outputs import add_layernorm_outputs
 from .instancenorm import instancenorm_to_reductions
 from .lrn import lrn_to_pool
 from .opset import upgrade_opset
+from .pad_gather import pad_modes_to_gather
 from .pool_first import pool_before_activation
 from .pool_phases import split_pool_phases
 from .outputs import train_on_logits
@@ -48,6 +49,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("Elu/Selu/Celu/Softplus/Softsign/Mish -> Relu/Exp/Log forms", smooth_activations),
     ("InstanceNormalization (GroupNorm exports) -> ReduceMean/Sub/Sqrt/Div forms", instancenorm_to_reductions),
     ("Resize -> MatMul with interpolation matrices (no CPU ResizeGrad)", resize_to_matmul),
+    ("Pad reflect/edge/wrap -> Gather with an index map (Pad's gradient is constant mode only)", pad_modes_to_gather),
     ("AveragePool -> depthwise Conv with a constant kernel (ORT's AveragePoolGrad crashes)", avgpool_to_conv),
     ("ConvTranspose -> Conv on flipped, zero-inserted activations (no CPU ConvTransposeGrad)", convtranspose_to_conv),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),

@@ -493,6 +493,12 @@ class OutputPlan:
         out = Path(path)
         if str(path) == "" or out.name in ("", ".", ".."):
             raise OutputError(f"{option}: {str(path)!r} is not a file name")
+        if model:
+            try:
+                os.fspath(out).encode("utf-8")
+            except UnicodeEncodeError:
+                raise OutputError(f"{option}: the file name {os.fspath(out)!r} is not valid UTF-8",
+                                  hint="ONNX and ONNX Runtime take UTF-8 paths; rename it") from None
         parent = out.parent
         if not parent.is_dir():
             raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")

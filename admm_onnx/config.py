@@ -167,7 +167,16 @@ class PruneConfig:
     retrain_schedule: str = "cosine"
     batch_size: int = 64
     seed: int = 0
-    loss: str = "cross_entropy"
+    #: Objective (admm_onnx/losses.py): auto (cross_entropy with class labels, mse with float
+    #: targets, distill without labels), cross_entropy, mse, distill, ce+distill.
+    loss: str = "auto"
+    #: Distillation: softmax temperature of KL terms; weight of distillation in ce+distill;
+    #: "kl" or "mse" for every selected output (None: kl for class scores, mse otherwise);
+    #: class axis of class scores (None: 1 for (N, C) and NCHW, last for (N, T, C)).
+    temperature: float = 2.0
+    distill_weight: float = 0.5
+    distill_kind: Optional[str] = None
+    class_axis: Optional[int] = None
     optimizer: str = "adamw"
     output: Optional[str] = None
     #: Key of the labels in the feeds of a reader that is not an admm-onnx reader (an ORT
@@ -229,8 +238,19 @@ class PruneConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.labels_key is not None and (not isinstance(self.labels_key, str) or not self.labels_key):
             raise ConfigError(f"labels_key must be a non-empty string, got {self.labels_key!r}")
-        if self.output is not None and not isinstance(self.output, str):
-            raise ConfigError(f"output must be a tensor name, got {self.output!r}")
+        if isinstance(self.output, (list, tuple)):
+            if not self.output or not all(isinstance(o, str) and o for o in self.output):
+                raise ConfigError(f"output must be a tensor name or a list of names, got {self.output!r}")
+            object.__setattr__(self, "output", self.output[0] if len(self.output) == 1 else tuple(self.output))
+        elif self.output is not None and not isinstance(self.output, str):
+            raise ConfigError(f"output must be a tensor name or a list of names, got {self.output!r}")
+        _check_positive(self.temperature, "temperature")
+        if not 0.0 <= float(self.distill_weight) <= 1.0:
+            raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if self.distill_kind not in (None, "kl", "mse"):
+            raise ConfigError(f"distill_kind must be kl or mse, got {self.distill_kind!r}")
+        if self.class_axis is not None and (isinstance(self.class_axis, bool) or not isinstance(self.class_axis, int)):
+            raise ConfigError(f"class_axis must be an integer, got {self.class_axis!r}")
         _check_positive(self.threads, "threads", allow_zero=True, integer=True)
         _check_positive(self.workers, "workers", integer=True)
         from .allocation.budget import check_budget_fields, parse_compression

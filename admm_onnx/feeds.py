@@ -153,8 +153,8 @@ def check_labels(labels: Optional[np.ndarray], rows: int, where: str) -> Optiona
             y = y.astype(np.float32)
     else:
         raise DataError(f"{where}: labels must be numeric, got {y.dtype}")
-    if y.dtype == np.int64 and y.size and y.min() < 0:
-        raise DataError(f"{where}: labels contain negative class indices")
+    if y.dtype == np.int64 and y.size and np.any((y < 0) & (y != -100)):
+        raise DataError(f"{where}: labels contain negative class indices (-100 alone marks ignored positions)")
     return y
 
 

@@ -257,7 +257,8 @@ def _serve(conn: Connection) -> None:
             elif msg[0] == "step":
                 for name in names:
                     np.copyto(state.parameters[name].data, exchange.params[name])
-                loss, logits = module(*msg[1])
+                result = module(*msg[1])
+                loss, logits = (result[0], result[1]) if isinstance(result, (list, tuple)) else (result, None)
                 for name in names:
                     grad = state.parameters[name].grad
                     if grad is None:
@@ -265,7 +266,7 @@ def _serve(conn: Connection) -> None:
                     else:
                         np.copyto(grads_out[name], grad)
                 module.lazy_reset_grad()
-                conn.send(("done", float(loss), np.asarray(logits)))
+                conn.send(("done", float(loss), None if logits is None else np.asarray(logits)))
         except (BrokenPipeError, ConnectionResetError):
             return
         except Exception as exc:

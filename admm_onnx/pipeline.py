@@ -48,7 +48,9 @@ from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
 from .io import check_output_path, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
-from .losses import ClassifierLoss
+from .losses import distill_kind, make_loss
+from .metrics import Evaluator
+from .teacher import Teacher, with_teacher
 from .progress import as_progress
 from .quantization import QuantSpec, fit_levels, mark_model, max_level, read_quantization
 from .report import PruneReport, model_rows, utc_now, weight_histograms
@@ -74,10 +76,15 @@ class PreparedModel:
     source: Optional[str] = None
     #: Every real input of the model (name, dtype, shape): feeds carry one array per input.
     inputs: List[InputSpec] = None
+    #: The outputs the objective trains on (``output_name`` first); several with
+    #: ``--model-output A --model-output B``.
+    output_names: List[str] = None
 
     def __post_init__(self):
         if self.inputs is None:
             self.inputs = input_specs(self.training)
+        if self.output_names is None:
+            self.output_names = [self.output_name]
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -107,7 +114,7 @@ def prepare_model(
     ``speedups=False`` leaves out the exact speed rewrites (graph/prepare.py ``SPEEDUPS``), so
     the training graph computes in the user's order (for comparisons and debugging)."""
     if isinstance(model_input, PreparedModel):
-        if output is not None and output != model_input.output_name:
+        if output is not None and _output_list(output) != model_input.output_names:
             return prepare_model(model_input.original, output, speedups)
         return model_input
     if isinstance(model_input, onnx.ModelProto):
@@ -139,11 +146,14 @@ def prepare_model(
     if not inputs:
         raise ModelError("the model has no inputs")
     outputs = [o.name for o in training.graph.output]
-    if output is None:
-        output = default_output(training)  # first float output computed from weights
-    elif output not in outputs:
-        raise ConfigError(f"--output {output!r} is not a model output; outputs: {', '.join(outputs)}")
-    info = analyse(training, output)
+    selected = _output_list(output)
+    if not selected:
+        selected = [default_output(training)]  # first float output computed from weights
+    for name in selected:
+        if name not in outputs:
+            raise ConfigError(f"--model-output {name!r} is not a model output; outputs: {', '.join(outputs)}")
+    output = selected[0]
+    info = analyse(training, selected)
     if speedups:
         speed_up_for_training(training, info.trainable)
     return PreparedModel(
@@ -155,7 +165,15 @@ def prepare_model(
         input_shape=value_shape(inputs[0]),
         used_external_data=external,
         source=None if isinstance(model_input, onnx.ModelProto) else str(model_input),
+        output_names=list(dict.fromkeys(selected)),
     )
+
+
+def _output_list(output) -> List[str]:
+    """The selected outputs of a config's ``output`` (None, a name, or a list of names)."""
+    if output is None:
+        return []
+    return [output] if isinstance(output, str) else list(dict.fromkeys(output))
 
 
 def _file_used_external_data(path) -> bool:
@@ -268,8 +286,8 @@ def make_readers(
             prepared.input_name, prepared.fixed_batch, prepared.fixed_batch, batch_size,
         )
         batch_size = prepared.fixed_batch
-    train = ArrayReader(data.train, data.y_train, batch_size, shuffle=True, seed=seed, drop_last=True)
-    evaluate = ArrayReader(data.test, data.y_test, batch_size, pad_last=prepared.fixed_batch is not None)
+    train = ArrayReader(data.train, data.y_train, batch_size, prepared.input_name, shuffle=True, seed=seed, drop_last=True)
+    evaluate = ArrayReader(data.test, data.y_test, batch_size, prepared.input_name, pad_last=prepared.fixed_batch is not None)
     train.fitted = evaluate.fitted = True
     return train, evaluate, batch_size
 
@@ -341,19 +359,79 @@ def _trainer(
         raise ModelError("the model has no trainable weights (float initializers the output depends on)")
     if checkpoint is not None:
         _check_checkpoint(Path(checkpoint))  # before the artifacts beside it are rebuilt
-    build_artifacts(model, directory, trainable, loss, prepared.output_name, frozen, config.optimizer)
+    # Loss only in the training graph (no additional outputs: a BERT graph built with them
+    # crashed ORT training); evaluation runs ``model`` in an InferenceSession (metrics.py).
+    build_artifacts(model, directory, trainable, loss, prepared.output_names, frozen, config.optimizer, outputs=False)
     workers = config.workers
     if workers > 1 and prepared.fixed_batch:
         log.info("the model has a fixed batch size (%d): training in one process", prepared.fixed_batch)
         workers = 1
+    base = getattr(loss, "loss", loss)  # an AdmmPenalty wraps the base objective
     try:
-        return Trainer(directory, lr=lr, loss_kind=config.loss, num_classes=_num_classes(prepared),
-                       checkpoint=checkpoint, threads=config.threads, workers=workers)
+        trainer = Trainer(directory, lr=lr, loss_kind="mse" if getattr(base, "labels_as", "") == "onehot" else "cross_entropy",
+                          num_classes=_num_classes(prepared), checkpoint=checkpoint, threads=config.threads, workers=workers)
     except TrainingError as exc:
         if checkpoint is None:
             raise
         raise ConfigError(f"cannot resume from {checkpoint}: {exc}",
                           hint=f"the checkpoint is damaged; remove {Path(checkpoint).parent.parent} and start again") from exc
+    trainer.evaluator = Evaluator(model, prepared.output_names, output_kinds(prepared, config), config.class_axis)
+    return trainer
+
+
+def output_kinds(prepared: PreparedModel, config: PruneConfig) -> Dict[str, str]:
+    """Selected output -> "kl" (class scores) or "mse" (losses.distill_kind; config.distill_kind
+    overrides every output)."""
+    return {o: config.distill_kind or distill_kind(prepared.training, o) for o in prepared.output_names}
+
+
+def base_loss(prepared: PreparedModel, config: PruneConfig, reader, loss=None):
+    """The objective Block of a run: ``loss`` when given (any onnxblock Block), else
+    losses.make_loss(config.loss) for what the data holds (labels or not, read off the first
+    batch). The Block carries ``resolved_name``."""
+    if loss is not None:
+        if not hasattr(loss, "resolved_name"):
+            loss.resolved_name = type(loss).__name__
+        return loss
+    feed = _first_batch(reader)
+    labels = feed.get(LABELS)
+    floats = labels is not None and np.asarray(labels).dtype.kind == "f"
+    name, block = make_loss(config.loss, labels is not None, floats, config.temperature, config.distill_weight,
+                            config.class_axis, output_kinds(prepared, config))
+    block.resolved_name = name
+    if getattr(block, "needs_labels", False):
+        _check_label_rank(prepared, np.asarray(labels), block.labels_as == "indices")
+    return block
+
+
+def _check_label_rank(prepared: PreparedModel, labels: np.ndarray, indices: bool) -> None:
+    """Class indices have one axis less than the class scores (per sample, token or pixel)."""
+    for o in prepared.training.graph.output:
+        if o.name == prepared.output_name and o.type.tensor_type.HasField("shape"):
+            rank = len(o.type.tensor_type.shape.dim)
+            want = rank - 1 if labels.dtype.kind in "iu" else rank  # class indices, or float targets
+            if labels.ndim != want:
+                shape = [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+                raise DataError(
+                    f"labels have shape {tuple(labels.shape)} (per batch) but output {o.name!r} has shape {shape}: "
+                    + (f"class indices need {rank - 1} axes (one per sample{', token' if rank == 3 else ''}"
+                       f"{', pixel' if rank >= 4 else ''})" if want == rank - 1 else f"float targets need {rank} axes"),
+                    hint="or prune without labels (distillation)")
+
+
+def _objective(prepared: PreparedModel, config: PruneConfig, train_reader, eval_reader, loss, report):
+    """(base loss Block, training reader, evaluation reader): the readers carry the dense
+    model's outputs (teacher.py) for distillation (training) and fidelity (evaluation)."""
+    block = base_loss(prepared, config, train_reader, loss)
+    needs_teacher = bool(getattr(block, "needs_teacher", False))
+    report.objective, report.outputs = block.resolved_name, list(prepared.output_names)
+    log.info("objective: %s on %s", block.resolved_name, ", ".join(prepared.output_names))
+    if needs_teacher or eval_reader is not None:
+        teacher = Teacher(prepared.training, prepared.output_names)
+        eval_reader = with_teacher(eval_reader, teacher)
+        if needs_teacher:
+            train_reader = with_teacher(train_reader, teacher)
+    return block, train_reader, eval_reader
 
 
 def _epoch(
@@ -378,13 +456,34 @@ def _epoch(
             "seconds": stats.seconds,
             "eval_loss": ev.loss if ev else None,
             "eval_accuracy": ev.accuracy if ev else None,
+            "eval_fidelity": getattr(ev, "fidelity", None) if ev else None,
         }
     )
     log.info(
-        "%s: loss %.4f, train acc %.2f%%%s, %.0f samples/s",
-        label, stats.loss, 100 * stats.accuracy, f", eval acc {100 * ev.accuracy:.2f}%" if ev else "", stats.samples_per_s,
+        "%s: loss %.4f%s%s%s, %.0f samples/s",
+        label, stats.loss, "" if stats.accuracy is None else f", train acc {100 * stats.accuracy:.2f}%",
+        f", eval acc {100 * ev.accuracy:.2f}%" if ev is not None and ev.accuracy is not None else "",
+        f", fidelity {_fid(ev)}" if getattr(ev, "fidelity", None) else "", stats.samples_per_s,
     )
     return ev
+
+
+def _fid(ev) -> str:
+    from .metrics import fidelity_line
+
+    return fidelity_line(getattr(ev, "fidelity", None))
+
+
+def _record(report: PruneReport, phase: str, ev) -> None:
+    """Top-1 (when labels exist) and fidelity of an evaluation as the report's ``phase`` entry."""
+    acc, fid = {"before": ("accuracy_before", "fidelity_before"), "admm": ("accuracy_after_admm", "fidelity_after_admm"),
+                "hard": ("accuracy_hard_pruned", "fidelity_hard_pruned"), "after": ("accuracy_after", "fidelity_after")}[phase]
+    setattr(report, acc, ev.accuracy)
+    setattr(report, fid, getattr(ev, "fidelity", None))
+    if phase == "before":
+        report.loss_before = ev.loss
+    elif phase == "after":
+        report.loss_after = ev.loss
 
 
 def train(
@@ -411,8 +510,13 @@ def train(
     out = check_output_path(model_output, prepared.source)
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
+    loss = base_loss(prepared, config, train_reader)
+    if getattr(loss, "needs_teacher", False):
+        raise ConfigError("dense training needs labels (distillation needs a trained teacher)",
+                          hint="give labels (labels/y, --labels-key) and --loss cross_entropy or mse")
+    report.objective, report.outputs = loss.resolved_name, list(prepared.output_names)
     with _workdir(workdir, keep=False) as work:
-        trainer = _trainer(prepared, prepared.training, work / "dense", config, ClassifierLoss(config.loss), (), config.lr)
+        trainer = _trainer(prepared, prepared.training, work / "dense", config, loss, (), config.lr)
         if schedule == "cosine":
             try:
                 steps_per_epoch = len(train_reader)
@@ -495,6 +599,7 @@ def prune(
     workdir: Optional[Path] = None,
     resume: bool = False,
     channels=None,
+    loss=None,
 ) -> PruneReport:
     """ADMM-prune ``model_input`` and write the pruned model to ``model_output``.
 
@@ -507,6 +612,10 @@ def prune(
     (optional) the same for evaluation. ``config``: a :class:`PruneConfig`, a dict or a
     TOML/JSON path. With ``workdir`` the run saves its state there after every ADMM iteration
     and retraining epoch, and ``resume=True`` continues from the last completed step.
+    ``loss``: any onnxblock ``Block`` as the objective (its ``build`` gets the selected output
+    names); default ``config.loss`` (admm_onnx/losses.py: labels -> cross-entropy, no labels ->
+    distillation from the dense model). Fidelity to the dense model is measured on
+    ``eval_reader`` whenever one is given.
     Returns a :class:`PruneReport`.
     """
     config = _as_config(config)
@@ -514,6 +623,8 @@ def prune(
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
+    probe_report = PruneReport()
+    loss, train_reader, eval_reader = _objective(prepared, config, train_reader, eval_reader, loss, probe_report)
     if channels is not None:
         from .structured.phase import prune_channels
 
@@ -546,15 +657,17 @@ def prune(
             work.start(identity)
             saved = {"phase": "admm", "step": 0}
             report = PruneReport(config=config.to_dict(), allocation=allocation, input=_input_identity(prepared))
+            report.objective, report.outputs = probe_report.objective, probe_report.outputs
             for p in plan.values():
                 log.info("will prune %s %s to %.2f%% zeros%s (rho %s, %s)", p.name, p.shape, 100 * p.sparsity,
                          f", {p.bits}-bit levels per {p.quant_scale}" if p.bits else "",
                          "auto" if p.rho is None else f"{p.rho:.2e}", p.structure)
         run = _PruneRun(prepared, plan, config, work, report, train_reader, eval_reader, progress)
+        run.loss = loss
         if saved["phase"] == "admm":
             run.admm(start=saved["step"])
             saved = {"phase": "retrain", "step": 0}
-        weights, reference, probe = run.retrain(start=saved["step"])
+        weights, reference, probe, last_eval = run.retrain(start=saved["step"])
 
     # The original graph with the new weights (and the quantized weights' specs, for exports).
     final = output_model(prepared, weights)
@@ -575,9 +688,14 @@ def prune(
     if report.max_output_diff > 1e-3 * max(1.0, float(np.max(np.abs(expected)))):
         log.warning("the written model's outputs differ from the trained model's by %.3g", report.max_output_diff)
     if eval_reader is not None:
+        # Top-1 of the written model (when labels exist); fidelity of the trained copy, which
+        # the check above showed computes what the written model computes.
+        if last_eval is not None:
+            _record(report, "after", last_eval)
         after = evaluate(final, eval_reader, prepared.output_name)
-        report.accuracy_after, report.loss_after = after.accuracy, after.loss
-        log.info("after pruning: top-1 %.2f%%, loss %.4f", 100 * after.accuracy, after.loss)
+        if after.accuracy is not None:  # (N, C) class scores against labels: the written model's own figure
+            report.accuracy_after, report.loss_after = after.accuracy, after.loss
+        log.info("after pruning: %s", _phase_line(report.accuracy_after, report.fidelity_after))
     report.finished = utc_now()
     return report
 
@@ -603,7 +721,7 @@ class _PruneRun:
     def admm(self, start: int) -> None:
         """ADMM iterations ``start``..``admm_iters``, then the hard prune."""
         c, work, report = self.config, self.work, self.report
-        penalty = AdmmPenalty(ClassifierLoss(c.loss), list(self.plan))
+        penalty = AdmmPenalty(self.loss, list(self.plan))
         trainer = _trainer(
             self.prepared, self.prepared.training, work.path / "admm", c, penalty, penalty.frozen_params, c.lr,
             checkpoint=work.existing_checkpoint("admm") if start else None,
@@ -625,10 +743,11 @@ class _PruneRun:
             state.initialize(state.read_weights(trainer))
             if self.eval_reader is not None:
                 before = trainer.evaluate(self.eval_reader)  # rho = 0 still: the plain model
-                report.accuracy_before, report.loss_before = before.accuracy, before.loss
-                log.info("before pruning: top-1 %.2f%%, loss %.4f", 100 * before.accuracy, before.loss)
+                _record(report, "before", before)
+                if before.accuracy is not None:
+                    log.info("before pruning: top-1 %.2f%%, loss %.4f", 100 * before.accuracy, before.loss)
             if any(r is None for r in state.rho.values()):
-                norms = _gradient_norms(trainer, self.train_reader, state.tensors, self.CALIBRATION_BATCHES)
+                norms = _calibration_norms(trainer, self.train_reader, state, self.loss, self.CALIBRATION_BATCHES)
                 for n, rho in state.calibrate(norms, state.read_weights(trainer), c.rho_ratio).items():
                     log.info("rho for %s: %.3g (auto)", n, rho)
             self._commit("admm", 0)
@@ -685,13 +804,14 @@ class _PruneRun:
 
         state.disable(trainer)
         if self.eval_reader is not None and c.admm_iters:
-            report.accuracy_after_admm = trainer.evaluate(self.eval_reader).accuracy
+            _record(report, "admm", trainer.evaluate(self.eval_reader))
+            log.info("after ADMM: %s", _phase_line(report.accuracy_after_admm, report.fidelity_after_admm))
         hard = state.harden(trainer)
         report.quantization = hard.info
         if self.eval_reader is not None:
-            report.accuracy_hard_pruned = trainer.evaluate(self.eval_reader).accuracy
-            log.info("hard-pruned: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
-            if report.accuracy_after_admm is not None:
+            _record(report, "hard", trainer.evaluate(self.eval_reader))
+            log.info("hard-pruned: %s", _phase_line(report.accuracy_hard_pruned, report.fidelity_hard_pruned))
+            if report.accuracy_after_admm is not None and report.accuracy_hard_pruned is not None:
                 report.hard_prune_gap = report.accuracy_after_admm - report.accuracy_hard_pruned
                 log.info("hard-prune gap: %.2f points", 100 * report.hard_prune_gap)
         arrays = {f"w/{n}": trainer.get(n) for n in self.prepared.info.trainable}
@@ -717,7 +837,7 @@ class _PruneRun:
         fq = _FakeQuant(quant, weights, masks)
         lr = c.retrain_lr or c.lr
         trainer = _trainer(
-            self.prepared, model, work.path / "retrain", c, ClassifierLoss(c.loss),
+            self.prepared, model, work.path / "retrain", c, self.loss,
             mask_params + fq.insert(model) + frozen, lr,
             checkpoint=work.existing_checkpoint("retrain") if start else None,
             trainable=[n for n in self.prepared.info.trainable if n not in frozen],
@@ -744,8 +864,9 @@ class _PruneRun:
         report.quantization.update(fq.finish(trainer, weights))  # exactly on the levels, final scales
         probe = _first_batch(self.eval_reader if self.eval_reader is not None else self.train_reader)
         logits = trainer.logits(probe)
+        last = trainer.evaluate(self.eval_reader) if self.eval_reader is not None else None
         trainer.close()
-        return weights, logits, probe
+        return weights, logits, probe, last
 
 
 class _FakeQuant:
@@ -790,6 +911,30 @@ class _FakeQuant:
             _, weights[n] = quantize_like_graph(weights[n], scale, max_level(s.bits))
             out[n] = QuantSpec(s.bits, tuple(float(x) for x in scale.reshape(-1)), s.axis).to_dict()
         return out
+
+
+def _phase_line(accuracy, fidelity) -> str:
+    from .metrics import fidelity_line
+
+    top1 = "" if accuracy is None else f"top-1 {100 * accuracy:.2f}%; "
+    return f"{top1}fidelity {fidelity_line(fidelity)}"
+
+
+def _calibration_norms(trainer: Trainer, reader: DataReader, state: AdmmState, loss, batches: int) -> Dict[str, float]:
+    """Gradient norms that calibrate an automatic rho. A distillation loss is zero, with a zero
+    gradient, at the dense weights (the student is the teacher): its norms are taken at the
+    projected weights Z instead, where the loss measures what pruning costs (the weights are
+    restored after)."""
+    if not getattr(getattr(loss, "loss", loss), "needs_teacher", False):
+        return _gradient_norms(trainer, reader, state.tensors, batches)
+    dense = {n: trainer.get(n) for n in state.tensors}
+    try:
+        for n in state.tensors:
+            trainer.set(n, state.Z[n])
+        return _gradient_norms(trainer, reader, state.tensors, batches)
+    finally:
+        for n, w in dense.items():
+            trainer.set(n, w)
 
 
 def _gradient_norms(trainer: Trainer, reader: DataReader, names: Sequence[str], batches: int) -> Dict[str, float]:
@@ -848,6 +993,10 @@ def _session(model_input: ModelInput):
     """An ORT InferenceSession for a path or a ModelProto, with one-line errors."""
     import onnxruntime as ort
 
+    from . import training
+
+    training.flush_denormals()  # before the process's first session (training.flush_denormals)
+
     if isinstance(model_input, onnx.ModelProto):
         if model_input.ByteSize() >= 2**31 - 1:
             raise ModelError("models over 2 GB must be evaluated from a file path")
@@ -856,7 +1005,8 @@ def _session(model_input: ModelInput):
         load_model(model_input, load_external_data=False)  # one-line errors for bad files
         source = str(model_input)
     try:
-        return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        # the training sessions' options: intra-op spinning off (shared machines), denormals flushed
+        return ort.InferenceSession(source, training.session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[-1]}") from exc
 
@@ -876,14 +1026,12 @@ def _first_batch(reader: DataReader) -> Dict[str, np.ndarray]:
 
 def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[str] = None) -> EpochStats:
     """Top-1 accuracy and cross-entropy of an inference model in an ORT ``InferenceSession``."""
-    from .training import cross_entropy
-
     sess = _session(model_input)
     output_name = output_name or sess.get_outputs()[0].name
     graph = model_input if isinstance(model_input, onnx.ModelProto) else load_model(model_input, load_external_data=False)
     view = output_view(graph, output_name)  # Softmax / (N, C, 1, 1) heads -> (N, C) logits
     t0 = time.perf_counter()
-    correct, seen, nll = 0, 0, 0.0
+    correct, seen, nll, counted = 0, 0, 0.0, 0
     reader.rewind()
     while True:
         feed = reader.get_next()
@@ -891,17 +1039,30 @@ def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[
             break
         (written,) = sess.run([output_name], _model_feed(sess, feed))
         logits = view.to_logits(written)
-        if np.ndim(logits) != 2 or len(logits) != len(feed[LABELS]):
+        if LABELS in feed and np.ndim(feed[LABELS]) == 1 and (np.ndim(logits) != 2 or len(logits) != len(feed[LABELS])):
             raise ModelError(
                 f"model output {output_name!r} has shape {list(np.shape(written))} for a batch of {len(feed[LABELS])}; "
                 "accuracy needs (batch, classes) scores",
                 hint="choose the scores output with --model-output",
             )
         valid = int(feed.get("__valid__", len(logits)))
-        logits, labels = logits[:valid], np.asarray(feed[LABELS])[:valid]
-        correct += int((np.argmax(logits, axis=-1) == labels).sum())
-        nll += cross_entropy(logits, labels) * valid
         seen += valid
+        if LABELS not in feed or correct is None:
+            correct = None
+            continue
+        logits, labels = logits[:valid], np.asarray(feed[LABELS])[:valid]
+        if labels.dtype.kind not in "iu" or labels.shape != logits.shape[:-1]:
+            correct = None  # labels that are no class indices of the last axis: see metrics.py
+            continue
+        keep = labels != -100  # ignored (padding) positions
+        labels = np.where(keep, labels, 0)
+        correct += int(((np.argmax(logits, axis=-1) == labels) & keep).sum())
+        logp = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= float(np.take_along_axis(logp, labels[..., None], -1)[..., 0][keep].sum())
+        counted += int(keep.sum())
     if seen == 0:
         raise DataError("no evaluation data")
-    return EpochStats(nll / seen, correct / seen, seen, time.perf_counter() - t0)
+    if correct is None or not counted:
+        return EpochStats(None, None, seen, time.perf_counter() - t0)
+    return EpochStats(nll / counted, correct / counted, seen, time.perf_counter() - t0)

@@ -81,6 +81,16 @@ class PruneReport:
     accuracy_after: Optional[float] = None
     loss_before: Optional[float] = None
     loss_after: Optional[float] = None
+    #: fidelity to the dense model on the evaluation data (admm_onnx/metrics.py Fidelity):
+    #: {"output", "agreement", "kl" (class scores), "rel_mse", "cosine"} at each phase's end
+    fidelity_before: Optional[Dict[str, object]] = None
+    fidelity_after_admm: Optional[Dict[str, object]] = None
+    fidelity_hard_pruned: Optional[Dict[str, object]] = None
+    fidelity_after: Optional[Dict[str, object]] = None
+    #: the training objective used (admm_onnx/losses.py: cross_entropy, mse, distill, ce+distill,
+    #: or the class name of a Block passed in) and the outputs it trains on
+    objective: Optional[str] = None
+    outputs: List[str] = field(default_factory=list)
     residuals: List[Dict[str, Dict[str, float]]] = field(default_factory=list)
     #: why ADMM ended: converged (every primal residual <= admm_tol) or the iteration cap
     admm_stop: Optional[str] = None
@@ -143,12 +153,13 @@ class PruneReport:
     def phases(self) -> List[Dict[str, object]]:
         """The run phase by phase: name, top-1 and loss at its end, seconds."""
         rows = [
-            ("dense", self.accuracy_before, self.loss_before, self.phase_seconds.get("dense", self.phase_seconds.get("train"))),
-            ("admm", self.accuracy_after_admm, None, self.phase_seconds.get("admm")),
-            ("hard_prune", self.accuracy_hard_pruned, None, None),
-            ("retrain", self.accuracy_after, self.loss_after, self.phase_seconds.get("retrain")),
+            ("dense", self.accuracy_before, self.loss_before, self.phase_seconds.get("dense", self.phase_seconds.get("train")),
+             self.fidelity_before),
+            ("admm", self.accuracy_after_admm, None, self.phase_seconds.get("admm"), self.fidelity_after_admm),
+            ("hard_prune", self.accuracy_hard_pruned, None, None, self.fidelity_hard_pruned),
+            ("retrain", self.accuracy_after, self.loss_after, self.phase_seconds.get("retrain"), self.fidelity_after),
         ]
-        return [{"phase": p, "accuracy": a, "loss": lo, "seconds": sec} for p, a, lo, sec in rows]
+        return [{"phase": p, "accuracy": a, "loss": lo, "seconds": sec, "fidelity": f} for p, a, lo, sec, f in rows]
 
     def to_dict(self) -> Dict[str, object]:
         d = {"report_format": REPORT_FORMAT, **asdict(self)}
@@ -177,6 +188,17 @@ class PruneReport:
                 f"Top-1: before {acc(self.accuracy_before)}, after ADMM {acc(self.accuracy_after_admm)}, "
                 f"hard-pruned {acc(self.accuracy_hard_pruned)}, after retraining {acc(self.accuracy_after)}"
             )
+        if self.fidelity_before is not None or self.fidelity_after is not None:
+            from .metrics import fidelity_line
+
+            what = self.fidelity_after or self.fidelity_before
+            lines.append(
+                f"Fidelity to the dense model ({what.get('output')}): after ADMM "
+                f"{fidelity_line(self.fidelity_after_admm)}; hard-pruned {fidelity_line(self.fidelity_hard_pruned)}; "
+                f"after retraining {fidelity_line(self.fidelity_after)}"
+            )
+        if self.objective:
+            lines.append(f"Objective: {self.objective} on {', '.join(self.outputs) or 'the default output'}")
         if self.admm_stop:
             gap = "" if self.hard_prune_gap is None else f"; hard-prune gap {100 * self.hard_prune_gap:.2f} points"
             lines.append(f"ADMM: {self.admm_stop}{gap}")

@@ -122,17 +122,24 @@ def build_artifacts(
     directory: Path,
     trainable: Sequence[str],
     loss: onnxblock.Block,
-    output_name: str,
+    output_name: "str | Sequence[str]",
     frozen: Sequence[str] = (),
     optimizer: str = "adamw",
+    outputs: bool = True,
 ) -> Path:
     """Write training/eval/optimizer models and a checkpoint for ``model`` into ``directory``.
 
+    ``output_name``: the model output the loss reads, or several. ``outputs=True`` also makes
+    the training and eval models return the (first) output after the loss
+    (``additional_output_names``); the pipeline passes False (loss only: a BERT graph built
+    with that option crashed ORT training, issue 12) and evaluates in an InferenceSession.
     Every artifact's IR version is normalised for ORT 1.19.2 (see graph/ir_version.py).
     """
     from .graph.differentiable import check_differentiable, explain_gradient_error
 
-    check_differentiable(model, list(trainable), output_name)  # one-line error naming the op
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
+    for name in names:
+        check_differentiable(model, list(trainable), name)  # one-line error naming the op
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # generate_artifacts logs at INFO through the root logger; keep it out of ours.
@@ -147,8 +154,8 @@ def build_artifacts(
             loss=loss,
             optimizer=OPTIMIZERS[optimizer],
             artifact_directory=str(directory),
-            additional_output_names=[output_name],
-            loss_input_names=[output_name],
+            additional_output_names=names[:1] if outputs else None,
+            loss_input_names=names,
         )
     except RuntimeError as exc:
         explained = explain_gradient_error(exc, model)
@@ -355,9 +362,11 @@ class Trainer:
                 if feed is None:
                     break
                 loss, logits = self.train_step(feed)
-                n = len(logits)
+                n = len(next(v for k, v in feed.items() if k != LABELS)) if logits is None else len(logits)
                 total_loss += loss * n
-                if LABELS in feed and np.shape(feed[LABELS]) == np.shape(logits)[:-1]:
+                if logits is None:
+                    correct = None
+                elif correct is not None and LABELS in feed and np.shape(feed[LABELS]) == np.shape(logits)[:-1]:
                     correct += int((np.argmax(logits, axis=-1) == feed[LABELS]).sum())
                 seen += n
                 progress.advance(1, loss=loss)
@@ -368,20 +377,19 @@ class Trainer:
         dt = time.perf_counter() - t0
         if seen == 0:
             raise TrainingError("the training reader yielded no batch")
-        return EpochStats(total_loss / seen, correct / seen, seen, dt)
+        return EpochStats(total_loss / seen, None if correct is None else correct / seen, seen, dt)
 
     def _forward_backward(self, inputs: List[np.ndarray]) -> Tuple[float, np.ndarray]:
         """Loss and output of one training batch, its gradient left in the parameters' buffers;
         with workers, computed over row slices in parallel and recombined (admm_onnx.parallel)."""
         n = len(inputs[0])
         if self.pool is None or n < self.pool.workers:
-            loss, logits = self.module(*inputs)
-            return float(loss), logits
+            return _loss_and_output(self.module(*inputs))
         bounds = np.linspace(0, n, self.pool.workers + 1).round().astype(int)
         slices = [[a[bounds[k] : bounds[k + 1]] for a in inputs] for k in range(self.pool.workers)]
         for rank in range(1, self.pool.workers):
             self.pool.start(rank, slices[rank])
-        loss0, logits0 = self.module(*slices[0])
+        loss0, logits0 = _loss_and_output(self.module(*slices[0]))
         losses, outputs = [float(loss0)], [logits0]
         for rank in range(1, self.pool.workers):
             loss_k, logits_k = self.pool.finish(rank)
@@ -402,10 +410,21 @@ class Trainer:
                 grad *= weights[0]
                 for rank in range(1, self.pool.workers):
                     grad += weights[rank] * grads[rank][name]
-        return float(np.dot(weights, losses)), np.concatenate(outputs)
+        return float(np.dot(weights, losses)), (None if any(o is None for o in outputs) else np.concatenate(outputs))
+
+    #: An admm_onnx.metrics.Evaluator over this trainer's model (set by the pipeline): then
+    #: outputs and evaluation come from an InferenceSession with the current weights.
+    evaluator = None
+
+    def weights(self) -> Dict[str, np.ndarray]:
+        """Every checkpoint parameter (trainable and frozen: masks, fake-quantization scales)."""
+        return {n: np.array(p.data) for n, p in self.state.parameters}
 
     def logits(self, feed: Dict[str, np.ndarray]) -> np.ndarray:
-        """Eval-mode model output for one feed dict."""
+        """Model output (the first selected one) for one feed dict, in eval mode."""
+        if self.evaluator is not None:
+            sess = self.evaluator.session(self.weights())
+            return self.evaluator.outputs_for(sess, feed)[self.evaluator.outputs[0]]
         self.module.eval()
         _, logits = self.module(*self._inputs(feed))
         return logits
@@ -421,7 +440,10 @@ class Trainer:
             yield feed, logits[: int(feed.get("__valid__", len(logits)))]
 
     def evaluate(self, reader: DataReader) -> EpochStats:
-        """Top-1 accuracy and mean cross-entropy of the logits over ``reader``."""
+        """Top-1 accuracy and mean cross-entropy of the logits over ``reader`` (with an
+        evaluator: every metric, fidelity included, of the current weights)."""
+        if self.evaluator is not None:
+            return self.evaluator.evaluate(reader, self.weights())
         t0 = time.perf_counter()
         correct, seen, nll = 0, 0, 0.0
         for feed, logits in self.predict(reader):
@@ -432,6 +454,14 @@ class Trainer:
         if seen == 0:
             raise TrainingError("the evaluation reader yielded no batch")
         return EpochStats(nll / seen, correct / seen, seen, time.perf_counter() - t0)
+
+
+def _loss_and_output(result) -> Tuple[float, Optional[np.ndarray]]:
+    """(loss, output or None) from a training module's return: the loss alone, or the loss
+    and the model output when the artifacts were built with outputs."""
+    if isinstance(result, (list, tuple)):
+        return float(result[0]), (np.asarray(result[1]) if len(result) > 1 else None)
+    return float(result), None
 
 
 def cosine_schedule(lr: float, total_steps: int, floor: float = 0.0) -> Callable[[int], float]:

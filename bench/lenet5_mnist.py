@@ -20,6 +20,11 @@ Usage:
        --epochs-per-iter --admm-update-steps --rho --rho-mode --rho-growth --admm-tol --lr
        --retrain-epochs --retrain-lr --batch-size --augment-shift --augment-phase]
 
+--labels none prunes without labels (the dense model, trained with labels, is the teacher:
+self-distillation, admm_onnx/losses.py); --labels both prunes the same dense model twice, with
+labels and without, side by side (same seed and schedule); top-1 is always measured with the
+test labels. Results go to results.json (the label-free run under "label_free").
+
 --then RATIOS prunes the pruned model again (progressive pruning, as in the ADMM follow-ups
 that reach 85x-246x on LeNet-5): e.g. --ratios conv6k --then x100.
 
@@ -45,7 +50,7 @@ import numpy as np
 
 from admm_onnx import io as onnx_io
 from admm_onnx.config import PruneConfig, Rule
-from admm_onnx.data import DataReader, Dataset, load_idx_dir
+from admm_onnx.data import LABELS, DataReader, Dataset, load_idx_dir
 from admm_onnx.models import build
 from admm_onnx.pipeline import evaluate, make_readers, prepare_model, prune, train
 from admm_onnx.quantization import read_quantization
@@ -196,6 +201,27 @@ class ShiftReader(DataReader):
         return out
 
 
+class NoLabels(DataReader):
+    """Training reader wrapper that withholds the labels (label-free pruning)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def rewind(self):
+        self.reader.rewind()
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.reader, "set_epoch"):
+            self.reader.set_epoch(epoch)
+
+    def get_next(self):
+        feed = self.reader.get_next()
+        return None if feed is None else {k: v for k, v in feed.items() if k != LABELS}
+
+
 class PhaseSwitch:
     """A progress callback (admm_onnx.progress) that turns a ShiftReader on for the phases whose
     label starts with one of ``prefixes`` ("train" dense, "ADMM", "retrain") and off otherwise."""
@@ -344,6 +370,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-ftz", action="store_true", help="leave denormals on (ORT's default; see configure_ort_sessions)")
     ap.add_argument("--spin", action="store_true", help="let ORT threads spin-wait (ORT's default; off here, see configure_ort_sessions)")
     ap.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
+    ap.add_argument("--labels", choices=("yes", "none", "both"), default="yes",
+                    help="prune with the training labels (yes), without them by self-distillation from the dense "
+                         "model (none), or both from the same dense model, side by side (both)")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -402,15 +431,23 @@ def main(argv=None) -> dict:
     model = build(args.model, input_shape=data.x_train.shape[1:], seed=args.seed)
     prepared = prepare_model(model)
     train_reader, eval_reader, batch = make_readers(prepared, data, config.batch_size, args.seed)
-    shift = None
-    if sched["augment_shift"]:
-        train_reader = shift = ShiftReader(train_reader, sched["augment_shift"], args.seed)
-    switch = PhaseSwitch(shift, ("train", "ADMM", "retrain") if sched["augment_phase"] == "all" else ("retrain",))
+    plain_reader = train_reader
+
+    def augmented(reader):
+        """(reader with shifts, its PhaseSwitch): a fresh shift stream per run (same seed)."""
+        shift = ShiftReader(reader, sched["augment_shift"], args.seed) if sched["augment_shift"] else None
+        prefixes = ("train", "ADMM", "retrain") if sched["augment_phase"] == "all" else ("retrain",)
+        return (shift or reader), PhaseSwitch(shift, prefixes)
+
+    train_reader, switch = augmented(plain_reader)
+    labelled_reader = train_reader  # dense training always has the labels: it trains the teacher
 
     # Phase 1: dense training.
     dense_path = out / f"{args.model}_dense.onnx"
     t0 = time.perf_counter()
-    dense = train(prepared, dense_path, train_reader, sched["dense_epochs"], eval_reader,
+    if args.labels == "none":
+        train_reader = NoLabels(train_reader)  # labels withheld from pruning: the dense model teaches
+    dense = train(prepared, dense_path, labelled_reader, sched["dense_epochs"], eval_reader,
                   config.replace(lr=sched["dense_lr"]), progress=switch, schedule=sched["dense_schedule"])
     timings["dense"] = time.perf_counter() - t0
     print(f"Dense: top-1 {pct(dense.accuracy_after)} after {sched['dense_epochs']} epochs, {timings['dense']:.1f} s", flush=True)
@@ -453,6 +490,22 @@ def main(argv=None) -> dict:
     timings["export"] = time.perf_counter() - t0
     final = evaluate(pruned_path, eval_reader)
     csr_eval = evaluate(csr_path, eval_reader)
+    label_free = None
+    if args.labels == "both":  # the same dense model pruned again, labels withheld, same schedule
+        if len(stages) > 1:
+            raise SystemExit("--labels both runs one stage (no --then)")
+        lf_path = out / f"{args.model}_pruned_labelfree.onnx"
+        lf_reader, lf_switch = augmented(plain_reader)
+        t1 = time.perf_counter()
+        lf = prune(dense_path, lf_path, NoLabels(lf_reader), stage_config(stages[0][1], stages[0][0]), eval_reader,
+                   progress=lf_switch)
+        timings["prune_label_free"] = time.perf_counter() - t1
+        lf_final = evaluate(lf_path, eval_reader)
+        label_free = {"top1": lf_final.accuracy, "top1_after_admm": lf.accuracy_after_admm,
+                      "top1_hard_pruned": lf.accuracy_hard_pruned, "nonzero": lf.total_nonzero,
+                      "compression": lf.compression, "objective": lf.objective, "fidelity_after": lf.fidelity_after,
+                      "fidelity_hard_pruned": lf.fidelity_hard_pruned, "seconds": lf.phase_seconds,
+                      "samples_seen": lf.samples_seen, "epochs": lf.epochs}
     timings["total"] = time.perf_counter() - t_start
 
     from onnx import numpy_helper
@@ -488,6 +541,11 @@ def main(argv=None) -> dict:
         print("Quantized: " + ", ".join(f"{r['layer'].split('.')[0]} {r['bits']}-bit" for r in rows if "bits" in r)
               + f" (scales: {args.quant_scale}); weight-bits compression (values only, no indices) "
               f"{weight_bits_compression(rows):.0f}x")
+    if label_free:
+        print(f"Label-free (labels withheld, the dense model as teacher, same schedule): top-1 {pct(label_free['top1'])} "
+              f"at {label_free['compression']:.1f}x vs labelled {pct(final.accuracy)}: difference "
+              f"{100 * (label_free['top1'] - final.accuracy):+.2f} points; fidelity to the dense model "
+              f"{label_free['fidelity_after']}")
     print(f"Prior art: {PRIOR_ART[args.model]}")
     print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print(f"Throughput: dense {dense_samples / timings['dense']:,.0f} samples/s (incl. per-epoch eval), "
@@ -530,6 +588,8 @@ def main(argv=None) -> dict:
         "bits": bits or None, "quant_scale": args.quant_scale if bits else None,
         "quantization": report.quantization or None,
         "weight_bits_compression": weight_bits_compression(rows) if quant else None,
+        "labels": args.labels, "objective": report.objective, "fidelity_after": report.fidelity_after,
+        "label_free": label_free,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result

@@ -249,9 +249,12 @@ def _common_training_options(f):
                      help="ONNX Runtime threads (0: one per core).  [default: 0]")(f)
     f = click.option("--workers", type=int, default=None,
                      help="Processes each training batch is split over (e.g. the number of cores).  [default: 1]")(f)
-    f = click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default=None,
-                     help="Base loss.  [default: cross_entropy]")(f)
-    f = _model_output_option("Model output the loss uses.")(f)
+    f = click.option("--loss", type=click.Choice(["auto", "cross_entropy", "mse", "distill", "ce+distill"]), default=None,
+                     help="Objective: cross_entropy/mse on labels, distill from the dense model, or both.  "
+                          "[default: auto: cross_entropy with labels, distill without]")(f)
+    f = click.option("--model-output", "output_name", default=None, metavar="NAME", multiple=True,
+                     help="Model output the loss uses (repeat for several).  [default: the first float output "
+                          "computed from weights]")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bars or logs.")(f)
     return f
 
@@ -303,13 +306,15 @@ def _common_training_options(f):
                    "model; --sparsity is then the fraction of channels removed per group, --target-macs the MACs "
                    "kept.  [default: element]")
 @click.option("--round-to", type=int, default=None, help="With --structure channel: kept channels a multiple of N (8: ORT's fast conv layout).  [default: 8]")
+@click.option("--temperature", type=float, default=None,
+              help="Softmax temperature of distillation on class scores.  [default: 2]")
 @_common_training_options
 @click.pass_context
 def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_params, target_macs, allocation, min_keep,
           max_keep,
           admm_iters, epochs_per_iter, admm_update_steps, retrain_epochs, bits, quant_scale, rho, rho_mode, rho_growth,
           admm_tol, retrain_lr, report_path, sparse_output, workdir, resume, keep_workdir, plot_path, structure, round_to,
-          data, labels_key, lr, batch_size, seed, workers, threads, loss, output_name, quiet):
+          data, labels_key, lr, batch_size, seed, workers, threads, loss, temperature, output_name, quiet):
     """ADMM-prune MODEL on DATA and write the pruned model to OUTPUT.
 
     The run saves its state after every ADMM iteration and retraining epoch; after Ctrl-C, a
@@ -335,7 +340,8 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         admm_iters=admm_iters, epochs_per_iter=epochs_per_iter, admm_update_steps=admm_update_steps,
         retrain_epochs=retrain_epochs, rho=rho,
         rho_mode=rho_mode, rho_growth=rho_growth, admm_tol=admm_tol, lr=lr, retrain_lr=retrain_lr, batch_size=batch_size, seed=seed, loss=loss,
-        output=output_name, threads=threads, workers=workers, labels_key=labels_key,
+        output=list(output_name) or None, threads=threads, workers=workers, labels_key=labels_key,
+        temperature=temperature,
     )
     if any(v is not None for v in (compression, target_params, target_macs)):
         if sparsity is not None:
@@ -470,7 +476,8 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     if epochs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--epochs")
     workers, threads = check_parallelism(workers, threads)
-    config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=output_name, threads=threads,
+    config = PruneConfig().replace(lr=lr, batch_size=batch_size, seed=seed, loss=loss, output=list(output_name) or None,
+                                   threads=threads,
                                    workers=workers)
     plan = OutputPlan()
     plan.add_model_input(model)
@@ -506,6 +513,9 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
     n_train = len(getattr(dataset, "x_train", ())) or batch_size
     _, eval_reader, _ = make_readers(prepared, dataset, max(1, min(batch_size, n_train)))
     stats = evaluate(model, eval_reader, prepared.output_name)
+    if stats.accuracy is None:
+        raise DataError("eval measures top-1 against class labels; the data has none",
+                        hint="give labels (labels/y, --labels-key)")
     if as_json:
         click.echo(json.dumps({"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples}))
     else:

@@ -1,6 +1,7 @@
 """Slow: ``admm-onnx prune`` with default settings (only --sparsity given) on each tiny real
 export in tests/fixtures/zoo; the written model loads in ONNX Runtime with the signature of
-the input model. Multi-input text models need multi-input feeds (issue 12, other half)."""
+the input model. Models with several inputs get a .npz keyed by input names; the sentence
+embedding model (no classes) prunes without labels, by distillation from the dense model."""
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,6 @@ import pytest
 from test_zoo_fixtures import feed_for
 
 ZOO = Path(__file__).parent / "fixtures" / "zoo"
-MULTI_INPUT = "multi-input models need issue 12's multi-input feeds and label-free pruning (not on main yet)"
 
 CASES = {
     "cnn_two_heads.onnx": 4,
@@ -42,14 +42,19 @@ def signature(model):
 def test_zoo_model_prunes_with_defaults(name, tmp_path):
     model = onnx.load(str(ZOO / name), load_external_data=False)
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) > 1:
-        pytest.xfail(MULTI_INPUT)
     for f in ZOO.glob(name + "*"):
         shutil.copy(f, tmp_path / f.name)
     feed = feed_for(model, batch=96, seed=0)
-    (x,) = feed.values()
-    y = np.random.default_rng(0).integers(0, CASES[name], len(x))
-    np.savez(tmp_path / "data.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    rows = len(next(iter(feed.values())))
+    per_token = name == "bert_tokcls.onnx"  # (N, T, C) logits: one label per token
+    shape = (rows, next(iter(feed.values())).shape[1]) if per_token else (rows,)
+    labels = {} if CASES[name] is None else {"labels": np.random.default_rng(0).integers(0, CASES[name], shape)}
+    if len(inputs) > 1 or not labels:
+        np.savez(tmp_path / "data.npz", **feed, **labels)
+    else:
+        (x,) = feed.values()
+        y = labels["labels"]
+        np.savez(tmp_path / "data.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
     out = tmp_path / "pruned.onnx"
     proc = subprocess.run(
         [sys.executable, "-m", "admm_onnx.cli.main", "prune", str(tmp_path / name), "-d", str(tmp_path / "data.npz"),
@@ -59,4 +64,4 @@ def test_zoo_model_prunes_with_defaults(name, tmp_path):
     written = onnx.load(str(out))
     assert signature(written) == signature(onnx.load(str(tmp_path / name)))
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    sess.run(None, {inputs[0].name: x[:3]})
+    sess.run(None, {k: v[:3] for k, v in feed.items()})

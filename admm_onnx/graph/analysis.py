@@ -297,20 +297,23 @@ def _label(node: onnx.NodeProto) -> Tuple[str, str]:
     return node.op_type, node.name or node.output[0]
 
 
-def analyse(model: onnx.ModelProto, output: Optional[str] = None) -> GraphInfo:
+def analyse(model: onnx.ModelProto, output: "Optional[str] | Sequence[str]" = None) -> GraphInfo:
     """Find prunable weights and trainable parameters of ``model``'s main graph.
 
-    ``output``: the output trained on (default: the first graph output).
+    ``output``: the output trained on, or several (default: the first graph output); a
+    parameter is trainable if it reaches any of them.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    if output is None and graph.output:
-        output = graph.output[0].name
+    trained = [output] if isinstance(output, str) else [o for o in (output or ()) if o]
+    if not trained and graph.output:
+        trained = [graph.output[0].name]
+    output = trained[0] if trained else None
     info = GraphInfo(inputs=graph_inputs(model), outputs=list(graph.output), output=output, derived=_derived(model))
     consumers = consumer_map(graph)
     consts = _constants(graph)
     graph_outputs = {o.name for o in graph.output}
-    reaching = _reaching(graph, output) if output else set()
+    reaching = set().union(*(_reaching(graph, o) for o in trained)) if trained else set()
 
     for name, tensor in inits.items():
         is_float = tensor.data_type in FLOAT_TYPES

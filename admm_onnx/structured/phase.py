@@ -34,7 +34,6 @@ from ..config import PruneConfig
 from ..errors import TrainingError
 from ..graph.penalty import AdmmPenalty
 from ..io import save_model
-from ..losses import ClassifierLoss
 from ..report import LayerRow, PruneReport
 from ..training import NO_PROGRESS, Progress, cosine_schedule
 from .analysis import ChannelAnalysis, analyse
@@ -102,7 +101,9 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     for g in analysis.groups:
         if g.id in counts:
             log.info("group %s: keep %d of %d channels", g.name, counts[g.id], g.size)
-    loss = ClassifierLoss(config.loss)
+    from ..pipeline import base_loss
+
+    loss = base_loss(prepared, config, train_reader)
     with _workdir(workdir) as work:
         penalty = AdmmPenalty(loss, list(constraint.tensors))
         trainer = _trainer(prepared, prepared.training, work / "admm", config, penalty, penalty.frozen_params, config.lr)
@@ -111,7 +112,8 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
         if eval_reader is not None:
             before = trainer.evaluate(eval_reader)
             report.accuracy_before, report.loss_before = before.accuracy, before.loss
-            log.info("before pruning: top-1 %.2f%%", 100 * before.accuracy)
+            if before.accuracy is not None:
+                log.info("before pruning: top-1 %.2f%%", 100 * before.accuracy)
         if config.rho is None:
             norms = _gradient_norms(trainer, train_reader, state.tensors, _PruneRun.CALIBRATION_BATCHES)
             for n, rho in state.calibrate(norms, state.read_weights(trainer), config.rho_ratio).items():
@@ -149,7 +151,8 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     _recalibrate(small, train_reader, prepared.input_name)
     if eval_reader is not None:
         report.accuracy_hard_pruned = evaluate(small, eval_reader, prepared.output_name).accuracy
-        log.info("hard-pruned and shrunk: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
+        if report.accuracy_hard_pruned is not None:
+            log.info("hard-pruned and shrunk: top-1 %.2f%%", 100 * report.accuracy_hard_pruned)
 
     # dense retraining of the smaller model
     small_prepared = prepare_model(small, prepared.output_name)
@@ -179,5 +182,6 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     if eval_reader is not None:
         after = evaluate(final, eval_reader, prepared.output_name)
         report.accuracy_after, report.loss_after = after.accuracy, after.loss
-        log.info("after retraining: top-1 %.2f%%", 100 * after.accuracy)
+        if after.accuracy is not None:
+            log.info("after retraining: top-1 %.2f%%", 100 * after.accuracy)
     return report

@@ -432,3 +432,28 @@ def test_pad_modes_become_gathers_and_train(mode, pads, opset, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)  # Pad's own gradient: constant mode only
     assert sorted(moved) == ["conv", "head"]
+
+
+# -- DepthToSpace / SpaceToDepth -> Reshape/Transpose/Reshape ----------------------------------------
+@pytest.mark.parametrize("op, kw, channels", [
+    ("DepthToSpace", dict(blocksize=2, mode="CRD"), 8),   # nn.PixelShuffle(2)
+    ("DepthToSpace", dict(blocksize=2), 8),               # DCR (TensorFlow's depth_to_space)
+    ("SpaceToDepth", dict(blocksize=2), 2),               # nn.PixelUnshuffle(2)
+])
+def test_depth_space_become_reshapes_and_train(op, kw, channels, tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"]), helper.make_node(op, ["c"], ["s"], **kw),
+             helper.make_node("Conv", ["s", "head"], ["y"])]
+    out_ch = channels // 4 if op == "DepthToSpace" else channels * 4
+    graph = helper.make_graph(nodes, "ps", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, None, None])],
+                              [w("conv", channels, 3, 1, 1), w("head", 3, out_ch, 1, 1, seed=1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.random.default_rng(10).standard_normal((2, 3, 4, 6)).astype(np.float32)
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert op not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    np.testing.assert_array_equal(got, want)
+    info, moved = train_step(model, {"x": x}, "y", tmp_path)  # no gradient builder for either op
+    assert sorted(moved) == ["conv", "head"]

@@ -59,6 +59,8 @@ _HINTS = {
     "InstanceNormalization": "admm_onnx rewrites InstanceNormalization of a known input rank itself; "
                              "export it as ReduceMean/Sub/Mul/Div otherwise",
     "Einsum": "export the contraction as MatMul/Transpose",
+    "DepthToSpace": "admm_onnx rewrites a DepthToSpace of a static (C, H, W) input itself; export with a fixed size",
+    "SpaceToDepth": "admm_onnx rewrites a SpaceToDepth of a static (C, H, W) input itself; export with a fixed size",
     "AveragePool": "admm_onnx rewrites an AveragePool with ceil_mode 0, explicit pads, no dilation and a known "
                    "channel count; export with those (ORT's AveragePool gradient crashes on the CPU)",
     "ConvTranspose": "admm_onnx rewrites a ConvTranspose with group 1, explicit pads, a static input shape (but the "

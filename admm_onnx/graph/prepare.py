@@ -15,6 +15,7 @@ import onnx
 from .avgpool_conv import avgpool_to_conv
 from .batchnorm_frozen import freeze_batchnorm
 from .convtranspose_conv import convtranspose_to_conv
+from .depth_space import depth_space_to_reshapes
 from .dropout import enable_dropout
 from .hard_activations import hard_activations
 from .initializer_inputs import drop_initializer_inputs
@@ -50,6 +51,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     ("InstanceNormalization (GroupNorm exports) -> ReduceMean/Sub/Sqrt/Div forms", instancenorm_to_reductions),
     ("Resize -> MatMul with interpolation matrices (no CPU ResizeGrad)", resize_to_matmul),
     ("Pad reflect/edge/wrap -> Gather with an index map (Pad's gradient is constant mode only)", pad_modes_to_gather),
+    ("DepthToSpace/SpaceToDepth -> Reshape/Transpose/Reshape", depth_space_to_reshapes),
     ("AveragePool -> depthwise Conv with a constant kernel (ORT's AveragePoolGrad crashes)", avgpool_to_conv),
     ("ConvTranspose -> Conv on flipped, zero-inserted activations (no CPU ConvTransposeGrad)", convtranspose_to_conv),
     ("LayerNormalization given its optional outputs", add_layernorm_outputs),

@@ -164,7 +164,9 @@ def read_quantization(report) -> Dict[str, QuantSpec]:
         report = {"quantization": json.loads(entry) if entry else {}}
     elif not isinstance(report, Mapping):
         report = json.loads(Path(report).read_text(encoding="utf-8"))
-    return {name: QuantSpec.from_dict(d) for name, d in (report.get("quantization") or {}).items()}
+    # Only quantization facts ({"bits", "axis", "scale"}); other constraints' describe() facts are skipped.
+    return {name: QuantSpec.from_dict(d) for name, d in (report.get("quantization") or {}).items()
+            if isinstance(d, Mapping) and "bits" in d and "scale" in d}
 
 
 def mark_model(model, specs: Mapping[str, Union[QuantSpec, Mapping[str, object]]]) -> None:

@@ -45,6 +45,8 @@ def test_written_levels_read_back_as_integers_exactly():
     assert q.dtype == np.int8 and np.abs(q).max() <= 7
     np.testing.assert_array_equal(q.astype(np.float32) * np.asarray(spec.scale, np.float32)[:, None], z)
     assert read_quantization({"quantization": {"w": spec.to_dict()}})["w"] == spec
+    # facts of other constraints (e.g. a global top-k's) are not quantization specs
+    assert read_quantization({"quantization": {"w": spec.to_dict(), "g": {"kept": 3, "floor": 1}}}) == {"w": spec}
     with pytest.raises(ValueError):
         to_integers(x, spec)  # not on the levels
 

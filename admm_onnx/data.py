@@ -177,7 +177,7 @@ def load_npz(path, labels_key: Optional[str] = None):
     p = Path(path)
     arrays = read_npz(p, "data")
     for key, value in arrays.items():
-        if key in ("x", "y", "x_train", "y_train", "x_test", "y_test") and value.ndim == 0:
+        if value.ndim == 0:
             raise DataError(f"{p}: array {key!r} is a single value; expected one entry per sample")
     for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
         if x_key in arrays and y_key in arrays and len(arrays[x_key]) != len(arrays[y_key]):

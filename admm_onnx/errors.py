@@ -115,6 +115,9 @@ def as_user_error(exc: BaseException) -> "Optional[AdmmOnnxError]":
                           hint="check it with onnx.checker.check_model(model, full_check=True)")
     if type(exc).__module__.startswith("onnxruntime.capi") and type(exc).__name__ in _ORT_MODEL_ERRORS:
         return ModelError(f"ONNX Runtime cannot run the model: {clean_message(str(exc))[:300]}")
+    if isinstance(exc, RuntimeError) and "Unexpected input data type" in str(exc):
+        return DataError(f"the data does not have the type the model or loss takes: {clean_message(str(exc))[:200]}",
+                         hint="class labels must be integers for cross_entropy; float targets need --loss mse")
     import zipfile
     import zlib
 

@@ -846,3 +846,15 @@ def test_an_existing_log_file_is_appended_but_an_input_never_is(room, capsys):
     assert (room / "run.log").read_text().startswith("earlier\n")
     room.probe(["inspect", "@/m.onnx", "--log-file=@/m.onnx"], "input model", "--log-file= the model")
     room.probe(["--log-file", "@/ext.onnx.data", "inspect", "@/ext.onnx"], "external data", "--log-file the .data")
+
+
+FEED_PROBES = [
+    ("0-d array", dict(input=np.float32(1), labels=np.int64(1)), "single value"),
+    ("float labels with cross-entropy", dict(input=X, labels=Y + 0.5), "labels must be integers"),
+]
+
+
+@pytest.mark.parametrize("label,arrays,expect", FEED_PROBES, ids=[p[0] for p in FEED_PROBES])
+def test_npz_keyed_by_input_names_bad_data_is_one_clean_error(room, label, arrays, expect):
+    np.savez(room / "f.npz", **arrays)
+    room.probe(["prune", "@/m.onnx", "-d", "@/f.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK], expect, label)

@@ -152,8 +152,9 @@ def main(argv=None):
     if args.train_subset:
         order = np.random.default_rng(args.seed).permutation(len(x_tr))[: args.train_subset]
         x_tr, y_tr = x_tr[order], y_tr[order]
-    if args.test_images:
-        x_te, y_te = x_te[: args.test_images], y_te[: args.test_images]
+    if args.test_images:  # the test split is sorted by class: a seeded random subset
+        sub = np.sort(np.random.default_rng(1234).permutation(len(y_te))[: args.test_images])
+        x_te, y_te = x_te[sub], y_te[sub]
     x_tr = x_tr.astype(np.float32) / 255.0
     x_te = x_te.astype(np.float32) / 255.0
     train_reader = augmenting_reader(x_tr, y_tr, args.batch_size, args.seed, args.epoch_images)
@@ -197,7 +198,9 @@ def main(argv=None):
             return
     dense_run = json.loads(dense_info.read_text())
     prune_reader = augmenting_reader(x_tr, y_tr, args.batch_size, args.seed + 1, args.prune_epoch_images)
-    monitor = ArrayReader(x_te[: args.monitor_images], y_te[: args.monitor_images], 500, "input")
+    # the test split is sorted by class: the in-run figures use a seeded random subset of it
+    sub = np.sort(np.random.default_rng(4321).permutation(len(y_te))[: args.monitor_images])
+    monitor = ArrayReader(x_te[sub], y_te[sub], 500, "input")
     t0 = time.time()
     targets = ChannelTargets(target_macs=args.target_macs, round_to=args.round_to, allocation=args.allocation)
     report = prune(dense, pruned, prune_reader, config, monitor, channels=targets)
@@ -228,7 +231,7 @@ def main(argv=None):
         "macs_dense": counts_dense["macs"], "macs_pruned": counts_pruned["macs"],
         "macs_fraction": counts_pruned["macs"] / counts_dense["macs"],
         "params_dense": counts_dense["params"], "params_pruned": counts_pruned["params"],
-        "monitor_images": args.monitor_images,
+        "monitor_images": args.monitor_images, "monitor_subset": "seeded random subset of the test split (seed 4321)",
         "monitor_top1": {"before": report.accuracy_before, "after_admm": report.accuracy_after_admm,
                          "hard_pruned": report.accuracy_hard_pruned, "after_retrain": report.accuracy_after},
         "allocation": report.allocation,

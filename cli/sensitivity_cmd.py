@@ -58,7 +58,7 @@ def _check_cache_dir(path: Path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               metavar="FILE", help="Draw the curves as FILE.(png|svg|html) (as 'admm-onnx plot').")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
-              help="Cache directory.  [default: $ADMM_ONNX_CACHE or ~/.cache/admm-onnx]")
+              help="Cache the results in this folder (reruns compute only what is missing).  [default: $ADMM_ONNX_CACHE, else no cache]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset.")
 @click.option("--model-output", "output_name", default=None, metavar="NAME",

@@ -17,9 +17,10 @@ the samples as a noise band):
 - ``kl``: mean KL(dense outputs || pruned outputs), no labels needed (dense value 0).
 
 Results are cached per task in a JSON file keyed by the model's and the data's fingerprints,
-the metric and the batch size (``default_cache_dir()``; ``ADMM_ONNX_CACHE`` overrides it): a
-rerun, a run with more levels, or a sweep restarted after a kill recomputes only what is
-missing.
+the metric and the batch size, in a folder the user names (``--cache DIR`` or
+``$ADMM_ONNX_CACHE``; :func:`default_cache_dir`): a rerun, a run with more levels, or a sweep
+restarted after a kill recomputes only what is missing. With neither, nothing is cached: a run
+writes nowhere but the files it was told to write.
 """
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ METRICS = ("loss", "top1", "kl")
 CACHE_VERSION = 1
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> Optional[Path]:
+    """``$ADMM_ONNX_CACHE`` when set, else None (no cache: nothing is written outside the outputs
+    the user named)."""
     if os.environ.get("ADMM_ONNX_CACHE"):
         return Path(os.environ["ADMM_ONNX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "admm-onnx"
+    return None
 
 
 def check_levels(levels: Iterable[float]) -> Tuple[float, ...]:

@@ -241,6 +241,47 @@ def _drop_metadata(model: onnx.ModelProto) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def _replace_graph_content(graph: onnx.GraphProto, initializers, nodes) -> None:
+    """Set ``graph``'s initializers and nodes to the given lists (in that order)."""
+    initializers, nodes = list(initializers), list(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _undo_encoding(model: onnx.ModelProto, meta: Optional[dict], domain: Optional[str] = None) -> None:
+    """Densify epilogue shared by the encoding formats, in place: drop the model-local functions
+    and the opset import of ``domain`` (when given), restore the IR version recorded in ``meta``
+    at encode time (only if it is positive and not above the current one), drop our metadata."""
+    if domain is not None:
+        funcs = [f for f in model.functions if f.domain != domain]
+        del model.functions[:]
+        model.functions.extend(funcs)
+        imports = [o for o in model.opset_import if o.domain != domain]
+        del model.opset_import[:]
+        model.opset_import.extend(imports)
+    ir = meta.get("ir_version") if meta else None
+    if isinstance(ir, int) and 0 < ir <= model.ir_version:
+        model.ir_version = ir
+    _drop_metadata(model)
+
+
+def _check_domain_free(model: onnx.ModelProto, domain: str, hint: str = "") -> None:
+    """Refuse a model that already has functions or an opset import of ``domain``."""
+    if any(f.domain == domain for f in model.functions) or any(o.domain == domain for o in model.opset_import):
+        raise ModelError(f"the model already uses the {domain!r} domain", hint=hint)
+
+
+def _finish_encode(model: onnx.ModelProto, report: "ExportReport", n_encoded: int) -> None:
+    """Encode epilogue shared by the formats: check the model, record its size, log the totals."""
+    what = f"{report.format} export"
+    _run_checker(model, what)
+    report.model_bytes_after = model.ByteSize()
+    logger.info("%s: %d weight(s) encoded, %d -> %d weight bytes", what, n_encoded,
+                report.total_dense_bytes, report.total_stored_bytes)
+
+
 def _run_checker(model: onnx.ModelProto, what: str) -> None:
     if model.ByteSize() >= _PROTOBUF_LIMIT:
         logger.info("%s: model exceeds 2 GB in memory; the checker runs when it is saved", what)

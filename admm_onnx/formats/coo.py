@@ -28,6 +28,7 @@ from .base import (
     WeightRow,
     _check_model_arg,
     _drop_metadata,
+    _finish_encode,
     _read_metadata,
     _run_checker,
     _to_array,
@@ -75,10 +76,7 @@ class Coo(Format):
                               model_bytes_before=model.ByteSize())
         selected = select_weights(out, report, min_sparsity)
         self._apply(out, selected, {r.name: r for r in report.rows})
-        _run_checker(out, "coo export")
-        report.model_bytes_after = out.ByteSize()
-        logger.info("coo export: %d weight(s) encoded, %d -> %d weight bytes", len(selected),
-                    report.total_dense_bytes, report.total_stored_bytes)
+        _finish_encode(out, report, len(selected))
         return out, report
 
     @staticmethod

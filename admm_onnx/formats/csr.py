@@ -52,20 +52,23 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import ConfigError, ModelError
 from . import register
 from .base import (
-    _FLOAT_TYPES,
     METADATA_KEY,
+    _FLOAT_TYPES,
     ExportReport,
     Format,
     StoredWeight,
     WeightRow,
     _all_names,
+    _check_domain_free,
     _check_model_arg,
     _default_opset,
-    _drop_metadata,
+    _finish_encode,
     _narrowest_unsigned,
     _read_metadata,
+    _replace_graph_content,
     _run_checker,
     _to_array,
+    _undo_encoding,
     _view_2d,
     check_min_sparsity,
     copy_model,
@@ -291,8 +294,7 @@ class Csr(Format):
                 f"csr export needs opset >= {MIN_CSR_OPSET}, the model has {opset}",
                 hint="use --format coo, or convert the model with onnx.version_converter",
             )
-        if any(f.domain == DOMAIN for f in model.functions) or any(o.domain == DOMAIN for o in model.opset_import):
-            raise ModelError(f"the model already uses the {DOMAIN!r} domain", hint="densify it first")
+        _check_domain_free(model, DOMAIN, hint="densify it first")
         if model.ir_version < 4:
             raise ModelError(f"csr export needs IR version >= 4, the model has {model.ir_version}")
         out = copy_model(model)
@@ -311,10 +313,7 @@ class Csr(Format):
                     raise ConfigError(f"weight {name!r} has values beyond the fp16 range (max |w| = {big:g})",
                                       hint="use --values fp32")
         self._apply(out, selected, values, {r.name: r for r in report.rows})
-        _run_checker(out, "csr export")
-        report.model_bytes_after = out.ByteSize()
-        logger.info("csr export: %d weight(s) encoded, %d -> %d weight bytes", len(selected),
-                    report.total_dense_bytes, report.total_stored_bytes)
+        _finish_encode(out, report, len(selected))
         return out, report
 
     @staticmethod
@@ -345,11 +344,7 @@ class Csr(Format):
             row.storage = storage_name(vals.dtype)
             row.bits = vals.dtype.itemsize * 8
             row.stored_bytes = int(vals.nbytes + indices.nbytes + indptr.nbytes)
-        del graph.initializer[:]
-        graph.initializer.extend(new_inits)
-        old_nodes = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(calls + old_nodes)
+        _replace_graph_content(graph, new_inits, calls + list(graph.node))
         model.functions.append(decode_function(_default_opset(model)))
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         meta = {"version": VERSION, "format": "csr", "values": values, "ir_version": int(model.ir_version),
@@ -378,21 +373,10 @@ class Csr(Format):
             elif name not in drop:
                 new_inits.append(tensor)
         nodes = [nd for nd in graph.node if not is_decode_node(nd, dense)]
-        del graph.initializer[:]
-        graph.initializer.extend(new_inits)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        if not any(nd.domain == DOMAIN for nd in graph.node):
-            funcs = [f for f in out.functions if f.domain != DOMAIN]
-            del out.functions[:]
-            out.functions.extend(funcs)
-            imports = [o for o in out.opset_import if o.domain != DOMAIN]
-            del out.opset_import[:]
-            out.opset_import.extend(imports)
-        ir = meta.get("ir_version")
-        if isinstance(ir, int) and 0 < ir <= out.ir_version:
-            out.ir_version = ir
-        _drop_metadata(out)
+        _replace_graph_content(graph, new_inits, nodes)
+        # The function and opset import stay while a decode call of ours is left in the graph.
+        in_use = any(nd.domain == DOMAIN for nd in graph.node)
+        _undo_encoding(out, meta, None if in_use else DOMAIN)
         _run_checker(out, "densify")
         logger.info("densified csr weights")
         return out

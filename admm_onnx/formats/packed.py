@@ -55,15 +55,17 @@ from .base import (
     Format,
     StoredWeight,
     _all_names,
+    _check_domain_free,
     _check_model_arg,
     _default_opset,
-    _drop_metadata,
+    _finish_encode,
     _read_metadata,
+    _replace_graph_content,
     _run_checker,
     _to_array,
+    _undo_encoding,
     check_min_sparsity,
     copy_model,
-    logger,
     select_weights,
 )
 
@@ -343,8 +345,7 @@ class Packed(Format):
                              hint="use --format coo, or convert the model with onnx.version_converter")
         if model.ir_version < 4:
             raise ModelError(f"packed export needs IR version >= 4, the model has {model.ir_version}")
-        if any(f.domain == DOMAIN for f in model.functions) or any(o.domain == DOMAIN for o in model.opset_import):
-            raise ModelError(f"the model already uses the {DOMAIN!r} domain")
+        _check_domain_free(model, DOMAIN)
         specs = _specs(model, quantization)
         inits = {t.name for t in model.graph.initializer}
         unknown = sorted(set(specs) - inits)
@@ -385,11 +386,7 @@ class Packed(Format):
             row = rows[name]
             row.storage, row.bits = storage_of(parts, arr.dtype)
             row.stored_bytes = sum(int(a.nbytes) for s, a in parts.items() if s != ".m")
-        del graph.initializer[:]
-        graph.initializer.extend(new_inits)
-        old = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(calls + old)
+        _replace_graph_content(graph, new_inits, calls + list(graph.node))
         for levels in sorted(used):
             out.functions.append(_decode_function(levels, opset))
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
@@ -402,10 +399,7 @@ class Packed(Format):
             meta["quantization"] = True
         out.ir_version = max(out.ir_version, MIN_FUNCTION_IR)
         out.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, separators=(",", ":")))
-        _run_checker(out, "packed export")
-        report.model_bytes_after = out.ByteSize()
-        logger.info("packed export: %d weight(s) encoded, %d -> %d weight bytes", len(selected),
-                    report.total_dense_bytes, report.total_stored_bytes)
+        _finish_encode(out, report, len(selected))
         return out, report
 
     # -- reading back -------------------------------------------------------------------------
@@ -452,20 +446,8 @@ class Packed(Format):
                 new_inits.append(t)
         calls = {i for i, _ in self._calls(model)}
         nodes = [nd for i, nd in enumerate(graph.node) if i not in calls]
-        del graph.initializer[:]
-        graph.initializer.extend(new_inits)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        funcs = [f for f in out.functions if f.domain != DOMAIN]
-        del out.functions[:]
-        out.functions.extend(funcs)
-        imports = [o for o in out.opset_import if o.domain != DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(imports)
-        ir = meta.get("ir_version")
-        if isinstance(ir, int) and 0 < ir <= out.ir_version:
-            out.ir_version = ir
-        _drop_metadata(out)
+        _replace_graph_content(graph, new_inits, nodes)
+        _undo_encoding(out, meta, DOMAIN)
         specs = {}
         for name, (parts, _) in weights.items():
             if ".s" in parts:

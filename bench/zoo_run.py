@@ -307,6 +307,8 @@ def main(argv=None):
     zoo, out_dir = Path(args.zoo), Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = sorted(p for p in zoo.glob("*.onnx") if not args.names or p.stem in args.names)
+    if args.names:  # in the order given
+        models.sort(key=lambda p: args.names.index(p.stem))
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load = os.getloadavg()
@@ -315,10 +317,11 @@ def main(argv=None):
         rows.append(row)
         print(f"{row['model']}: {row['result']} ({row.get('seconds', '-')} s) {row.get('reason', '')} "
               f"{fidelity(row)}", flush=True)
-    result = {"started": started, "load_before": load, "load_after": os.getloadavg(), "machine": platform.machine(),
-              "cpus": os.cpu_count(), "python": platform.python_version(), "extra_options": extra,
-              "form": args.form, "labels": args.labels, "samples": args.samples, "rows": rows}
-    Path(args.json or out_dir / "zoo.json").write_text(json.dumps(result, indent=1))
+        result = {"started": started, "load_before": load, "load_after": os.getloadavg(),
+                  "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                  "extra_options": extra, "form": args.form, "labels": args.labels, "samples": args.samples,
+                  "rows": rows}
+        Path(args.json or out_dir / "zoo.json").write_text(json.dumps(result, indent=1))  # after every model
     print("\n| model | exporter | IR/opset | inputs | result | time (s) | fidelity / reason |")
     print("|---|---|---|---|---|---:|---|")
     for r in rows:

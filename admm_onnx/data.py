@@ -251,6 +251,33 @@ class DataReader:
         raise TypeError(f"{type(self).__name__} has no known length")
 
 
+class WrappedReader(DataReader):
+    """A reader over another one (``self.reader``): rewinding, epochs and length pass through;
+    each feed the wrapped reader yields goes through :meth:`transform` (``None`` ends a pass)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def rewind(self) -> None:
+        self.reader.rewind()
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.reader, "set_epoch"):
+            self.reader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get_next(self):
+        feed = self.reader.get_next()
+        if feed is None:
+            return None
+        return self.transform(feed)
+
+    def transform(self, feed):
+        raise NotImplementedError
+
+
 class ArrayReader(DataReader):
     """Batches of in-memory arrays.
 

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .data import LABELS, ArrayReader, DataReader
+from .data import LABELS, ArrayReader, DataReader, WrappedReader
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -360,28 +360,16 @@ def model_feed(feed: Dict[str, np.ndarray], names: Sequence[str]) -> Dict[str, n
     return {n: feed[k] for n, k in _feed_keys(feed, names).items()}
 
 
-class FittedReader(DataReader):
+class FittedReader(WrappedReader):
     """A DataReader whose feeds are fitted to the model's inputs batch by batch (dtype and
     shape, :func:`fit_array`); labels (under ``labels_key`` or the first of LABEL_KEYS that is
     not an input) move to LABELS; other keys pass through. ``reader`` is the wrapped one."""
 
     def __init__(self, reader, specs: Sequence[InputSpec], labels_key: Optional[str] = None):
-        self.reader, self.specs, self.labels_key = reader, list(specs), labels_key
+        super().__init__(reader)
+        self.specs, self.labels_key = list(specs), labels_key
 
-    def rewind(self) -> None:
-        self.reader.rewind()
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.reader, "set_epoch"):
-            self.reader.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def get_next(self):
-        feed = self.reader.get_next()
-        if feed is None:
-            return None
+    def transform(self, feed):
         if not isinstance(feed, dict):
             raise DataError(f"{type(self.reader).__name__}.get_next() must return a dict input name -> array "
                             f"(or None), got {type(feed).__name__}")

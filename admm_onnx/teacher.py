@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import onnx
 
-from .data import ArrayReader, DataReader
+from .data import ArrayReader, WrappedReader
 from .feeds import VALID, model_feed
 from .losses import teacher_name
 
@@ -43,26 +43,14 @@ class Teacher:
         return {teacher_name(o): np.asarray(v) for o, v in zip(self.outputs, values)}
 
 
-class TeacherReader(DataReader):
+class TeacherReader(WrappedReader):
     """``reader``'s feeds plus the teacher's outputs, computed batch by batch."""
 
     def __init__(self, reader, teacher: Teacher):
-        self.reader, self.teacher = reader, teacher
+        super().__init__(reader)
+        self.teacher = teacher
 
-    def rewind(self) -> None:
-        self.reader.rewind()
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.reader, "set_epoch"):
-            self.reader.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def get_next(self):
-        feed = self.reader.get_next()
-        if feed is None:
-            return None
+    def transform(self, feed):
         if all(teacher_name(o) in feed for o in self.teacher.outputs):
             return feed
         return {**feed, **self.teacher.run(feed)}

@@ -536,7 +536,11 @@ def train(
         trainer.close()
     if last is not None:
         report.accuracy_after, report.loss_after = last.accuracy, last.loss
-    final = output_model(prepared, weights)
+    final, report.batchnorm = refresh_batchnorm(output_model(prepared, weights), train_reader, eval_reader,
+                                                prepared.output_name)
+    if report.batchnorm and report.batchnorm["kept"] and eval_reader is not None:
+        after = evaluate(final, eval_reader, prepared.output_name)  # the written model's own figure
+        report.accuracy_after, report.loss_after = after.accuracy, after.loss
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     report.layers = model_rows(final, prepared.info)
@@ -687,6 +691,12 @@ def prune(
     log.info("written model vs trained model on one batch: max |output difference| %.3g", report.max_output_diff)
     if report.max_output_diff > 1e-3 * max(1.0, float(np.max(np.abs(expected)))):
         log.warning("the written model's outputs differ from the trained model's by %.3g", report.max_output_diff)
+    # The check above compared like with like (the trained copy normalises with the model's own
+    # BatchNorm statistics in evaluation); the written model gets statistics of its new weights.
+    refreshed, report.batchnorm = refresh_batchnorm(final, train_reader, eval_reader, prepared.output_name)
+    if refreshed is not final:
+        final = refreshed
+        save_model(final, out, external_data=prepared.used_external_data or None)
     if eval_reader is not None:
         # Top-1 of the written model (when labels exist); fidelity of the trained copy, which
         # the check above showed computes what the written model computes.
@@ -1022,6 +1032,57 @@ def _first_batch(reader: DataReader) -> Dict[str, np.ndarray]:
     if feed is None:
         raise DataError("the data reader yielded no batch")
     return feed
+
+
+def refresh_batchnorm(model: onnx.ModelProto, train_reader: DataReader, eval_reader: Optional[DataReader] = None,
+                      output_name: Optional[str] = None, max_batches: int = 50):
+    """(model, record): BatchNormalization running statistics re-estimated on training batches.
+
+    ORT training normalises with batch statistics and never writes the running ones back
+    (graph/bn_recalibrate.py), so after training the model's own statistics belong to the old
+    weights. The copy with re-estimated statistics is returned unless labelled evaluation data
+    shows it scoring lower top-1 than the statistics the model came with (then ``model``, and
+    the record says so). ``record`` is None for a model without inference-form BatchNorm."""
+    from .graph.bn_recalibrate import recalibrate_batchnorm
+
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return model, None
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    batches = 0
+
+    def counted():
+        nonlocal batches
+        for feed in train_reader:
+            batches += 1
+            yield feed
+
+    try:
+        nodes = recalibrate_batchnorm(candidate, counted(), max_batches=max_batches)
+    except Exception as exc:  # the statistics are a refinement: never fail a finished run on them
+        log.warning("BatchNorm running statistics not re-estimated (%s); the written model keeps the ones it came "
+                    "with", str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        return model, None
+    finally:
+        train_reader.rewind()
+    if not nodes:
+        return model, None
+    record: Dict[str, object] = {"nodes": nodes, "batches": min(batches, max_batches), "kept": True,
+                                 "accuracy_stale": None, "accuracy_recalibrated": None}
+    if eval_reader is not None:
+        stale = evaluate(model, eval_reader, output_name).accuracy
+        fresh = evaluate(candidate, eval_reader, output_name).accuracy
+        record.update(accuracy_stale=stale, accuracy_recalibrated=fresh)
+        if stale is not None and fresh is not None and fresh < stale:
+            record["kept"] = False
+    if record["kept"]:
+        log.info("BatchNorm running statistics of %d node(s) re-estimated on %d training batch(es)%s", nodes,
+                 record["batches"], "" if record["accuracy_stale"] is None else
+                 f" (top-1 {100 * record['accuracy_stale']:.2f}% -> {100 * record['accuracy_recalibrated']:.2f}%)")
+        return candidate, record
+    log.info("BatchNorm running statistics kept as they were: re-estimated ones scored %.2f%% vs %.2f%%",
+             100 * record["accuracy_recalibrated"], 100 * record["accuracy_stale"])
+    return model, record
 
 
 def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[str] = None) -> EpochStats:

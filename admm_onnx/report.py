@@ -105,6 +105,9 @@ class PruneReport:
     samples_seen: int = 0
     #: max |written model output - trained model output| on one batch (a self-check)
     max_output_diff: Optional[float] = None
+    #: BatchNormalization running statistics re-estimated for the written model (ORT training
+    #: never writes them back): {"nodes", "batches", "kept", "accuracy_stale", "accuracy_recalibrated"}
+    batchnorm: Optional[Dict[str, object]] = None
     output: Optional[str] = None
     config: Dict[str, object] = field(default_factory=dict)
     #: With a budget: the chosen per-layer ratios, predicted and measured (admm_onnx/allocation).

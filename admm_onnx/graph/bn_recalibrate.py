@@ -31,7 +31,6 @@ def recalibrate_batchnorm(model: onnx.ModelProto, batches: Iterable[Dict[str, np
     real = [i for i in model.graph.input if i.name not in inits]
     if not bns or not real:
         return 0
-    input_name = input_name or real[0].name
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     upgrade_opset(probe)
@@ -51,10 +50,12 @@ def recalibrate_batchnorm(model: onnx.ModelProto, batches: Iterable[Dict[str, np
     del probe.graph.value_info[:]
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [n for s in stats for n in s[2:]]
+    # Every model input the feed holds (several-input models); labels and teacher outputs are left out.
+    feeds = [input_name] if input_name else [i.name for i in sess.get_inputs()]
     sums: Dict[str, np.ndarray] = {}
     count = 0
     for feed in batches:
-        values = sess.run(names, {input_name: feed[input_name]})
+        values = sess.run(names, {n: feed[n] for n in feeds if n in feed})
         for n, v in zip(names, values):
             sums[n] = sums.get(n, 0.0) + np.asarray(v, np.float64)
         count += 1

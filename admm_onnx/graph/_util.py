@@ -1,7 +1,8 @@
 """Helpers shared by the graph rewrites."""
 from __future__ import annotations
 
-from typing import Callable, List
+import logging
+from typing import Callable, List, Optional, Sequence, Union
 
 import onnx
 from onnx import helper
@@ -69,28 +70,36 @@ def is_default_domain(node: onnx.NodeProto, op_type: str) -> bool:
 
 def replace_nodes(
     model: onnx.ModelProto,
-    op_type: str,
-    expand: Callable[[onnx.NodeProto, NameScope, onnx.GraphProto], List[onnx.NodeProto]],
+    op_type: Union[str, Sequence[str]],
+    expand: Callable[[onnx.NodeProto, NameScope, onnx.GraphProto], Optional[List[onnx.NodeProto]]],
     what: str,
 ) -> int:
-    """Replace every default-domain ``op_type`` node of the main graph, in place, by the nodes
-    ``expand(node, names, graph)`` returns (which write the node's outputs), keeping the order;
-    then run the checker. ``expand`` may append initializers to ``graph``. Returns how many."""
+    """Replace every default-domain ``op_type`` node (or one of several op types) of the main
+    graph, in place, by the nodes ``expand(node, names, graph)`` returns (which write the node's
+    outputs), keeping the order; ``None`` leaves the node as it is. When any node was replaced,
+    run the checker. ``expand`` may append initializers to ``graph``. Returns how many."""
     graph = model.graph
-    if not any(is_default_domain(n, op_type) for n in graph.node):
+    op_types = (op_type,) if isinstance(op_type, str) else tuple(op_type)
+
+    def matches(node: onnx.NodeProto) -> bool:
+        return any(is_default_domain(node, op) for op in op_types)
+
+    if not any(matches(n) for n in graph.node):
         return 0
     names = NameScope(graph)
     new_nodes: List[onnx.NodeProto] = []
     count = 0
     for node in graph.node:
-        if is_default_domain(node, op_type):
-            new_nodes.extend(expand(node, names, graph))
-            count += 1
-        else:
+        made = expand(node, names, graph) if matches(node) else None
+        if made is None:
             new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    checked(model, what)
+        else:
+            new_nodes.extend(made)
+            count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        checked(model, what)
     return count
 
 
@@ -122,3 +131,54 @@ def probe_session(model: onnx.ModelProto):
 
     flush_denormals()
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def constant_values(graph: onnx.GraphProto, max_size: Optional[int] = None) -> dict:
+    """Tensor name -> value of the graph's initializers (only those of at most ``max_size``
+    elements, when given) and of its ``Constant`` nodes with a tensor ``value``."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+              if max_size is None or int(np.prod(t.dims)) <= max_size}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and isinstance(attr(n, "value"), onnx.TensorProto):
+            values[n.output[0]] = numpy_helper.to_array(attr(n, "value"))
+    return values
+
+
+def probe_agrees(node: onnx.NodeProto, replacement: List[onnx.NodeProto], x, elem: int, opset: int,
+                 initializers: Sequence[onnx.TensorProto] = (), tolerance: Optional[float] = None) -> bool:
+    """Run ``node`` alone and then its ``replacement`` nodes, each as a small model (input
+    ``node.input[0]`` fed ``x``, output ``node.output[0]`` of element type ``elem``, the given
+    initializers, default-domain ``opset``, IR 8) in a :func:`probe_session`; do the two outputs
+    agree? With ``tolerance``: same shape and max |want - got| <= tolerance * (1 + max |want|);
+    without: the same shape and values exactly."""
+    import numpy as np
+
+    results = []
+    for body in ([node], replacement):
+        graph = helper.make_graph(
+            list(body), "probe", [helper.make_tensor_value_info(node.input[0], elem, list(x.shape))],
+            [helper.make_tensor_value_info(node.output[0], elem, None)], list(initializers),
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        results.append(probe_session(model).run(None, {node.input[0]: x})[0])
+    want, got = results
+    if want.shape != got.shape:
+        return False
+    if tolerance is None:
+        return bool(np.array_equal(want, got))
+    want, got = want.astype(np.float64), got.astype(np.float64)
+    return float(np.max(np.abs(want - got))) <= tolerance * (1 + float(np.max(np.abs(want))))
+
+
+def probe_passes(check: Callable[[], bool], node: onnx.NodeProto, log: logging.Logger) -> bool:
+    """``check()``, or False (logged at debug level on ``log``) when it raises: ORT refused the
+    probe, so the node is left alone."""
+    try:
+        return bool(check())
+    except Exception as exc:
+        log.debug("%s %s: probe failed (%s)", node.op_type, node.name, exc)
+        return False

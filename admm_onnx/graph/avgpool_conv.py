@@ -26,7 +26,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, auto_pad, checked, is_default_domain, opset_version, probe_session
+from ._util import (
+    NameScope,
+    attr,
+    auto_pad,
+    is_default_domain,
+    opset_version,
+    probe_agrees,
+    probe_passes,
+    replace_nodes,
+)
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -88,18 +97,7 @@ def _nodes(node: onnx.NodeProto, shape, names: NameScope, dtype) -> Optional[Lis
 def _agrees(node: onnx.NodeProto, nodes: List[onnx.NodeProto], shape, elem: int, opset: int) -> bool:
     dims = [2] + [d if isinstance(d, int) and d > 0 else 7 for d in shape[1:]]
     x = np.random.default_rng(0).standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(elem))
-    results = []
-    for body in ([node], nodes):
-        graph = helper.make_graph(
-            list(body), "probe", [helper.make_tensor_value_info(node.input[0], elem, dims)],
-            [helper.make_tensor_value_info(node.output[0], elem, None)],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
-        sess = probe_session(model)
-        results.append(sess.run(None, {node.input[0]: x})[0].astype(np.float64))
-    want, got = results
-    return want.shape == got.shape and float(np.max(np.abs(want - got))) <= _TOLERANCE * (1 + float(np.max(np.abs(want))))
+    return probe_agrees(node, nodes, x, elem, opset, tolerance=_TOLERANCE)
 
 
 def avgpool_to_conv(model: onnx.ModelProto) -> int:
@@ -109,29 +107,15 @@ def avgpool_to_conv(model: onnx.ModelProto) -> int:
         return 0
     shapes, types = tensor_info(model)
     opset = opset_version(model)
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if is_default_domain(node, "AveragePool"):
-            elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
-            shape = shapes.get(node.input[0])
-            nodes = None
-            if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) and shape:
-                nodes = _nodes(node, shape, names, helper.tensor_dtype_to_np_dtype(elem))
-            if nodes is not None:
-                try:
-                    ok = _agrees(node, nodes, shape, elem, opset)
-                except Exception as exc:  # ORT refuses the probe: leave the node alone
-                    log.debug("AveragePool %s: probe failed (%s)", node.name, exc)
-                    ok = False
-                if ok:
-                    new_nodes.extend(nodes)
-                    count += 1
-                    continue
-        new_nodes.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        checked(model, "avgpool_to_conv")
-    return count
+
+    def expand(node, names, _graph) -> Optional[List[onnx.NodeProto]]:
+        elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        shape = shapes.get(node.input[0])
+        if not (elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) and shape):
+            return None
+        nodes = _nodes(node, shape, names, helper.tensor_dtype_to_np_dtype(elem))
+        if nodes is None:
+            return None
+        return nodes if probe_passes(lambda: _agrees(node, nodes, shape, elem, opset), node, log) else None
+
+    return replace_nodes(model, "AveragePool", expand, "avgpool_to_conv")

@@ -32,7 +32,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, auto_pad, checked, is_default_domain, opset_version, probe_session
+from ._util import (
+    NameScope,
+    attr,
+    auto_pad,
+    is_default_domain,
+    opset_version,
+    probe_agrees,
+    probe_passes,
+    replace_nodes,
+)
 from .resize_matmul import along_axis
 from .shapes import tensor_info
 
@@ -104,18 +113,8 @@ def _agrees(node: onnx.NodeProto, mats, shape, weight: np.ndarray, bias: Optiona
     inits = [numpy_helper.from_array(weight, node.input[1])]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, node.input[2]))
-    results = []
-    for nodes in ([node], _nodes(node, mats, rank, NameScope(onnx.GraphProto()))):
-        graph = helper.make_graph(
-            list(nodes), "probe", [helper.make_tensor_value_info(node.input[0], elem, list(x.shape))],
-            [helper.make_tensor_value_info(node.output[0], elem, None)], inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))])
-        model.ir_version = 8
-        sess = probe_session(model)
-        results.append(sess.run(None, {node.input[0]: x})[0].astype(np.float64))
-    want, got = results
-    return want.shape == got.shape and float(np.max(np.abs(want - got))) <= _TOLERANCE * (1 + float(np.max(np.abs(want))))
+    replacement = _nodes(node, mats, rank, NameScope(onnx.GraphProto()))
+    return probe_agrees(node, replacement, x, elem, max(opset, 13), inits, _TOLERANCE)
 
 
 def convtranspose_to_conv(model: onnx.ModelProto) -> int:
@@ -126,30 +125,20 @@ def convtranspose_to_conv(model: onnx.ModelProto) -> int:
     shapes, _ = tensor_info(model)
     inits = {t.name: t for t in graph.initializer}
     opset = opset_version(model)
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if is_default_domain(node, "ConvTranspose") and node.input[1] in inits:
-            weight = numpy_helper.to_array(inits[node.input[1]])
-            bias = None
-            if len(node.input) > 2 and node.input[2]:
-                bias = numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
-            shape = shapes.get(node.input[0])
-            mats = _plan(node, shape, weight) if shape and weight.dtype in (np.float32, np.float64) else None
-            if mats is not None and (len(node.input) <= 2 or not node.input[2] or bias is not None):
-                try:
-                    ok = _agrees(node, mats, shape, weight, bias, opset)
-                except Exception as exc:  # ORT refuses the probe: leave the node alone
-                    log.debug("ConvTranspose %s: probe failed (%s)", node.name, exc)
-                    ok = False
-                if ok:
-                    new_nodes.extend(_nodes(node, mats, len(shape), names))
-                    count += 1
-                    continue
-        new_nodes.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        checked(model, "convtranspose_to_conv")
-    return count
+
+    def expand(node, names, _graph) -> Optional[List[onnx.NodeProto]]:
+        if node.input[1] not in inits:
+            return None
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
+        shape = shapes.get(node.input[0])
+        mats = _plan(node, shape, weight) if shape and weight.dtype in (np.float32, np.float64) else None
+        if mats is None or not (len(node.input) <= 2 or not node.input[2] or bias is not None):
+            return None
+        if not probe_passes(lambda: _agrees(node, mats, shape, weight, bias, opset), node, log):
+            return None
+        return _nodes(node, mats, len(shape), names)
+
+    return replace_nodes(model, "ConvTranspose", expand, "convtranspose_to_conv")

@@ -19,7 +19,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, checked, is_default_domain, opset_version, probe_session
+from ._util import (
+    attr,
+    is_default_domain,
+    opset_version,
+    probe_agrees,
+    probe_passes,
+    replace_nodes,
+)
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -63,14 +70,7 @@ def _nodes(node, plan, names) -> List[onnx.NodeProto]:
 
 def _agrees(node, nodes, shape, elem, opset) -> bool:
     x = np.random.default_rng(0).standard_normal([2] + list(shape[1:])).astype(helper.tensor_dtype_to_np_dtype(elem))
-    results = []
-    for body in ([node], nodes):
-        graph = helper.make_graph(list(body), "probe", [helper.make_tensor_value_info(node.input[0], elem, list(x.shape))],
-                                  [helper.make_tensor_value_info(node.output[0], elem, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
-        results.append(probe_session(model).run(None, {node.input[0]: x})[0])
-    return results[0].shape == results[1].shape and np.array_equal(results[0], results[1])
+    return probe_agrees(node, nodes, x, elem, opset)  # exact: only moves values
 
 
 def depth_space_to_reshapes(model: onnx.ModelProto) -> int:
@@ -81,27 +81,14 @@ def depth_space_to_reshapes(model: onnx.ModelProto) -> int:
         return 0
     shapes, types = tensor_info(model)
     opset = opset_version(model)
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if node.op_type in ops and node.domain in ("", "ai.onnx"):
-            plan = _plan(node, shapes.get(node.input[0]))
-            made: Optional[List[onnx.NodeProto]] = _nodes(node, plan, names) if plan else None
-            if made is not None:
-                try:
-                    elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
-                    made = made if _agrees(node, made, shapes[node.input[0]], elem, opset) else None
-                except Exception as exc:  # ORT refuses the probe: leave the node alone
-                    log.debug("%s %s: probe failed (%s)", node.op_type, node.name, exc)
-                    made = None
-            if made is not None:
-                new_nodes.extend(made)
-                count += 1
-                continue
-        new_nodes.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        checked(model, "depth_space_to_reshapes")
-    return count
+
+    def expand(node, names, _graph) -> Optional[List[onnx.NodeProto]]:
+        plan = _plan(node, shapes.get(node.input[0]))
+        made: Optional[List[onnx.NodeProto]] = _nodes(node, plan, names) if plan else None
+        if made is None:
+            return None
+        elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        ok = probe_passes(lambda: _agrees(node, made, shapes[node.input[0]], elem, opset), node, log)
+        return made if ok else None
+
+    return replace_nodes(model, ops, expand, "depth_space_to_reshapes")

@@ -24,7 +24,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, checked, is_default_domain, opset_version, probe_session
+from ._util import (
+    NameScope,
+    attr,
+    constant_values,
+    is_default_domain,
+    opset_version,
+    probe_agrees,
+    probe_passes,
+    replace_nodes,
+)
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -89,15 +98,7 @@ def _agrees(node, nodes, shape, elem, opset, values) -> bool:
         if value is None:
             value = rng.standard_normal(channels).astype(dtype)
         inits.append(numpy_helper.from_array(np.asarray(value, dtype).reshape(-1), name))
-    results = []
-    for body in ([node], nodes):
-        graph = helper.make_graph(list(body), "probe", [helper.make_tensor_value_info(node.input[0], elem, dims)],
-                                  [helper.make_tensor_value_info(node.output[0], elem, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
-        results.append(probe_session(model).run(None, {node.input[0]: x})[0].astype(np.float64))
-    want, got = results
-    return want.shape == got.shape and float(np.max(np.abs(want - got))) <= _TOLERANCE * (1 + float(np.max(np.abs(want))))
+    return probe_agrees(node, nodes, x, elem, opset, inits, _TOLERANCE)
 
 
 def instancenorm_to_reductions(model: onnx.ModelProto) -> int:
@@ -107,33 +108,14 @@ def instancenorm_to_reductions(model: onnx.ModelProto) -> int:
         return 0
     shapes, types = tensor_info(model)
     opset = opset_version(model)
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output and isinstance(attr(n, "value"), onnx.TensorProto):
-            values[n.output[0]] = numpy_helper.to_array(attr(n, "value"))
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if is_default_domain(node, "InstanceNormalization"):
-            shape = shapes.get(node.input[0])
-            elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
-            made: Optional[List[onnx.NodeProto]] = None
-            if shape and len(shape) >= 3 and elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-                made = _nodes(node, len(shape), opset, names, helper.tensor_dtype_to_np_dtype(elem))
-                try:
-                    ok = _agrees(node, made, shape, elem, opset, values)
-                except Exception as exc:  # ORT refuses the probe: leave the node alone
-                    log.debug("InstanceNormalization %s: probe failed (%s)", node.name, exc)
-                    ok = False
-                made = made if ok else None
-            if made is not None:
-                new_nodes.extend(made)
-                count += 1
-                continue
-        new_nodes.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        checked(model, "instancenorm_to_reductions")
-    return count
+    values = constant_values(graph)
+
+    def expand(node, names, _graph) -> Optional[List[onnx.NodeProto]]:
+        shape = shapes.get(node.input[0])
+        elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        if not (shape and len(shape) >= 3 and elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)):
+            return None
+        made = _nodes(node, len(shape), opset, names, helper.tensor_dtype_to_np_dtype(elem))
+        return made if probe_passes(lambda: _agrees(node, made, shape, elem, opset, values), node, log) else None
+
+    return replace_nodes(model, "InstanceNormalization", expand, "instancenorm_to_reductions")

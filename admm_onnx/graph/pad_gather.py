@@ -21,7 +21,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, checked, is_default_domain, opset_version, probe_session
+from ._util import (
+    attr,
+    constant_values,
+    is_default_domain,
+    opset_version,
+    probe_agrees,
+    probe_passes,
+    replace_nodes,
+)
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -94,15 +102,7 @@ def _agrees(node, nodes, shape, elem, opset, consts) -> bool:
     dims = [2] + [d if isinstance(d, int) and d > 0 else 3 for d in shape[1:]]
     x = np.random.default_rng(0).standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(elem))
     inits = [numpy_helper.from_array(consts[i], i) for i in node.input[1:] if i and i in consts]
-    results = []
-    for body in ([node], nodes):
-        graph = helper.make_graph(list(body), "probe", [helper.make_tensor_value_info(node.input[0], elem, dims)],
-                                  [helper.make_tensor_value_info(node.output[0], elem, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
-        results.append(probe_session(model).run(None, {node.input[0]: x})[0].astype(np.float64))
-    want, got = results
-    return want.shape == got.shape and float(np.max(np.abs(want - got))) <= _TOLERANCE * (1 + float(np.max(np.abs(want))))
+    return probe_agrees(node, nodes, x, elem, opset, inits, _TOLERANCE)
 
 
 def pad_modes_to_gather(model: onnx.ModelProto) -> int:
@@ -112,35 +112,18 @@ def pad_modes_to_gather(model: onnx.ModelProto) -> int:
         return 0
     shapes, types = tensor_info(model)
     opset = opset_version(model)
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) <= 64}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output and isinstance(attr(n, "value"), onnx.TensorProto):
-            consts[n.output[0]] = numpy_helper.to_array(attr(n, "value"))
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
+    consts = constant_values(graph, max_size=64)
+
+    def expand(node, names, _graph) -> Optional[List[onnx.NodeProto]]:
         mode = _text(attr(node, "mode"))
-        if is_default_domain(node, "Pad") and mode != "constant":
-            shape = shapes.get(node.input[0])
-            elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
-            made = None
-            if shape and elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-                per_axis = _pads(node, len(shape), opset, consts)
-                made = _nodes(node, shape, per_axis, mode, names) if per_axis is not None else None
-                if made is not None:
-                    try:
-                        made = made if _agrees(node, made, shape, elem, opset, consts) else None
-                    except Exception as exc:  # ORT refuses the probe: leave the node alone
-                        log.debug("Pad %s: probe failed (%s)", node.name, exc)
-                        made = None
-            if made is not None:
-                new_nodes.extend(made)
-                count += 1
-                continue
-        new_nodes.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        checked(model, "pad_modes_to_gather")
-    return count
+        shape = shapes.get(node.input[0])
+        elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        if mode == "constant" or not (shape and elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)):
+            return None
+        per_axis = _pads(node, len(shape), opset, consts)
+        made = _nodes(node, shape, per_axis, mode, names) if per_axis is not None else None
+        if made is None:
+            return None
+        return made if probe_passes(lambda: _agrees(node, made, shape, elem, opset, consts), node, log) else None
+
+    return replace_nodes(model, "Pad", expand, "pad_modes_to_gather")

@@ -32,22 +32,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import NameScope, attr, checked, is_default_domain, opset_version, probe_session
+from ._util import (
+    NameScope,
+    attr,
+    constant_values,
+    is_default_domain,
+    opset_version,
+    probe_session,
+    replace_nodes,
+)
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
 
 _TOLERANCE = 1e-4
-
-
-def _constant_values(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) <= 64}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(a.t)
-    return out
 
 
 def _text(value) -> str:
@@ -195,24 +193,14 @@ def resize_to_matmul(model: onnx.ModelProto) -> int:
     if not any(is_default_domain(n, "Resize") for n in graph.node):
         return 0
     shapes, types = tensor_info(model)
-    consts = _constant_values(graph)
+    consts = constant_values(graph, max_size=64)
     opset = opset_version(model)
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if is_default_domain(node, "Resize"):
-            shape = shapes.get(node.input[0])
-            elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
-            mats = _matrices(node, shape, opset, consts, elem) if shape and elem in (
-                onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) else None
-            if mats is not None:
-                new_nodes.extend(_expand(node, mats, len(shape), names))
-                count += 1
-                continue
-        new_nodes.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        checked(model, "resize_to_matmul")
-    return count
+
+    def expand(node, names, _graph) -> Optional[List[onnx.NodeProto]]:
+        shape = shapes.get(node.input[0])
+        elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        mats = _matrices(node, shape, opset, consts, elem) if shape and elem in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) else None
+        return _expand(node, mats, len(shape), names) if mats is not None else None
+
+    return replace_nodes(model, "Resize", expand, "resize_to_matmul")

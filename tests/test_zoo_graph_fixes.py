@@ -48,6 +48,19 @@ def train_step(model, feed, output, tmp_path):
     return info, [n for n in info.trainable if not np.array_equal(np.array(state.parameters[n].data), before[n])]
 
 
+def rewritten_agrees(model, x, op, rtol=None, atol=None):
+    """prepare_for_training rewrites every ``op`` node of ``model`` away, in place, and the model
+    computes on input ``x`` what it did before (exactly, unless tolerances are given)."""
+    (want,) = run(model, {"x": x})
+    prepare_for_training(model)
+    assert op not in {n.op_type for n in model.graph.node}
+    (got,) = run(model, {"x": x})
+    if rtol is None and atol is None:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
 def w(name, *shape, seed=0):
     return numpy_helper.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.3, name)
 
@@ -119,11 +132,7 @@ def test_resize_becomes_matmul_and_trains(mode, coord, scales, sizes, tmp_path):
     x = np.random.default_rng(2).standard_normal((2, 2, 6, 5)).astype(np.float32)
     if sizes is not None:
         x = np.random.default_rng(2).standard_normal((3, 2, 6, 5)).astype(np.float32)
-    (want,) = run(model, {"x": x})
-    prepare_for_training(model)
-    assert "Resize" not in {n.op_type for n in model.graph.node}
-    (got,) = run(model, {"x": x})
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    rewritten_agrees(model, x, "Resize", rtol=1e-5, atol=1e-5)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)  # the Resize form: no CPU ResizeGrad
     assert sorted(info.prunable) == ["c1", "c2"] and sorted(moved) == ["c1", "c2"]
 
@@ -177,11 +186,7 @@ def test_convtranspose_becomes_conv_and_trains(kernel, strides, pads, output_pad
                                                tmp_path):
     model = convt_model(kernel, strides, pads, output_padding, dilations, bias=bias, spatial=spatial)
     x = np.random.default_rng(4).standard_normal((2, 2, *spatial)).astype(np.float32)
-    (want,) = run(model, {"x": x})
-    prepare_for_training(model)
-    assert "ConvTranspose" not in {n.op_type for n in model.graph.node}
-    (got,) = run(model, {"x": x})
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    rewritten_agrees(model, x, "ConvTranspose", rtol=1e-5, atol=1e-5)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)  # the ConvTranspose form: no CPU kernel
     assert list(info.prunable) == ["wt"] and "wt" in moved
     # The weight keeps ConvTranspose's layout: output channels on stored axis 1.
@@ -261,11 +266,7 @@ def test_avgpool_becomes_conv_and_trains(kw, tmp_path):
     """ORT 1.19.2's CPU AveragePoolGrad kills the process (SIGFPE) at the first step."""
     model = avgpool_model(**kw)
     x = np.random.default_rng(5).standard_normal((2, 2, 8, 7)).astype(np.float32)
-    (want,) = run(model, {"x": x})
-    prepare_for_training(model)
-    assert "AveragePool" not in {n.op_type for n in model.graph.node}
-    (got,) = run(model, {"x": x})
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    rewritten_agrees(model, x, "AveragePool", rtol=1e-5, atol=1e-6)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)
     assert list(info.prunable) == ["conv"] and moved == ["conv"]  # the constant kernel is not a parameter
 
@@ -395,11 +396,7 @@ def test_instancenorm_becomes_reductions_and_trains(opset, group_norm, tmp_path)
     model.ir_version = 8
     onnx.checker.check_model(model)
     x = np.random.default_rng(8).standard_normal((2, 2, 6, 6)).astype(np.float32)
-    (want,) = run(model, {"x": x})
-    prepare_for_training(model)
-    assert "InstanceNormalization" not in {n.op_type for n in model.graph.node}
-    (got,) = run(model, {"x": x})
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    rewritten_agrees(model, x, "InstanceNormalization", rtol=1e-4, atol=1e-5)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)
     assert sorted(info.prunable) == ["conv", "head"] and {"conv", "head"} <= set(moved)
     if not group_norm:
@@ -425,11 +422,7 @@ def test_pad_modes_become_gathers_and_train(mode, pads, opset, tmp_path):
     model.ir_version = 8 if opset < 19 else 9
     onnx.checker.check_model(model)
     x = np.random.default_rng(9).standard_normal((2, 2, 5, 6)).astype(np.float32)
-    (want,) = run(model, {"x": x})
-    prepare_for_training(model)
-    assert "Pad" not in {n.op_type for n in model.graph.node}
-    (got,) = run(model, {"x": x})
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    rewritten_agrees(model, x, "Pad", rtol=1e-6, atol=1e-6)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)  # Pad's own gradient: constant mode only
     assert sorted(moved) == ["conv", "head"]
 
@@ -450,10 +443,6 @@ def test_depth_space_become_reshapes_and_train(op, kw, channels, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     x = np.random.default_rng(10).standard_normal((2, 3, 4, 6)).astype(np.float32)
-    (want,) = run(model, {"x": x})
-    prepare_for_training(model)
-    assert op not in {n.op_type for n in model.graph.node}
-    (got,) = run(model, {"x": x})
-    np.testing.assert_array_equal(got, want)
+    rewritten_agrees(model, x, op)
     info, moved = train_step(model, {"x": x}, "y", tmp_path)  # no gradient builder for either op
     assert sorted(moved) == ["conv", "head"]

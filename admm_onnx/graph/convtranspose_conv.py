@@ -32,16 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import (
-    NameScope,
-    attr,
-    auto_pad,
-    is_default_domain,
-    opset_version,
-    probe_agrees,
-    probe_passes,
-    replace_nodes,
-)
+from ._util import (NameScope, attr, auto_pad, is_default_domain, opset_version, probe_agrees, probe_passes,
+                    replace_nodes)
 from .resize_matmul import along_axis
 from .shapes import tensor_info
 

@@ -21,15 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._util import (
-    attr,
-    constant_values,
-    is_default_domain,
-    opset_version,
-    probe_agrees,
-    probe_passes,
-    replace_nodes,
-)
+from ._util import attr, constant_values, is_default_domain, opset_version, probe_agrees, probe_passes, replace_nodes
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)

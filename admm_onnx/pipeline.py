@@ -1012,8 +1012,15 @@ def _session(model_input: ModelInput):
             raise ModelError("models over 2 GB must be evaluated from a file path")
         source = model_input.SerializeToString()
     else:
-        load_model(model_input, load_external_data=False)  # one-line errors for bad files
+        header = load_model(model_input, load_external_data=False)  # one-line errors for bad files
         source = str(model_input)
+        if header.ir_version > MAX_IR_VERSION or opset_version(header) > MAX_OPSET:
+            # read as prepare_model reads it: lowered to IR 10 / opset 21 when nothing newer is used
+            model_input = load_model(model_input)
+            lower_versions(model_input)
+            if model_input.ByteSize() >= 2**31 - 1:
+                raise ModelError("models over 2 GB with IR > 10 or opset > 21 cannot be evaluated here")
+            source = model_input.SerializeToString()
     try:
         # the training sessions' options: intra-op spinning off (shared machines), denormals flushed
         return ort.InferenceSession(source, training.session_options(), providers=["CPUExecutionProvider"])

@@ -267,6 +267,15 @@ def _undo_encoding(model: onnx.ModelProto, meta: Optional[dict], domain: Optiona
     _drop_metadata(model)
 
 
+def _require_opset(model: onnx.ModelProto, fmt: str, min_opset: int) -> int:
+    """The model's default-domain opset; refused below ``min_opset`` (``fmt`` names the format)."""
+    opset = _default_opset(model)
+    if opset is None or opset < min_opset:
+        raise ModelError(f"{fmt} export needs opset >= {min_opset}, the model has {opset}",
+                         hint="use --format coo, or convert the model with onnx.version_converter")
+    return opset
+
+
 def _check_domain_free(model: onnx.ModelProto, domain: str, hint: str = "") -> None:
     """Refuse a model that already has functions or an opset import of ``domain``."""
     if any(f.domain == domain for f in model.functions) or any(o.domain == domain for o in model.opset_import):

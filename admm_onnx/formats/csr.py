@@ -66,6 +66,7 @@ from .base import (
     _narrowest_unsigned,
     _read_metadata,
     _replace_graph_content,
+    _require_opset,
     _run_checker,
     _to_array,
     _undo_encoding,
@@ -288,12 +289,7 @@ class Csr(Format):
         _check_model_arg(model)
         if _read_metadata(model) is not None or len(model.graph.sparse_initializer):
             raise ModelError("the model already has sparse weights", hint="densify it first")
-        opset = _default_opset(model)
-        if opset is None or opset < MIN_CSR_OPSET:
-            raise ModelError(
-                f"csr export needs opset >= {MIN_CSR_OPSET}, the model has {opset}",
-                hint="use --format coo, or convert the model with onnx.version_converter",
-            )
+        _require_opset(model, "csr", MIN_CSR_OPSET)
         _check_domain_free(model, DOMAIN, hint="densify it first")
         if model.ir_version < 4:
             raise ModelError(f"csr export needs IR version >= 4, the model has {model.ir_version}")

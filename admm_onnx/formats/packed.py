@@ -57,10 +57,10 @@ from .base import (
     _all_names,
     _check_domain_free,
     _check_model_arg,
-    _default_opset,
     _finish_encode,
     _read_metadata,
     _replace_graph_content,
+    _require_opset,
     _run_checker,
     _to_array,
     _undo_encoding,
@@ -339,10 +339,7 @@ class Packed(Format):
         _check_model_arg(model)
         if _read_metadata(model) is not None or len(model.graph.sparse_initializer):
             raise ModelError("the model already has encoded weights", hint="densify it first")
-        opset = _default_opset(model)
-        if opset is None or opset < MIN_OPSET:
-            raise ModelError(f"packed export needs opset >= {MIN_OPSET}, the model has {opset}",
-                             hint="use --format coo, or convert the model with onnx.version_converter")
+        opset = _require_opset(model, "packed", MIN_OPSET)
         if model.ir_version < 4:
             raise ModelError(f"packed export needs IR version >= 4, the model has {model.ir_version}")
         _check_domain_free(model, DOMAIN)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import click
 
-from admm_onnx.errors import AdmmOnnxError, ConfigError, as_user_error, clean_message
+from admm_onnx.errors import AdmmOnnxError, ConfigError, DataError, as_user_error, clean_message
 from admm_onnx.training import Progress
 
 log = logging.getLogger("admm_onnx.cli")

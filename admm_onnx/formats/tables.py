@@ -38,7 +38,7 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def csr_weights(model: onnx.ModelProto) -> Dict[str, "scipy.sparse.csr_matrix"]:  # noqa: F821
+def csr_weights(model: onnx.ModelProto) -> Dict[str, object]:
     """Encoded weights of ``model`` as SciPy CSR matrices over their 2-D views.
 
     For a weight of shape ``(d0, d1, ..., dk)`` the matrix has shape ``(d0, d1 * ... * dk)``;

@@ -404,6 +404,16 @@ def load_report(path) -> Dict[str, object]:
 
 def plot_report(report: Dict[str, object], path, title: Optional[str] = None) -> Path:
     """Write the pictures of a report (a dict, e.g. :meth:`PruneReport.to_dict`) to ``path``."""
+    try:
+        charts, summary = _report_content(report)
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:  # a hand-edited or foreign JSON
+        raise DataError(f"the report is not an admm-onnx report as written by prune ({type(exc).__name__}: {exc})",
+                        hint="write one with prune --report") from None
+    return write_charts(charts, path, title or f"admm-onnx report: {report.get('output', '')}", summary)
+
+
+def _report_content(report: Dict[str, object]):
+    """(charts, summary line) of a report dict."""
     total = report.get("total") or {}
 
     def num(v, fmt):
@@ -414,4 +424,4 @@ def plot_report(report: Dict[str, object], path, title: Optional[str] = None) ->
                f"compression {num(total.get('compression'), '.1f')}x ({num(total.get('nonzero'), ',')} of "
                f"{num(total.get('weights'), ',')} weights kept); top-1 after retraining "
                f"{num(100 * acc if isinstance(acc, (int, float)) else None, '.2f')}%").strip()
-    return write_charts(report_charts(report), path, title or f"admm-onnx report: {report.get('output', '')}", summary)
+    return report_charts(report), summary

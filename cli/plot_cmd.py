@@ -24,7 +24,14 @@ def plot(report_path, out):
     if "baseline" in data and "levels" in data:  # admm-onnx sensitivity --json
         from admm_onnx.allocation.sensitivity import SensitivityResult, write_plot
 
-        write_plot(SensitivityResult.from_dict(data), out)
+        from admm_onnx.errors import DataError
+
+        try:
+            result = SensitivityResult.from_dict(data)
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
+            raise DataError(f"{report_path} is not a sensitivity JSON as written by 'sensitivity --json' "
+                            f"({type(exc).__name__}: {exc})") from None
+        write_plot(result, out)
     else:
         plot_report(data, out)
     click.echo(f"Wrote {out}")

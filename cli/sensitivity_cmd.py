@@ -97,10 +97,10 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
         from admm_onnx.plot import plot_format
 
         plot_format(plot_path)  # a bad suffix, or PNG without matplotlib: stop before the sweep
-    prepared = prepare_model(model, output_name)
-    dataset = load_dataset(data)
+    dataset = load_dataset(data)  # before the model's preparation logs anything: a bad file is one line
     if not hasattr(dataset, "x_train"):
         raise ConfigError("the sensitivity sweep takes single-input data with labels (x_train/y_train or x/y)")
+    prepared = prepare_model(model, output_name)
     idx = __import__("numpy").random.default_rng(seed).permutation(len(dataset.x_train))[:samples]
     idx.sort()
     x = fit_to_input(dataset.x_train[idx], prepared.input_shape, prepared.input_name)

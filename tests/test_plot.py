@@ -100,3 +100,14 @@ def test_png_without_matplotlib_stops_before_any_work(lenet5_small, data_npz, tm
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "PNG needs matplotlib" in err
     assert not out.exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_a_report_of_the_wrong_shape_is_one_error_line(tmp_path, capsys):
+    from admm_onnx.cli.main import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"layers": 5, "residuals": {"a": 1}}')
+    assert main(["plot", str(bad), "-o", str(tmp_path / "x.svg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not an admm-onnx report" in err[0]
+    assert not (tmp_path / "x.svg").exists()

@@ -88,5 +88,5 @@ def speed_up_for_training(model: onnx.ModelProto, trainable: Iterable[str]) -> D
     for what, rewrite in SPEEDUPS:
         counts[what] = rewrite(model, trainable)
         if counts[what]:
-            log.info("training graph: %s (%d)", what, counts[what])
+            log.debug("training graph: %s (%d)", what, counts[what])
     return counts

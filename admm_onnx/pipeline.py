@@ -536,11 +536,10 @@ def train(
         trainer.close()
     if last is not None:
         report.accuracy_after, report.loss_after = last.accuracy, last.loss
-    final, report.batchnorm = refresh_batchnorm(output_model(prepared, weights), train_reader, eval_reader,
-                                                prepared.output_name)
-    if report.batchnorm and report.batchnorm["kept"] and eval_reader is not None:
-        after = evaluate(final, eval_reader, prepared.output_name)  # the written model's own figure
-        report.accuracy_after, report.loss_after = after.accuracy, after.loss
+    final, report.batchnorm, after = refresh_batchnorm(output_model(prepared, weights), train_reader, eval_reader,
+                                                       prepared.output_name)
+    if report.batchnorm and report.batchnorm["kept"] and after is not None:
+        report.accuracy_after, report.loss_after = after.accuracy, after.loss  # the written model's own figure
     save_model(final, out, external_data=prepared.used_external_data or None)
     report.output = str(out)
     report.layers = model_rows(final, prepared.info)
@@ -693,7 +692,7 @@ def prune(
         log.warning("the written model's outputs differ from the trained model's by %.3g", report.max_output_diff)
     # The check above compared like with like (the trained copy normalises with the model's own
     # BatchNorm statistics in evaluation); the written model gets statistics of its new weights.
-    refreshed, report.batchnorm = refresh_batchnorm(final, train_reader, eval_reader, prepared.output_name)
+    refreshed, report.batchnorm, after = refresh_batchnorm(final, train_reader, eval_reader, prepared.output_name)
     if refreshed is not final:
         final = refreshed
         save_model(final, out, external_data=prepared.used_external_data or None)
@@ -702,7 +701,8 @@ def prune(
         # the check above showed computes what the written model computes.
         if last_eval is not None:
             _record(report, "after", last_eval)
-        after = evaluate(final, eval_reader, prepared.output_name)
+        if after is None:  # refresh_batchnorm evaluated the written model already when it has BatchNorm
+            after = evaluate(final, eval_reader, prepared.output_name)
         if after.accuracy is not None:  # (N, C) class scores against labels: the written model's own figure
             report.accuracy_after, report.loss_after = after.accuracy, after.loss
         log.info("after pruning: %s", _phase_line(report.accuracy_after, report.fidelity_after))
@@ -1043,17 +1043,18 @@ def _first_batch(reader: DataReader) -> Dict[str, np.ndarray]:
 
 def refresh_batchnorm(model: onnx.ModelProto, train_reader: DataReader, eval_reader: Optional[DataReader] = None,
                       output_name: Optional[str] = None, max_batches: int = 50):
-    """(model, record): BatchNormalization running statistics re-estimated on training batches.
+    """(model, record, stats): BatchNormalization running statistics re-estimated on training batches.
 
     ORT training normalises with batch statistics and never writes the running ones back
     (graph/bn_recalibrate.py), so after training the model's own statistics belong to the old
     weights. The copy with re-estimated statistics is returned unless labelled evaluation data
     shows it scoring lower top-1 than the statistics the model came with (then ``model``, and
-    the record says so). ``record`` is None for a model without inference-form BatchNorm."""
+    the record says so). ``record`` is None for a model without inference-form BatchNorm;
+    ``stats``: the returned model's :func:`evaluate` on ``eval_reader`` when it was run, else None."""
     from .graph.bn_recalibrate import recalibrate_batchnorm
 
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        return model, None
+        return model, None, None
     candidate = onnx.ModelProto()
     candidate.CopyFrom(model)
     batches = 0
@@ -1069,16 +1070,18 @@ def refresh_batchnorm(model: onnx.ModelProto, train_reader: DataReader, eval_rea
     except Exception as exc:  # the statistics are a refinement: never fail a finished run on them
         log.warning("BatchNorm running statistics not re-estimated (%s); the written model keeps the ones it came "
                     "with", str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-        return model, None
+        return model, None, None
     finally:
         train_reader.rewind()
     if not nodes:
-        return model, None
+        return model, None, None
     record: Dict[str, object] = {"nodes": nodes, "batches": min(batches, max_batches), "kept": True,
                                  "accuracy_stale": None, "accuracy_recalibrated": None}
+    stale_stats = fresh_stats = None
     if eval_reader is not None:
-        stale = evaluate(model, eval_reader, output_name).accuracy
-        fresh = evaluate(candidate, eval_reader, output_name).accuracy
+        stale_stats = evaluate(model, eval_reader, output_name)
+        fresh_stats = evaluate(candidate, eval_reader, output_name)
+        stale, fresh = stale_stats.accuracy, fresh_stats.accuracy
         record.update(accuracy_stale=stale, accuracy_recalibrated=fresh)
         if stale is not None and fresh is not None and fresh < stale:
             record["kept"] = False
@@ -1086,10 +1089,10 @@ def refresh_batchnorm(model: onnx.ModelProto, train_reader: DataReader, eval_rea
         log.info("BatchNorm running statistics of %d node(s) re-estimated on %d training batch(es)%s", nodes,
                  record["batches"], "" if record["accuracy_stale"] is None else
                  f" (top-1 {100 * record['accuracy_stale']:.2f}% -> {100 * record['accuracy_recalibrated']:.2f}%)")
-        return candidate, record
+        return candidate, record, fresh_stats
     log.info("BatchNorm running statistics kept as they were: re-estimated ones scored %.2f%% vs %.2f%%",
              100 * record["accuracy_recalibrated"], 100 * record["accuracy_stale"])
-    return model, record
+    return model, record, stale_stats
 
 
 def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[str] = None) -> EpochStats:

@@ -6,7 +6,6 @@ line: every file present before is byte-identical after, and nothing new is left
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,29 +21,12 @@ import pytest
 
 from admm_onnx.cli.main import main
 from admm_onnx.models import build
+from fs_snapshot import snapshot
 
 QUICK = ["--admm-iters", "1", "--retrain-epochs", "1", "--batch-size", "32", "--quiet"]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def snapshot(root: Path) -> dict:
-    """path -> sha256 (files), 'dir' (folders), 'link:target' (symlinks), 'special' (others)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            elif p.is_file():
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
-                out[rel] = "special"
-    return out
-
-
 def run_probe(argv, root: Path, capsys, expect: str = "", code: int = 2) -> str:
     """Run the CLI in-process; assert exit ``code``, one ``error:`` line containing ``expect``,
     inputs byte-identical and no file or folder left behind under ``root``."""

@@ -13,7 +13,6 @@ The probes run in-process (``admm_onnx.cli.main.main``) so the default suite sta
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import shutil
@@ -31,28 +30,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from admm_onnx.cli.main import main
 from admm_onnx.models import build
+from fs_snapshot import snapshot
 
 QUICK = ["--admm-iters", "1", "--retrain-epochs", "1", "--epochs-per-iter", "1", "--batch-size", "32", "-q"]
 
 
 # -- harness ----------------------------------------------------------------------------------
-def snapshot(root: Path) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            elif p.is_file():
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
-                out[rel] = "special"
-    return out
-
-
 BAD_TEXT = re.compile(r"Traceback|\.cc:\d|\.h:\d|onnxruntime/core|onnxruntime_src|\[ONNXRuntimeError\]|pybind11")
 
 

@@ -486,3 +486,74 @@ def storage_of(parts: Mapping[str, np.ndarray], dtype) -> Tuple[str, int]:
 
 
 PACKED = register(Packed())
+
+
+# --------------------------------------------------------------------------------------------
+# Where the bytes of a packed file go
+# --------------------------------------------------------------------------------------------
+
+
+def _field_bytes(msg) -> int:
+    """Serialized bytes of ``msg`` as a length-delimited field of its parent (tag + length + body)."""
+    from google.protobuf.internal import encoder
+
+    size = msg.ByteSize()
+    return 1 + len(encoder._VarintBytes(size)) + size
+
+
+def size_breakdown(model: onnx.ModelProto) -> Dict[str, int]:
+    """Bytes of a ``packed`` file by part; the parts sum to ``model.ByteSize()``.
+
+    ``positions`` / ``codes``: the bits of the packed fields that hold gaps / level codes (a
+    field's bytes split in proportion to its bits; padding goes to positions); ``raw values``:
+    values of weights without levels; ``scales``: the float32 scale tensors' data; ``tensor
+    headers``: names, dims and types of those packed tensors plus their metadata (shapes,
+    widths); ``other initializers``: everything else stored as initializers (biases), whole;
+    ``decode functions``: the model-local functions; ``graph nodes``: every node (the decode
+    calls included); ``rest``: graph inputs/outputs, value_info, opset imports, metadata, names.
+    """
+    _check_model_arg(model)
+    out = {k: 0 for k in ("positions", "codes", "raw values", "scales", "tensor headers",
+                          "other initializers", "decode functions", "graph nodes", "rest")}
+    weights = PACKED._weights(model)
+    owned: Dict[str, str] = {}
+    for name, (parts, _) in weights.items():
+        for tensor_name, role in _part_names(model, name).items():
+            owned[tensor_name] = role
+    meta_of = {name: parts[".m"] for name, (parts, _) in weights.items()}
+    for t in model.graph.initializer:
+        whole = _field_bytes(t)
+        role = owned.get(t.name)
+        if role is None:
+            out["other initializers"] += whole
+            continue
+        data = len(t.raw_data) if t.HasField("raw_data") else 0
+        out["tensor headers"] += whole - data
+        if role == ".p":
+            meta = meta_of[_owner(model, t.name)]
+            b, k = int(meta[0]), int(meta[1])
+            levels = ".s" in weights[_owner(model, t.name)][0]
+            width = b + (k if levels else 0)
+            used = int(meta[2]) * width
+            code_bytes = (data * 8 * (k if levels else 0) // width) // 8 if used else 0
+            out["codes"] += code_bytes
+            out["positions"] += data - code_bytes
+        elif role == ".s":
+            out["scales"] += data
+        elif role == ".v":
+            out["raw values"] += data
+        else:
+            out["tensor headers"] += data
+    out["decode functions"] = sum(_field_bytes(f) for f in model.functions)
+    out["graph nodes"] = sum(_field_bytes(n) for n in model.graph.node)
+    out["rest"] = model.ByteSize() - sum(out.values())
+    return out
+
+
+def _part_names(model: onnx.ModelProto, name: str) -> Dict[str, str]:
+    """Initializer name -> role (``.p``/``.s``/``.v``/``.m``) of packed weight ``name``."""
+    return {name + s: s for s in SUFFIXES}
+
+
+def _owner(model: onnx.ModelProto, tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0]

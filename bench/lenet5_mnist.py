@@ -15,7 +15,7 @@ and results.json.
 Usage:
   python bench/lenet5_mnist.py --mnist /work/shared/data/mnist --out /tmp/lenet5 [--seed 0]
       [--model lenet5|lenet300-100] [--ratios paper|x100|...|conv1=0.2,conv2=0.08,...]
-      [--then RATIOS ...] [--dataset-name MNIST] [--schedule lenet5|lenet5-long|lenet300-100]
+      [--then RATIOS ...] [--dataset-name MNIST] [--schedule lenet5|lenet5-short|lenet5-long|lenet300-100]
       [--validation N] [schedule overrides: --dense-epochs --dense-lr --dense-schedule --admm-iters
        --epochs-per-iter --admm-update-steps --rho --rho-mode --rho-growth --admm-tol --lr
        --retrain-epochs --retrain-lr --batch-size --augment-shift --augment-phase]
@@ -99,12 +99,19 @@ PRIOR_ART = {
 
 # -- default schedules (tuned here; see the module docstring) ----------------------------------------
 SCHEDULES = {
-    # The 4-minute default (issue 16): 2 dense epochs (cosine), ADMM capped at 3 epochs with a Z/U
-    # update every 20 steps, automatic rho and the stall rule (ends early once every primal
-    # residual is under admm_tol), then masked retraining (cosine, 1-px shifts).
-    "lenet5": dict(dense_epochs=2, dense_lr=3e-3, dense_schedule="cosine", admm_iters=3, epochs_per_iter=1,
-                   admm_update_steps=20, rho=None, rho_mode="balance", rho_growth=1.3, admm_tol=0.02, lr=2e-3,
-                   retrain_epochs=6, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
+    # The 4-minute default (issue 16, 2026-12-05 02:00-02:30 UTC, chosen on --validation 5000, seeds 0 and 1;
+    # bench/README.md): 3 dense epochs (cosine), ADMM for its whole 6-epoch cap with a Z/U update every
+    # 20 steps and automatic rho (residual balancing + stall rule), admm_tol 0.005 (below the ~0.03 that
+    # fc1's primal residual settles at, so ADMM uses its whole budget and the run warns that it did not
+    # reach the tolerance), then 10 masked retraining epochs (cosine, 1-px shifts): 1.14M samples.
+    "lenet5": dict(dense_epochs=3, dense_lr=3e-3, dense_schedule="cosine", admm_iters=6, epochs_per_iter=1,
+                   admm_update_steps=20, rho=None, rho_mode="balance", rho_growth=1.3, admm_tol=0.005, lr=2e-3,
+                   retrain_epochs=10, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
+    # The first 4-minute candidate (2026-12-05 01:00): 2 dense + ADMM until every primal residual is under
+    # 0.02 (about 1.5 of its 3-epoch cap) + 6 retraining epochs: 0.56M samples, 90 s alone, 99.08-99.14% on test.
+    "lenet5-short": dict(dense_epochs=2, dense_lr=3e-3, dense_schedule="cosine", admm_iters=3, epochs_per_iter=1,
+                         admm_update_steps=20, rho=None, rho_mode="balance", rho_growth=1.3, admm_tol=0.02, lr=2e-3,
+                         retrain_epochs=6, retrain_lr=3e-3, batch_size=128, augment_shift=1, augment_phase="retrain"),
     # The earlier default (2026-11-30, 539-572 s on 2 cores): 4 dense + 12 ADMM + 12 retraining epochs
     # = 28 passes over the 60k images (1.68M samples), the paper's rho schedule (1.5e-3 x1.3 per epoch).
     "lenet5-long": dict(dense_epochs=4, dense_lr=2e-3, dense_schedule="constant", admm_iters=12, epochs_per_iter=1,

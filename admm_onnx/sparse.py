@@ -46,10 +46,10 @@ def export_sparse(
         raise ConfigError(f"unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if values not in VALUE_TYPES:
         raise ConfigError(f"unknown value type {values!r}; choose one of {', '.join(VALUE_TYPES)}")
-    if fmt == "csr":
+    if fmt in ("csr", "packed"):
         options["values"] = values
     elif values != "fp32":
-        raise ConfigError(f"{fmt} does not take --values {values}; --values fp16 needs --format csr")
+        raise ConfigError(f"{fmt} does not take --values {values}; --values fp16 needs --format csr or packed")
     return get(fmt).encode(model, min_sparsity=min_sparsity, **options)
 
 

@@ -3,7 +3,7 @@
 Either a model file (``--model``): a pruned (and quantized) model written by ``admm-onnx prune``
 or ``bench/lenet5_mnist.py`` (its dead channels are removed first, exactly, as
 ``bench/deploy_files.py`` does; ``--keep-dead`` skips that), or a file already exported as
-``packed``. Or, without ``--model``, a proxy built in code: LeNet-5 (admm_onnx.models) with random
+``packed`` (measured as it is; ``--repack``: densified and exported again in the current layout). Or, without ``--model``, a proxy built in code: LeNet-5 (admm_onnx.models) with random
 masks at the densities of the progressive x150 run (conv1 40%, conv2 6%, fc1 0.27%, fc2 3%),
 every kept entry on a random nonzero 3-4-bit level (conv1 4, conv2 3, fc1 3, fc2 4 bits; scales per
 channel for the convs, per tensor for the fcs) and seeded normal biases (0.1 std). Random
@@ -13,7 +13,12 @@ Prints the byte breakdown (admm_onnx.formats.packed.size_breakdown), the ratio t
 LeNet-5 file (1,725,213 bytes as the repository writes it; ``--dense-bytes`` to change) and,
 with ``--json``, writes it. ``--out`` keeps the packed file.
 
-Usage: python bench/packed_size.py [--model PRUNED.onnx] [--keep-dead] [--json OUT.json] [--out FILE]
+With ``--data mnist:DIR`` the packed file also runs in plain onnxruntime (``.venv-deploy``,
+tests/deploy_env.py) on the test split: top-1, outputs bit-exact to its decoded dense model,
+decode ops left after load, batch-1 time against the decoded dense model (interleaved).
+
+Usage: python bench/packed_size.py [--model PRUNED.onnx [--repack]] [--keep-dead] [--live] [--values exact|fp16]
+       [--names short|keep] [--data mnist:DIR [--runs 300]] [--json OUT.json] [--out FILE]
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from admm_onnx.formats import packed as packed_format
 from admm_onnx.models import build
 from admm_onnx.quantization import QuantSpec, dequantize, mark_model, max_level
 
+ROOT = Path(__file__).resolve().parents[1]
 DENSE_FP32_BYTES = 1_725_213
 DENSITY = {"conv1.weight": 0.40, "conv2.weight": 0.06, "fc1.weight": 0.0027, "fc2.weight": 0.03}
 LEVELS = {"conv1.weight": (4, 0), "conv2.weight": (3, 0), "fc1.weight": (3, None), "fc2.weight": (4, None)}
@@ -79,11 +85,17 @@ def proxy_lenet(seed: int = 0, live: bool = False) -> onnx.ModelProto:
     return model
 
 
-def packed_file(model: onnx.ModelProto, keep_dead: bool, options: dict):
-    """(packed model, facts): ``model`` itself when already packed, else exported."""
-    if formats.detect(model) is packed_format.PACKED:
-        return model, {"source": "already packed"}
+def packed_file(model: onnx.ModelProto, keep_dead: bool, options: dict, repack: bool = False):
+    """(packed model, facts): ``model`` itself when already packed (with ``repack``: densified
+    and exported again in the current layout), else exported."""
     facts = {}
+    if formats.detect(model) is packed_format.PACKED:
+        if not repack:
+            return model, {"source": "already packed"}
+        facts["repacked from bytes"] = model.ByteSize()
+        model = formats.densify(model)
+    elif formats.detect(model) is not None:
+        model = formats.densify(model)
     if not keep_dead:
         from admm_onnx.structured.dead import remove_dead_channels
 
@@ -93,14 +105,56 @@ def packed_file(model: onnx.ModelProto, keep_dead: bool, options: dict):
     return out, facts
 
 
+def run_in_deploy_env(model: onnx.ModelProto, data: str, runs: int) -> dict:
+    """Top-1, bit-exactness against the decoded dense model, leftover decode ops and the batch-1
+    time ratio of ``model`` in plain onnxruntime (tests/deploy_env.py)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from deploy_env import get_env
+
+    from admm_onnx.data import load_idx_dir
+
+    kind, _, path = data.partition(":")
+    if kind != "mnist" or not path:
+        raise SystemExit("--data: mnist:DIR")
+    d = load_idx_dir(path)
+    x, y = d.x_test.astype(np.float32), np.asarray(d.y_test)
+    name = model.graph.input[0].name
+    decoded = formats.densify(model)
+    env = get_env()
+    with tempfile.TemporaryDirectory(prefix="packed_size.") as tmp:
+        res = env.run({"packed": model, "decoded": decoded}, {name: x}, optimized=True, workdir=tmp)
+        ops = lambda p: {n.op_type for n in onnx.load(str(p)).graph.node}  # noqa: E731
+        left = sorted(ops(res.optimized["packed"]) - ops(res.optimized["decoded"]))
+    timing = env.run({"packed": model, "decoded": decoded}, {name: x[:1]}, runs=runs, warmup=30)
+    logits = res.outputs["packed"][0]
+    return {"onnxruntime": res.onnxruntime, "images": int(len(y)),
+            "top1": float((logits.reshape(len(y), -1).argmax(1) == y).mean()),
+            "bit_exact": all(np.array_equal(a, b) for a, b in zip(res.outputs["packed"], res.outputs["decoded"])),
+            "decode_ops_left": left, "batch1_ratio": timing.ratio("packed", "decoded"),
+            "batch1_us": timing.median("packed") * 1e6, "load": os.getloadavg()[0]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="pruned model or packed file (default: the proxy LeNet-5)")
     parser.add_argument("--keep-dead", action="store_true", help="do not remove dead channels before packing")
+    parser.add_argument("--repack", action="store_true",
+                        help="a packed --model (any version) is densified and exported again in the current layout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the proxy model")
     parser.add_argument("--live", action="store_true",
                         help="proxy: fc1's nonzeros only in units fc2 reads (none dead: all ~2,930 packed)")
     parser.add_argument("--dense-bytes", type=int, default=DENSE_FP32_BYTES, help="dense fp32 file size to compare with")
+    parser.add_argument("--values", choices=("exact", "fp16"), default="exact",
+                        help="packed values option: fp16 stores the float32 initializers left dense (biases) as "
+                             "float16 (lossy)")
+    parser.add_argument("--names", choices=("short", "keep"), default="short", help="packed names option")
+    parser.add_argument("--data", metavar="mnist:DIR",
+                        help="also run the packed file and its decoded dense model in plain onnxruntime "
+                             "(.venv-deploy, tests/deploy_env.py) on the test split: top-1, bit-exactness, "
+                             "batch-1 time / decoded")
+    parser.add_argument("--runs", type=int, default=300, help="with --data: interleaved batch-1 rounds")
     parser.add_argument("--json", type=Path, help="write the breakdown here")
     parser.add_argument("--out", type=Path, help="keep the packed file here")
     args = parser.parse_args(argv)
@@ -116,7 +170,8 @@ def main(argv=None) -> int:
         model = proxy_lenet(args.seed, args.live)
         source = (f"proxy LeNet-5, random masks at x150 densities{' (fc1 in live units)' if args.live else ''}, "
                   f"seed {args.seed}")
-    out, facts = packed_file(model, args.keep_dead, {})
+    options = {k: v for k, v in (("values", args.values), ("names", args.names)) if v != parser.get_default(k)}
+    out, facts = packed_file(model, args.keep_dead, options, args.repack)
     data = out.SerializeToString()
     parts = packed_format.size_breakdown(out)
     rows = formats.inspect_model(out)
@@ -131,6 +186,8 @@ def main(argv=None) -> int:
         "weights": [{"name": r.name, "shape": list(r.shape), "nonzero": r.nonzero, "storage": r.storage,
                      "bits": r.bits, "stored bytes": r.stored_bytes} for r in rows],
     }
+    if args.data:
+        result["deployment runtime"] = run_in_deploy_env(out, args.data, args.runs)
     print(f"# packed file of {source}\n")
     print(f"{len(data):,} bytes, {result['smaller than dense']:.1f}x smaller than dense fp32 "
           f"({args.dense_bytes:,}); {nonzero:,} nonzero packed weights\n")
@@ -140,6 +197,12 @@ def main(argv=None) -> int:
     print("\n| weight | shape | nonzero | storage | stored bytes |\n| --- | --- | ---: | --- | ---: |")
     for w in result["weights"]:
         print(f"| {w['name']} | {'x'.join(map(str, w['shape']))} | {w['nonzero']:,} | {w['storage']} | {w['stored bytes']:,} |")
+    dep = result.get("deployment runtime")
+    if dep:
+        print(f"\nonnxruntime {dep['onnxruntime']} on {dep['images']:,} test images: top-1 {100 * dep['top1']:.2f}%, "
+              f"outputs bit-exact to the decoded dense model: {dep['bit_exact']}, decode ops left after load: "
+              f"{dep['decode_ops_left'] or 'none'}, batch-1 time / decoded dense {dep['batch1_ratio']:.3f} "
+              f"(load {dep['load']:.1f})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -98,7 +98,11 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
 @click.option("--min-sparsity", type=float, default=0.5, show_default=True,
               help="Encode a weight only if at least this fraction of it is zero (packed: quantized weights always).")
 @click.option("--values", type=click.Choice(sparse.VALUE_TYPES), default="fp32", show_default=True,
-              help="Value precision for csr; fp16 is lossy.")
+              help="fp16 (lossy): csr stores its values as float16; packed stores the float32 initializers it "
+                   "leaves dense (biases, >= 16 entries) as float16.")
+@click.option("--names", type=click.Choice(["short", "keep"]), default="short", show_default=True,
+              help="packed: short generated names for the graph's internal values (activations, biases) and no "
+                   "node names, or keep them all (graph inputs, outputs and encoded weights always keep theirs).")
 @click.option("--quantization", "quant_path", type=click.Path(path_type=Path), default=None, metavar="REPORT.json",
               help="packed: the prune report whose quantization specs to use (default: the specs the "
                    "quantized run recorded in PRUNED.onnx).")
@@ -109,7 +113,7 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
               help="qdq: at most this many calibration images.")
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
               help="qdq: activation type (uint8: every conv fused in onnxruntime 1.32 on x86-64; int8: S8S8).")
-def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str,
+def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, values: str, names: str,
                quant_path: Optional[Path], calib_data: Optional[str], calibration_samples: int, activations: str) -> None:
     """Store the weights of PRUNED.onnx compactly (sparse, packed) or as int8 (qdq) in a new ONNX file."""
     model, external = _load(model_path)
@@ -119,6 +123,10 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
         options.update(_calibration(model, calib_data, calibration_samples, activations))
     elif calib_data is not None:
         raise ConfigError("-d/--data (calibration) is a qdq option; add --format qdq")
+    if names != "short":
+        if fmt != "packed":
+            raise ConfigError("--names is a packed option; add --format packed")
+        options["names"] = names
     if quant_path is not None:
         if fmt != "packed":
             raise ConfigError("--quantization is a packed option; add --format packed")
@@ -136,7 +144,7 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     before, after = _footprint(model_path), _footprint(output)
     click.echo(
         f"wrote {output}: {len(report.encoded)} weight(s) as {fmt}"
-        f"{'-' + values if fmt == 'csr' else ''}; weights {report.total_dense_bytes:,} -> "
+        f"{'-' + values if fmt == 'csr' or (fmt == 'packed' and values != 'fp32') else ''}; weights {report.total_dense_bytes:,} -> "
         f"{report.total_stored_bytes:,} bytes ({_ratio(report.total_dense_bytes, report.total_stored_bytes)}); "
         f"file {before:,} -> {after:,} bytes ({_ratio(before, after)})"
     )

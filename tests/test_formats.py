@@ -75,15 +75,23 @@ def test_delta_code_bridges_long_gaps_with_fillers():
     assert packed.best_position_bits(np.arange(0, 100000, 90), 4) >= 6
 
 
-@pytest.mark.parametrize("kind", ["raw", "levels"])
-def test_packed_is_exact_and_folded_in_ort(small, small_q, kind, tmp_path):
+@pytest.mark.parametrize("kind,names", [("raw", "short"), ("levels", "short"), ("levels", "keep")])
+def test_packed_is_exact_and_folded_in_ort(small, small_q, kind, names, tmp_path):
     model = small if kind == "raw" else small_q
-    out, report = formats.export(model, "packed")
+    out, report = formats.export(model, "packed", names=names)
     onnx.checker.check_model(out, full_check=True)
     dec = formats.densify(out)
-    assert inits(dec).keys() == inits(model).keys()
-    for name, arr in inits(model).items():
-        assert np.array_equal(inits(dec)[name], arr), name
+    if names == "keep":
+        assert inits(dec).keys() == inits(model).keys()
+        assert [n.output[0] for n in dec.graph.node] == [n.output[0] for n in model.graph.node]
+    else:  # the encoded weights keep their names, the others get short ones, in the same order
+        enc = set(report.encoded)
+        assert [n for n in inits(dec) if n in enc] == [n for n in inits(model) if n in enc]
+        assert all(len(n) == 1 for n in inits(dec) if n not in enc)
+        assert all(len(n.output[0]) == 1 for n in dec.graph.node[:-1])  # internal activations
+        assert dec.graph.output[0].name == model.graph.output[0].name
+    for (name, arr), (dname, darr) in zip(inits(model).items(), inits(dec).items()):
+        assert np.array_equal(darr, arr), name
     for a, b in zip(run(out, X), run(model, X)):
         assert a.tobytes() == b.tobytes()
     opts = ort.SessionOptions()
@@ -112,7 +120,11 @@ def test_packed_errors(small, small_q):
     with pytest.raises(ConfigError, match="does not have"):
         formats.export(small, "packed", quantization={"nope": QuantSpec(4, (1.0,), None)})
     with pytest.raises(ConfigError, match="no option"):
-        formats.export(small, "packed", values="fp16")
+        formats.export(small, "packed", bits=4)
+    with pytest.raises(ConfigError, match="values must be one of"):
+        formats.export(small, "packed", values="fp8")
+    with pytest.raises(ConfigError, match="names must be one of"):
+        formats.export(small, "packed", names="tiny")
     old = onnx.ModelProto()
     old.CopyFrom(small)
     old.opset_import[0].version = 10

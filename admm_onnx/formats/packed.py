@@ -3,43 +3,61 @@
 For storage and transmission: the smallest file, decoded by standard ONNX ops that onnxruntime
 folds at session creation (so inference runs dense kernels on the exact weights).
 
-Per encoded weight ``W`` (flattened in C order, ``N`` entries):
+Per encoded weight ``W`` (flattened in C order, ``N`` entries), one call node of a model-local
+function (domain :data:`DOMAIN`; ``Q`` for levels, ``F`` for raw values; each stored once)
+writes ``W`` under its own name from two initializers and four attributes:
 
-- *positions* of the stored entries as gaps: entry i sits at ``pos[i] = pos[i-1] + 1 + g[i]``
-  (``pos[-1] = -1``), each ``g[i]`` in ``[0, 2^b - 1]``, ``b`` in 1..8 chosen per weight to
-  minimise the bytes. A gap too long for ``b`` bits is bridged by *filler* entries holding the
+- *positions* as steps: entry i sits at ``pos[i] = pos[i-1] + t[i]`` (``pos[-1] = 0``; only the
+  first step may be 0), each ``t[i]`` in ``[0, 2^b - 1]``, ``b`` in 1..16 - k chosen per weight
+  to minimise the bytes (``k``: the level bits below, 0 for raw values). A step too long for ``b`` bits is bridged by *filler* entries holding the
   value 0 (as in Deep Compression's relative indices): stored entries = nonzeros + fillers.
 - values, one of:
 
   - *levels* (a weight with a quantization spec: ``W = float32(q) * float32(scale)``, integer
     ``q`` in ``[-L, L]``, ``L = 2^(k-1) - 1``, from ``admm-onnx prune --bits``): the code
-    ``q + L`` in ``k`` bits, and ``<W>.s`` the float32 scale (shape ``[]`` per tensor, or the
-    weight's rank with only the channel axis kept: per channel);
-  - *raw* (no spec): ``<W>.v``, the stored values in the weight's own float type.
+    ``q + L`` in ``k`` bits; input 2 is the scale (shape ``[]`` per tensor, or the weight's
+    rank with only the channel axis kept: per channel), float32, or float16 when every scale
+    is exactly a float16 number (cast back to the same float32 values: lossless);
+  - *raw* (no spec): input 2 holds the stored values in the weight's own float type.
 
-- ``<W>.p`` (uint8): one field per entry, LSB first: ``g + (q + L) * 2^b`` in ``b + k`` bits
-  for levels, ``g`` in ``b`` bits for raw values.
-- ``<W>.m`` (int32): ``[b, k, entries, L, *shape]`` (``k = L = 0`` for raw values).
+- input 1 (uint8, shape ``[bytes, 1]``): one field per entry, LSB first: ``t + (q + L) * 2^b``
+  in ``w = b + k`` bits for levels, ``t`` in ``w = b`` bits for raw values;
+- attributes ``f = [entries, w]``, ``h`` = the weight's shape, and for levels ``d = 2^b``,
+  ``l = L`` (raw: ``to``, the weight's type).
 
-Decode (model-local functions ``PackedQ`` / ``PackedF``, domain :data:`DOMAIN`, stored once;
-one call node per weight writes the weight under its own name): bytes -> bits by
-``BitShift(RIGHT)`` and ``Mod 2`` on uint8, bits -> field integers by a float ``MatMul`` with
-powers of two (exact: below 2^16), fields split by a division by ``2^b`` and ``Floor`` (exact),
-gaps -> positions by ``CumSum`` in int64, then ``ScatterElements`` of the values
-(``code - L`` for levels) into zeros, ``Reshape``, and for levels a ``Mul`` by the scale: the
-same single float32 multiply that produced the weights, so the decoded weight equals the dense
-one bit for bit (a zero entry becomes ``+0.0``). No node has a data-dependent output shape, so
-onnxruntime (1.19 and >= 1.27 alike) folds it all.
+Decode: bytes -> bits by ``BitShift(RIGHT)`` and ``Mod 2`` on uint8, bits -> field integers by
+a float ``MatMul`` with powers of two (exact: integers below 2^16), then in int64 ``Mod``/``Div``
+by ``2^b`` (step, code), ``CumSum`` of the steps (positions), ``ScatterElements`` of the values
+(``code - L`` as float for levels) into zeros, ``Reshape``, and for levels a ``Mul`` by the
+scale: the same single float32 multiply that produced the weights, so the decoded weight equals
+the dense one bit for bit (a zero entry becomes ``+0.0``). No node has a data-dependent output
+shape, so onnxruntime (1.19 and >= 1.27 alike) folds it all.
+
+By default (``names="short"``) the file is also compacted: the graph's internal value names
+(activations, biases, the packed arrays) become short generated names, node names, doc strings
+and ``value_info`` are dropped, and so are attributes equal to their schema defaults, all-zero
+``pads`` and a Conv ``kernel_shape`` equal to its weight's (the spec infers the same); graph
+inputs, outputs and the encoded weights keep their names (a graph with subgraphs keeps every
+name). ``names="keep"`` keeps them all (packed arrays then
+``<W>.p`` / ``<W>.s`` / ``<W>.v``). ``values="fp16"`` (lossy, off by default) also stores the
+float32 initializers left dense (biases) with at least 16 entries as float16, cast back to
+float32 by a ``Cast`` node that onnxruntime folds.
+
+Files of the first version (version 1 in the metadata: ``<W>.p``, ``<W>.s``/``<W>.v`` and an
+int32 ``<W>.m``, gaps ``pos[i] = pos[i-1] + 1 + g[i]``, functions ``PackedQ``/``PackedF`` in
+domain :data:`DOMAIN_V1`; in its very first layout the codes in their own ``<W>.q``) still
+decode, inspect and run.
 
 Needs opset >= 11 (BitShift, CumSum, ScatterElements) and raises IR to 8 (functions) like
 ``csr``. Limits: like ``csr`` (folding needs graph optimisations on; a node output above 1 GB is
 not folded by onnxruntime >= 1.27; onnxslim and ORT's optimized-model output write the dense
-weights back); the int32 metadata caps a weight at 2^31 - 1 entries.
+weights back); a weight has at most 2^31 - 1 entries.
 """
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Mapping, Optional, Set, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -69,13 +87,24 @@ from .base import (
     select_weights,
 )
 
-DOMAIN = "admm_onnx.packed"
-OP_LEVELS = "PackedQ"
-OP_RAW = "PackedF"
+DOMAIN = "admm.pk"
+OP_LEVELS = "Q"
+OP_RAW = "F"
+#: The first version's domain and function names (still read).
+DOMAIN_V1 = "admm_onnx.packed"
+OP_LEVELS_V1 = "PackedQ"
+OP_RAW_V1 = "PackedF"
 MIN_OPSET = 11
 MIN_FUNCTION_IR = 8
-SUFFIXES = (".p", ".s", ".v", ".m")
-MAX_POSITION_BITS = 8
+SUFFIXES = (".p", ".q", ".s", ".v", ".m")
+#: Widest step field and widest whole field (step + level code bits; exact in a float32 MatMul).
+MAX_POSITION_BITS = 16
+MAX_FIELD_BITS = 16
+#: ``values="fp16"`` converts a float32 initializer only from this many entries (below, the
+#: Cast node costs more than the bytes saved).
+FP16_MIN_ENTRIES = 16
+NAMES = ("short", "keep")
+VALUES = ("exact", "fp16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,20 +124,58 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits` (int64)."""
-    flat = np.unpackbits(np.asarray(data, dtype=np.uint8), bitorder="little")[: count * bits]
+    flat = np.unpackbits(np.asarray(data, dtype=np.uint8).reshape(-1), bitorder="little")[: count * bits]
     if flat.size != count * bits:
         raise ModelError("packed array shorter than its entry count")
     return flat.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
 
 
+# -- positions as steps (this version) --------------------------------------------------------
+
+
+def _steps(positions: np.ndarray) -> np.ndarray:
+    return np.diff(np.concatenate([[0], positions.astype(np.int64)]))
+
+
+def step_entries(positions: np.ndarray, bits: int) -> int:
+    """Stored entries (nonzeros + fillers) when steps have ``bits`` bits."""
+    reach = (1 << bits) - 1
+    return int(np.sum(np.maximum(1, -(-_steps(positions) // reach))))
+
+
+def step_code(positions: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(steps t, index into the nonzeros or -1 for a filler) of sorted ``positions``:
+    ``positions`` = ``cumsum(t)[source >= 0]``."""
+    reach = (1 << bits) - 1
+    steps = _steps(positions)
+    fill = np.maximum(0, -(-steps // reach) - 1)  # fillers before each nonzero
+    count = steps.size + int(fill.sum())
+    out = np.full(count, reach, np.int64)
+    source = np.full(count, -1, np.int64)
+    at = np.cumsum(fill + 1) - 1  # index of each nonzero's entry
+    out[at] = steps - fill * reach
+    source[at] = np.arange(steps.size)
+    return out, source
+
+
+def best_step_bits(positions: np.ndarray, value_bits: int) -> int:
+    """The step width 1..16 giving the fewest bits in total (entries * (step bits + value bits))."""
+    top = min(MAX_POSITION_BITS, MAX_FIELD_BITS - value_bits) if value_bits <= 8 else MAX_POSITION_BITS
+    costs = {b: step_entries(positions, b) * (b + value_bits) for b in range(1, top + 1)}
+    return min(costs, key=lambda b: (costs[b], b))
+
+
+# -- positions as gaps (version 1, read only) --------------------------------------------------
+
+
 def entries_for(positions: np.ndarray, bits: int) -> int:
-    """Stored entries (nonzeros + fillers) when gaps have ``bits`` bits."""
+    """Version 1: stored entries when gaps have ``bits`` bits."""
     steps = np.diff(np.concatenate([[-1], positions.astype(np.int64)]))
     return int(np.sum(-(-steps // (1 << bits))))
 
 
 def delta_code(positions: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(gaps g, index into the nonzeros or -1 for a filler) of sorted ``positions``."""
+    """Version 1: (gaps g, index into the nonzeros or -1 for a filler) of sorted ``positions``."""
     reach = 1 << bits
     gaps: List[int] = []
     source: List[int] = []
@@ -126,12 +193,13 @@ def delta_code(positions: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray
 
 
 def positions_of(gaps: np.ndarray) -> np.ndarray:
+    """Version 1: positions of gaps."""
     return np.cumsum(gaps.astype(np.int64) + 1) - 1
 
 
 def best_position_bits(positions: np.ndarray, value_bits: int) -> int:
-    """The gap width 1..8 giving the fewest bits in total (entries * (gap bits + value bits))."""
-    costs = {b: entries_for(positions, b) * (b + value_bits) for b in range(1, MAX_POSITION_BITS + 1)}
+    """Version 1: the gap width 1..8 giving the fewest bits."""
+    costs = {b: entries_for(positions, b) * (b + value_bits) for b in range(1, 9)}
     return min(costs, key=lambda b: (costs[b], b))
 
 
@@ -140,114 +208,158 @@ def best_position_bits(positions: np.ndarray, value_bits: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_function(levels: bool, opset: int) -> onnx.FunctionProto:
-    """``W = PackedQ(p, s, m)`` (levels) or ``W = PackedF<to>(p, v, m)`` (raw values).
+#: From this opset ``Constant`` takes ``value_int(s)``; below, the call attributes are int64 tensors.
+INT_ATTR_OPSET = 12
 
-    ``p`` holds one field of ``w`` bits per entry (LSB first): ``gap + code * 2^b`` for levels
-    (``w = b + k``), ``gap`` for raw values (``w = b``). Bytes -> bits by BitShift/Mod on uint8,
-    bits -> integers by a float MatMul with powers of two (exact: below 2^16), the field split
-    by a division by ``2^b`` and Floor (exact: powers of two, small integers), gaps -> positions
-    in int64. Every output shape follows from constant inputs: onnxruntime folds it all.
+
+def _decode_function(levels: bool, opset: int, half_scales: bool = False) -> onnx.FunctionProto:
+    """``W = Q<f, d, l, h>(p, s)`` (levels) or ``W = F<f, h, to>(p, v)`` (raw values).
+
+    One-letter value names and no doc strings: the function is stored in every file.
     """
-    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    n = helper.make_node
+
+    def _ref(out: str, attr: str, kind: str) -> onnx.NodeProto:
+        """``Constant`` whose value is the call node's attribute ``attr``."""
+        node = helper.make_node("Constant", [], [out])
+        if opset < INT_ATTR_OPSET:
+            node.attribute.append(onnx.AttributeProto(name="value", ref_attr_name=attr, type=onnx.AttributeProto.TENSOR))
+        else:
+            typ = onnx.AttributeProto.INTS if kind == "value_ints" else onnx.AttributeProto.INT
+            node.attribute.append(onnx.AttributeProto(name=kind, ref_attr_name=attr, type=typ))
+        return node
 
     def const(name, dtype, dims, values):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor("", dtype, dims, values))
+        return n("Constant", [], [name], value=helper.make_tensor("", dtype, dims, values))
 
-    n = helper.make_node
     body = [
-        const("c0", i64, [1], [0]),
-        const("c1", i64, [1], [1]),
-        const("c2", i64, [1], [2]),
-        const("c3", i64, [1], [3]),
-        const("c4", i64, [1], [4]),
-        const("m1", i64, [1], [-1]),
-        const("col", i64, [2], [-1, 1]),
-        const("big", i64, [1], [2**62]),
-        const("z", i64, [], [0]),
-        const("sh8", TensorProto.UINT8, [1, 8], list(range(8))),
-        const("two8", TensorProto.UINT8, [1], [2]),
-        const("pw", f32, [16], [float(1 << i) for i in range(16)]),
-        n("Cast", ["m"], ["mi"], to=i64),
-        n("Slice", ["mi", "c0", "c1"], ["b"]),  # gap bits
-        n("Slice", ["mi", "c2", "c3"], ["ne"]),  # entries
-        n("Slice", ["mi", "c4", "big"], ["shape"]),
-        n("ReduceProd", ["shape"], ["N"], keepdims=1),
+        _ref("F", "f", "value_ints"),  # [entries, w]
+        _ref("H", "h", "value_ints"),  # shape
+        const("K", TensorProto.UINT8, [1, 8], list(range(8))),
+        const("T", TensorProto.UINT8, [], [2]),
+        const("M", TensorProto.INT64, [1], [-1]),
+        const("Z", TensorProto.INT64, [1], [0]),
+        const("Y", TensorProto.INT64, [2], [0, 0]),
+        n("Constant", [], ["P"], value=numpy_helper.from_array(
+            np.ldexp(np.float32(1), np.arange(MAX_FIELD_BITS)).astype(np.float32).reshape(1, -1), "")),
+        # p [bytes, 1] -> the first entries * w bits -> [entries, w] -> field integers
+        n("BitShift", ["p", "K"], ["a"], direction="RIGHT"),
+        n("Mod", ["a", "T"], ["b"]),
+        n("Reshape", ["b", "M"], ["c"]),
+        n("ReduceProd", ["F"], ["e"]),
+        n("Slice", ["c", "Z", "e"], ["g"]),
+        n("Reshape", ["g", "F"], ["i"]),
+        n("Cast", ["i"], ["j"], to=TensorProto.FLOAT),
+        n("Slice", ["P", "Y", "F"], ["k"]),  # [1, w]: ends [entries, w], the first clamped to 1
+        n("Gemm", ["j", "k"], ["o"], transB=1),  # exact: sums of distinct powers of two below 2^16
+        n("Reshape", ["o", "M"], ["r"]),
+        n("Cast", ["r"], ["u"], to=TensorProto.INT64),
+        n("ReduceProd", ["H"], ["B"]),
+        n("ConstantOfShape", ["B"], ["C"]),  # float32 zeros, N entries
     ]
     if levels:
         body += [
-            n("Slice", ["mi", "c1", "c2"], ["k"]),  # level bits
-            n("Slice", ["mi", "c3", "c4"], ["L"]),
-            n("Add", ["b", "k"], ["w"]),
+            _ref("D", "d", "value_int"),  # 2^b
+            _ref("L", "l", "value_int"),
+            n("Mod", ["u", "D"], ["v"]),  # steps
+            n("CumSum", ["v", "Z"], ["x"]),  # positions
+            n("Div", ["u", "D"], ["y"]),  # codes q + L
+            n("Sub", ["y", "L"], ["z"]),
+            n("Cast", ["z"], ["A"], to=TensorProto.FLOAT),
+            n("ScatterElements", ["C", "x", "A"], ["E"]),
+            n("Reshape", ["E", "H"], ["G"]),
         ]
-        width = "w"
+        if half_scales:  # some scale stored as float16 (exactly)
+            body.append(n("Cast", ["s"], ["S"], to=TensorProto.FLOAT))
+        body.append(n("Mul", ["G", "S" if half_scales else "s"], ["W"]))  # float32(q) * float32(scale)
+        inputs, attrs, name = ["p", "s"], ["f", "d", "l", "h"], OP_LEVELS
     else:
-        width = "b"
-    body += [  # p -> ne integers u of `width` bits (float)
-        n("Reshape", ["p", "col"], ["pc"]),  # [nbytes, 1]
-        n("BitShift", ["pc", "sh8"], ["ps"], direction="RIGHT"),  # [nbytes, 8]
-        n("Mod", ["ps", "two8"], ["pbit"]),
-        n("Reshape", ["pbit", "m1"], ["bits"]),
-        n("Mul", ["ne", width], ["nbits"]),
-        n("Slice", ["bits", "c0", "nbits"], ["used"]),
-        n("Concat", ["m1", width], ["fs"], axis=0),
-        n("Reshape", ["used", "fs"], ["fm"]),  # [ne, width]
-        n("Cast", ["fm"], ["ff"], to=f32),
-        n("Slice", ["pw", "c0", width], ["pv"]),
-        n("Reshape", ["pv", "col"], ["pvc"]),  # [width, 1]: 1, 2, 4, ...
-        n("MatMul", ["ff", "pvc"], ["uc"]),
-        n("Reshape", ["uc", "m1"], ["u"]),
-    ]
-    if levels:
+        cast = n("Cast", ["C"], ["A"])
+        cast.attribute.append(onnx.AttributeProto(name="to", ref_attr_name="to", type=onnx.AttributeProto.INT))
         body += [
-            n("Add", ["b", "c1"], ["b1"]),
-            n("Slice", ["pw", "b", "b1"], ["P"]),  # 2^b
-            n("Div", ["u", "P"], ["ud"]),
-            n("Floor", ["ud"], ["code"]),
-            n("Mul", ["code", "P"], ["hi"]),
-            n("Sub", ["u", "hi"], ["gap"]),
+            n("CumSum", ["u", "Z"], ["x"]),
+            cast,
+            n("ScatterElements", ["A", "x", "v"], ["E"]),  # copies the values
+            n("Reshape", ["E", "H"], ["W"]),
         ]
-        gap = "gap"
-    else:
-        gap = "u"
-    body += [  # positions: CumSum(gap + 1) - 1
-        n("Cast", [gap], ["gi"], to=i64),
-        n("Add", ["gi", "c1"], ["g1"]),
-        n("CumSum", ["g1", "z"], ["cs"]),
-        n("Sub", ["cs", "c1"], ["pos"]),
-    ]
-    if levels:
-        body += [
-            n("Cast", ["L"], ["Lf"], to=f32),
-            n("Sub", ["code", "Lf"], ["qf"]),  # exact: small integers
-            n("ConstantOfShape", ["N"], ["zf"]),  # float32 zeros
-            n("ScatterElements", ["zf", "pos", "qf"], ["flat"], axis=0),
-            n("Reshape", ["flat", "shape"], ["qw"]),
-            n("Mul", ["qw", "s"], ["W"]),  # float32(q) * float32(scale), as the weights were made
-        ]
-        inputs, attrs, name = ["p", "s", "m"], [], OP_LEVELS
-    else:
-        cast_to = onnx.AttributeProto(name="to", ref_attr_name="to", type=onnx.AttributeProto.INT)
-        zc = n("Cast", ["zf"], ["zw"])
-        zc.attribute.append(cast_to)
-        body += [
-            n("ConstantOfShape", ["N"], ["zf"]),
-            zc,
-            n("ScatterElements", ["zw", "pos", "v"], ["flat"], axis=0),  # copies the values
-            n("Reshape", ["flat", "shape"], ["W"]),
-        ]
-        inputs, attrs, name = ["p", "v", "m"], ["to"], OP_RAW
+        inputs, attrs, name = ["p", "v"], ["f", "h", "to"], OP_RAW
     return helper.make_function(DOMAIN, name, inputs, ["W"], body,
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=attrs)
 
 
 # --------------------------------------------------------------------------------------------
-# Encoding one weight
+# One packed weight
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class PackedWeight:
+    """One weight as stored: ``fields`` (uint8 bytes), ``entries`` fields of ``step_bits`` +
+    ``level_bits`` bits, ``scale`` (levels) or ``values`` (raw), the dense ``shape``;
+    ``version`` 1 reads the fields as gaps (``pos = prev + 1 + g``), 2 as steps."""
+
+    fields: np.ndarray
+    step_bits: int
+    level_bits: int
+    entries: int
+    shape: Tuple[int, ...]
+    scale: Optional[np.ndarray] = None
+    values: Optional[np.ndarray] = None
+    version: int = 2
+    #: the level codes in their own array (the very first layout, ``<W>.q``), else None
+    codes: Optional[np.ndarray] = None
+    #: initializer name -> role ("p", "q", "s", "v", "m") in the file
+    tensors: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def levels(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def max_level(self) -> int:
+        return (1 << (self.level_bits - 1)) - 1 if self.levels else 0
+
+    def stored_bytes(self) -> int:
+        extra = self.scale if self.levels else self.values
+        codes = 0 if self.codes is None else int(self.codes.nbytes)
+        return int(self.fields.nbytes) + int(extra.nbytes) + codes
+
+    def storage(self, dtype) -> Tuple[str, int]:
+        """(storage label, bits per value)."""
+        if self.levels:
+            scope = "tensor" if self.scale.ndim == 0 else "channel"
+            return f"packed-{self.level_bits}bit/{scope} pos{self.step_bits}", self.level_bits
+        bits = np.dtype(dtype).itemsize * 8
+        return f"packed-fp{bits} pos{self.step_bits}", bits
+
+    def decode(self, dtype=np.float32) -> np.ndarray:
+        """The dense weight (NumPy twin of the decode functions)."""
+        width = self.step_bits + (self.level_bits if self.levels and self.codes is None else 0)
+        u = unpack_bits(self.fields, width, self.entries)
+        if self.codes is not None:  # codes in their own array: put them where the fields have them
+            u = u + (unpack_bits(self.codes, self.level_bits, self.entries) << self.step_bits)
+        low = u & ((1 << self.step_bits) - 1)
+        pos = positions_of(low) if self.version == 1 else np.cumsum(low)
+        size = int(np.prod(self.shape, dtype=np.int64))
+        if pos.size and (pos.max() >= size or pos.min() < 0):
+            raise ModelError("packed position out of range")
+        if self.levels:
+            qf = np.zeros(size, np.float32)
+            qf[pos] = ((u >> self.step_bits) - self.max_level).astype(np.float32)
+            return qf.reshape(self.shape) * self.scale.astype(np.float32)
+        flat = np.zeros(size, dtype)
+        flat[pos] = self.values
+        return flat.reshape(self.shape)
+
+
 def _scale_array(spec: QuantSpec, shape: Tuple[int, ...]) -> np.ndarray:
+    """The float32 scales shaped to broadcast against the weight; float16 when every scale is
+    exactly a float16 number (then the same float32 values after the Cast: lossless)."""
     scale = np.asarray(spec.scale, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        half = scale.astype(np.float16)
+    if np.all(np.isfinite(half)) and np.array_equal(half.astype(np.float32), scale):
+        scale = half
     if spec.axis is None:
         return scale.reshape(())
     dims = [1] * len(shape)
@@ -255,8 +367,8 @@ def _scale_array(spec: QuantSpec, shape: Tuple[int, ...]) -> np.ndarray:
     return scale.reshape(dims)
 
 
-def encode_weight(name: str, arr: np.ndarray, spec: Optional[QuantSpec]) -> Dict[str, np.ndarray]:
-    """The initializers (suffix -> array) storing ``arr``; levels when ``spec`` is given."""
+def encode_weight(name: str, arr: np.ndarray, spec: Optional[QuantSpec]) -> PackedWeight:
+    """``arr`` packed (levels when ``spec`` is given, else raw values)."""
     if arr.size >= 2**31:
         raise ModelError(f"weight {name!r} has {arr.size} entries; packed stores at most 2^31 - 1")
     flat = arr.reshape(-1)
@@ -268,41 +380,164 @@ def encode_weight(name: str, arr: np.ndarray, spec: Optional[QuantSpec]) -> Dict
             q = to_integers(arr, spec).reshape(-1).astype(np.int64)
         except ValueError as exc:
             raise ModelError(f"weight {name!r}: {exc}", hint="export the model the quantized run wrote") from None
-        L = max_level(spec.bits)
-        vbits = spec.bits
-    else:
-        L, vbits = 0, 0
-    pb = best_position_bits(positions, vbits if spec is not None else arr.dtype.itemsize * 8)
-    gaps, source = delta_code(positions, pb)
-    if spec is not None:
+        L, k = max_level(spec.bits), spec.bits
+        b = best_step_bits(positions, k)
+        steps, source = step_code(positions, b)
         codes = np.where(source >= 0, q[positions[np.maximum(source, 0)]] if positions.size else 0, 0) + L
-        out = {".p": pack_bits(gaps + (codes << pb), pb + vbits), ".s": _scale_array(spec, arr.shape)}
-    else:
-        out = {".p": pack_bits(gaps, pb)}
-        vals = flat[positions[np.maximum(source, 0)]] if positions.size else flat[:0]
-        out[".v"] = np.where(source >= 0, vals, np.zeros((), arr.dtype)).astype(arr.dtype)
-    out[".m"] = np.array([pb, vbits, gaps.size, L, *arr.shape], np.int32)
-    return out
+        return PackedWeight(pack_bits(steps + (codes << b), b + k).reshape(-1, 1), b, k, steps.size,
+                            tuple(arr.shape), scale=_scale_array(spec, arr.shape))
+    b = best_step_bits(positions, arr.dtype.itemsize * 8)
+    steps, source = step_code(positions, b)
+    vals = flat[positions[np.maximum(source, 0)]] if positions.size else flat[:0]
+    values = np.where(source >= 0, vals, np.zeros((), arr.dtype)).astype(arr.dtype)
+    return PackedWeight(pack_bits(steps, b).reshape(-1, 1), b, 0, steps.size, tuple(arr.shape), values=values)
 
 
 def decode_weight(parts: Mapping[str, np.ndarray], dtype=np.float32) -> np.ndarray:
-    """NumPy twin of the decode functions."""
+    """Version 1 arrays (suffix -> array: ``.p``, ``.m`` and ``.s`` or ``.v``) decoded."""
+    return _from_v1(parts).decode(dtype)
+
+
+def _from_v1(parts: Mapping[str, np.ndarray]) -> PackedWeight:
     meta = parts[".m"].astype(np.int64)
-    pb, vbits, count, L = (int(x) for x in meta[:4])
+    pb, vbits, count = (int(x) for x in meta[:3])
     shape = tuple(int(d) for d in meta[4:])
-    levels = ".s" in parts
-    fields = unpack_bits(parts[".p"], pb + (vbits if levels else 0), count)
-    pos = positions_of(fields & ((1 << pb) - 1))
-    size = int(np.prod(shape, dtype=np.int64))
-    if pos.size and (pos.max() >= size or pos.min() < 0):
-        raise ModelError("packed position out of range")
-    if levels:
-        qf = np.zeros(size, np.float32)
-        qf[pos] = ((fields >> pb) - L).astype(np.float32)
-        return qf.reshape(shape) * parts[".s"].astype(np.float32)
-    flat = np.zeros(size, dtype)
-    flat[pos] = parts[".v"]
-    return flat.reshape(shape)
+    if ".s" in parts:
+        return PackedWeight(parts[".p"], pb, vbits, count, shape, scale=parts[".s"], version=1, codes=parts.get(".q"))
+    return PackedWeight(parts[".p"], pb, 0, count, shape, values=parts[".v"], version=1)
+
+
+def _call(pw: PackedWeight, name: str, p: str, extra: str, dtype: int, opset: int) -> onnx.NodeProto:
+    attrs = {"f": [pw.entries, pw.step_bits + pw.level_bits], "h": list(pw.shape)}
+    if pw.levels:
+        attrs.update(d=1 << pw.step_bits, l=pw.max_level)
+    if opset < INT_ATTR_OPSET:  # int64 tensors (scalars for d and l)
+        attrs = {k: numpy_helper.from_array(np.asarray(v, np.int64), "") for k, v in attrs.items()}
+    if pw.levels:
+        return helper.make_node(OP_LEVELS, [p, extra], [name], domain=DOMAIN, **attrs)
+    return helper.make_node(OP_RAW, [p, extra], [name], domain=DOMAIN, to=dtype, **attrs)
+
+
+def _attr(a: onnx.AttributeProto):
+    value = helper.get_attribute_value(a)
+    if isinstance(value, TensorProto):
+        value = numpy_helper.to_array(value).tolist()
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Compact names
+# --------------------------------------------------------------------------------------------
+
+
+def _short_names(taken: Set[str]) -> Iterator[str]:
+    """"0", "1", ..., "z", "A", ..., "Z", "10", ... (base 62), skipping ``taken``."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    i = 0
+    while True:
+        s, j = "", i
+        while True:
+            s = digits[j % 62] + s
+            j //= 62
+            if not j:
+                break
+        i += 1
+        if s not in taken:
+            yield s
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for nd in graph.node for a in nd.attribute)
+
+
+def _compact(model: onnx.ModelProto, keep: Set[str]) -> None:
+    """In place: short generated names for every value of the main graph not in ``keep`` (nor a
+    graph input or output); node names, doc strings and value_info dropped. Graphs with
+    subgraphs (which may read outer names) keep their names."""
+    graph = model.graph
+    model.doc_string = ""
+    graph.doc_string = ""
+    del graph.value_info[:]
+    for nd in graph.node:
+        nd.name = ""
+        nd.doc_string = ""
+    if _has_subgraphs(graph):
+        return
+    keep = set(keep) | {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    names = _short_names(keep)
+    new: Dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in new:
+            new[name] = next(names)
+        return new[name]
+
+    for t in graph.initializer:
+        t.name = rename(t.name)
+    for nd in graph.node:
+        nd.input[:] = [rename(x) for x in nd.input]
+        nd.output[:] = [rename(x) for x in nd.output]
+
+
+#: Ops whose ``pads`` default to 0 when absent (with auto_pad NOTSET).
+_PADDED = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv"}
+
+
+def _drop_default_attributes(model: onnx.ModelProto, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+    """In place: attributes of standard-domain nodes equal to their schema defaults dropped, and
+    ``pads`` of all zeros (pooling/conv, auto_pad NOTSET) and a Conv ``kernel_shape`` equal to
+    its weight's spatial dims (``shapes``: known weight shapes), which the spec infers the same."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return
+    for nd in model.graph.node:
+        if nd.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(nd.op_type, opset, "")
+        except Exception:  # noqa: BLE001 - unknown op: leave it alone
+            continue
+        values = {a.name: helper.get_attribute_value(a) for a in nd.attribute}
+        drop = set()
+        for a in nd.attribute:
+            spec = schema.attributes.get(a.name)
+            if spec is not None and spec.default_value.name and \
+                    helper.get_attribute_value(spec.default_value) == values[a.name]:
+                drop.add(a.name)
+        notset = values.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        if nd.op_type in _PADDED and notset and "pads" in values and not any(values["pads"]):
+            drop.add("pads")
+        if nd.op_type == "Conv" and "kernel_shape" in values and len(nd.input) > 1:
+            w = shapes.get(nd.input[1])
+            if w is not None and list(w[2:]) == list(values["kernel_shape"]):
+                drop.add("kernel_shape")
+        keep = [a for a in nd.attribute if a.name not in drop]
+        del nd.attribute[:]
+        nd.attribute.extend(keep)
+
+
+def _fp16_initializers(graph: onnx.GraphProto, skip: Set[str], names: Iterator[str]) -> List[str]:
+    """In place: float32 initializers (not in ``skip``, >= FP16_MIN_ENTRIES entries) stored as
+    float16 under a new name, a Cast node writing the float32 tensor under the old name
+    (prepended to the nodes). Returns the converted names."""
+    done, casts = [], []
+    for t in graph.initializer:
+        if t.name in skip or t.data_type != TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(t)
+        if arr.size < FP16_MIN_ENTRIES:
+            continue
+        old, half = t.name, next(names)
+        t.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), half))
+        casts.append(helper.make_node("Cast", [half], [old], to=TensorProto.FLOAT))
+        done.append(old)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,13 +563,23 @@ class Packed(Format):
     summary = ("delta-coded positions + k-bit levels (quantized weights) or raw values, bit-packed; "
                "the smallest file, folded by onnxruntime at load")
     limits = __doc__.split("Limits: ")[1].strip()
-    options = ("min_sparsity", "quantization")
+    options = ("min_sparsity", "quantization", "names", "values")
 
-    def encode(self, model: onnx.ModelProto, min_sparsity: float = 0.5, quantization=None, **options):
+    def encode(self, model: onnx.ModelProto, min_sparsity: float = 0.5, quantization=None, names: str = "short",
+               values: str = "exact", **options):
         """Copy of ``model`` with its quantized weights (specs from ``quantization``: a report
         dict/path, {name: QuantSpec}, or by default the specs recorded in the model) stored as
-        k-bit levels, and its other weights of sparsity >= ``min_sparsity`` with raw values."""
-        self.check_options({**options, "min_sparsity": min_sparsity, "quantization": quantization})
+        k-bit levels, and its other weights of sparsity >= ``min_sparsity`` with raw values.
+        ``names``: "short" (compact the graph's internal names) or "keep"; ``values``: "exact"
+        or "fp16" (lossy: float32 initializers left dense, e.g. biases, stored as float16)."""
+        self.check_options({**options, "min_sparsity": min_sparsity, "quantization": quantization,
+                            "names": names, "values": values})
+        if names not in NAMES:
+            raise ConfigError(f"packed names must be one of {', '.join(NAMES)}, got {names!r}")
+        if values in ("fp32",):
+            values = "exact"
+        if values not in VALUES:
+            raise ConfigError(f"packed values must be one of {', '.join(VALUES)}, got {values!r}")
         min_sparsity = check_min_sparsity(min_sparsity)
         _check_model_arg(model)
         if _read_metadata(model) is not None or len(model.graph.sparse_initializer):
@@ -350,8 +595,8 @@ class Packed(Format):
             raise ConfigError(f"quantization specs name weights the model does not have: {', '.join(unknown[:5])}")
         specs = {k: v for k, v in specs.items() if k in inits}
         out = copy_model(model)
-        report = ExportReport(format="packed", values="levels" if specs else "fp32", min_sparsity=min_sparsity,
-                              model_bytes_before=model.ByteSize())
+        report = ExportReport(format="packed", values=("levels" if specs else "fp32") + ("+fp16" if values == "fp16" else ""),
+                              min_sparsity=min_sparsity, model_bytes_before=model.ByteSize())
         taken = _all_names(out.graph)
 
         def clash(name):
@@ -363,35 +608,45 @@ class Packed(Format):
         new_inits: List[TensorProto] = []
         calls: List[onnx.NodeProto] = []
         used = set()
+        half_scales = False
         for tensor in graph.initializer:
             arr = selected.get(tensor.name)
             if arr is None:
                 new_inits.append(tensor)
                 continue
             name = tensor.name
-            spec = specs.get(name)
-            parts = encode_weight(name, arr, spec)
-            new_inits += [numpy_helper.from_array(a, name + s) for s, a in parts.items()]
-            if spec is not None:
-                calls.append(helper.make_node(OP_LEVELS, [name + s for s in (".p", ".s", ".m")], [name],
-                                              domain=DOMAIN))
-                used.add(True)
-            else:
-                calls.append(helper.make_node(OP_RAW, [name + s for s in (".p", ".v", ".m")], [name],
-                                              domain=DOMAIN, to=tensor.data_type))
-                used.add(False)
+            pw = encode_weight(name, arr, specs.get(name))
+            extra = pw.scale if pw.levels else pw.values
+            suffix = ".s" if pw.levels else ".v"
+            new_inits += [numpy_helper.from_array(pw.fields, name + ".p"), numpy_helper.from_array(extra, name + suffix)]
+            calls.append(_call(pw, name, name + ".p", name + suffix, tensor.data_type, opset))
+            used.add(pw.levels)
+            half_scales = half_scales or (pw.levels and pw.scale.dtype == np.float16)
             row = rows[name]
-            row.storage, row.bits = storage_of(parts, arr.dtype)
-            row.stored_bytes = sum(int(a.nbytes) for s, a in parts.items() if s != ".m")
+            row.storage, row.bits = pw.storage(arr.dtype)
+            row.stored_bytes = pw.stored_bytes()
         _replace_graph_content(graph, new_inits, calls + list(graph.node))
+        meta = {"version": 2, "format": "packed"}
+        if out.ir_version < MIN_FUNCTION_IR:  # restored by densify
+            meta["ir_version"] = int(out.ir_version)
+        if values == "fp16":
+            meta["values"] = "fp16"
+            packed_arrays = set().union(*(tensor_names(n) for n in selected))
+            half = _fp16_initializers(graph, packed_arrays, _short_names(_all_names(graph)))
+            for name in half:
+                report.skipped.setdefault(name, "stored as float16 (lossy), cast back to float32 at load")
+        if names == "short":
+            shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+            shapes.update({n: a.shape for n, a in selected.items()})
+            _drop_default_attributes(out, shapes)
+            _compact(out, set(selected))
         for levels in sorted(used):
-            out.functions.append(_decode_function(levels, opset))
+            out.functions.append(_decode_function(levels, opset, half_scales))
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-        # The scales now live in the file's .s tensors: drop the (large, JSON) spec record.
+        # The scales now live in the file's scale tensors: drop the (large, JSON) spec record.
         keep = [p for p in out.metadata_props if p.key != QUANT_KEY]
         del out.metadata_props[:]
         out.metadata_props.extend(keep)
-        meta = {"version": 1, "format": "packed", "ir_version": int(out.ir_version)}
         if any(p.key == QUANT_KEY for p in model.metadata_props):
             meta["quantization"] = True
         out.ir_version = max(out.ir_version, MIN_FUNCTION_IR)
@@ -404,55 +659,77 @@ class Packed(Format):
     @staticmethod
     def _calls(model: onnx.ModelProto) -> List[Tuple[int, onnx.NodeProto]]:
         return [(i, nd) for i, nd in enumerate(model.graph.node)
-                if nd.domain == DOMAIN and nd.op_type in (OP_LEVELS, OP_RAW)]
+                if (nd.domain == DOMAIN and nd.op_type in (OP_LEVELS, OP_RAW))
+                or (nd.domain == DOMAIN_V1 and nd.op_type in (OP_LEVELS_V1, OP_RAW_V1))]
 
-    def _weights(self, model: onnx.ModelProto) -> Dict[str, Tuple[Dict[str, np.ndarray], np.dtype]]:
+    def _weights(self, model: onnx.ModelProto) -> Dict[str, Tuple[PackedWeight, np.dtype]]:
         inits = {t.name: t for t in model.graph.initializer}
         out = {}
         for _, nd in self._calls(model):
             name = nd.output[0]
-            try:
+            attrs = {a.name: _attr(a) for a in nd.attribute}
+            to = attrs.get("to", TensorProto.FLOAT)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(to))
+            if nd.domain == DOMAIN_V1:
                 parts = {s: _to_array(inits[name + s]) for s in SUFFIXES if name + s in inits}
-            except KeyError as exc:  # pragma: no cover - guarded by the membership test
-                raise ModelError(f"packed weight {name!r} is incomplete: {exc}") from None
-            need = {".p", ".m"} | ({".s"} if nd.op_type == OP_LEVELS else {".v"})
-            if not need <= set(parts):
-                raise ModelError(f"packed weight {name!r} is incomplete: missing {sorted(need - set(parts))}")
-            to = next((a.i for a in nd.attribute if a.name == "to"), TensorProto.FLOAT)
-            out[name] = (parts, np.dtype(helper.tensor_dtype_to_np_dtype(to)))
+                need = {".p", ".m"} | ({".s"} if nd.op_type == OP_LEVELS_V1 else {".v"})
+                if not need <= set(parts):
+                    raise ModelError(f"packed weight {name!r} is incomplete: missing {sorted(need - set(parts))}")
+                pw = _from_v1(parts)
+                pw.tensors = {name + s: s[1:] for s in parts}
+            else:
+                missing = [x for x in nd.input if x not in inits]
+                if len(nd.input) != 2 or missing or not {"f", "h"} <= set(attrs):
+                    raise ModelError(f"packed weight {name!r} is incomplete: inputs {list(nd.input)}, "
+                                     f"attributes {sorted(attrs)}")
+                entries, width = (int(x) for x in attrs["f"])
+                shape = tuple(int(x) for x in attrs["h"])
+                p, extra = (_to_array(inits[x]) for x in nd.input)
+                if nd.op_type == OP_LEVELS:
+                    b = int(attrs.get("d", 1)).bit_length() - 1
+                    pw = PackedWeight(p, b, width - b, entries, shape, scale=extra)
+                else:
+                    pw = PackedWeight(p, width, 0, entries, shape, values=extra)
+                pw.tensors = {nd.input[0]: "p", nd.input[1]: "s" if pw.levels else "v"}
+            out[name] = (pw, dtype)
         return out
 
     def decode(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Dense initializers back at the place of their packed arrays; calls, functions, opset
-        import and metadata removed, IR restored; quantization specs recorded again."""
+        import and metadata removed, IR restored; float16 initializers written by
+        ``values="fp16"`` folded into float32 ones; quantization specs recorded again."""
         from ..quantization import QuantSpec as _Q
         from ..quantization import mark_model
 
         _check_model_arg(model)
         meta = _read_metadata(model) or {}
         weights = self._weights(model)
-        dense = {n: decode_weight(p, d) for n, (p, d) in weights.items()}
+        dense = {n: pw.decode(d) for n, (pw, d) in weights.items()}
+        anchor = {next(k for k, r in pw.tensors.items() if r == "p"): n for n, (pw, _) in weights.items()}
+        owned = set().union(*(pw.tensors for pw, _ in weights.values())) if weights else set()
         out = copy_model(model)
         graph = out.graph
-        owned = set().union(*(tensor_names(n) for n in dense)) if dense else set()
+        halves = _half_casts(graph) if meta.get("values") == "fp16" else {}
         new_inits = []
         for t in graph.initializer:
-            if t.name.endswith(".p") and t.name[:-2] in dense:
-                new_inits.append(numpy_helper.from_array(dense[t.name[:-2]], t.name[:-2]))
+            if t.name in anchor:
+                new_inits.append(numpy_helper.from_array(dense[anchor[t.name]], anchor[t.name]))
+            elif t.name in halves:
+                new_inits.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), halves[t.name][1]))
             elif t.name not in owned:
                 new_inits.append(t)
-        calls = {i for i, _ in self._calls(model)}
-        nodes = [nd for i, nd in enumerate(graph.node) if i not in calls]
+        drop = {i for i, _ in self._calls(model)} | {i for i, _ in halves.values()}
+        nodes = [nd for i, nd in enumerate(graph.node) if i not in drop]
         _replace_graph_content(graph, new_inits, nodes)
         _undo_encoding(out, meta, DOMAIN)
+        _undo_encoding(out, meta, DOMAIN_V1)
         specs = {}
-        for name, (parts, _) in weights.items():
-            if ".s" in parts:
-                m = parts[".m"]
-                s = parts[".s"]
+        for name, (pw, _) in weights.items():
+            if pw.levels:
+                s = pw.scale
                 big = [i for i, d in enumerate(s.shape) if d > 1]
                 axis = None if s.ndim == 0 else (big[0] if big else 0)
-                specs[name] = _Q(int(m[1]), tuple(float(x) for x in s.reshape(-1)), axis)
+                specs[name] = _Q(pw.level_bits, tuple(float(x) for x in s.reshape(-1)), axis)
         if specs and meta.get("quantization"):
             mark_model(out, specs)
         _run_checker(out, "densify")
@@ -460,29 +737,39 @@ class Packed(Format):
 
     def stored(self, model: onnx.ModelProto) -> Dict[str, StoredWeight]:
         out = {}
-        for name, (parts, dtype) in self._weights(model).items():
-            storage, bits = storage_of(parts, dtype)
-            out[name] = StoredWeight(name, decode_weight(parts, dtype), storage,
-                                     sum(int(a.nbytes) for s, a in parts.items() if s != ".m"), bits,
-                                     anchor=name + ".p", tensors=tensor_names(name))
+        for name, (pw, dtype) in self._weights(model).items():
+            storage, bits = pw.storage(dtype)
+            p = next(k for k, r in pw.tensors.items() if r == "p")
+            out[name] = StoredWeight(name, pw.decode(dtype), storage, pw.stored_bytes(), bits,
+                                     anchor=p, tensors=set(pw.tensors))
         return out
 
     def decode_nodes(self, model: onnx.ModelProto) -> Set[int]:
-        return {i for i, _ in self._calls(model)}
+        nodes = {i for i, _ in self._calls(model)}
+        meta = _read_metadata(model) or {}
+        if meta.get("values") == "fp16":
+            nodes |= {i for i, _ in _half_casts(model.graph).values()}
+        return nodes
+
+
+def _half_casts(graph: onnx.GraphProto) -> Dict[str, Tuple[int, str]]:
+    """float16 initializer -> (index of the Cast node reading only it into float32, its output)."""
+    halves = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16}
+    readers: Dict[str, int] = {}
+    for nd in graph.node:
+        for x in nd.input:
+            readers[x] = readers.get(x, 0) + 1
+    out = {}
+    for i, nd in enumerate(graph.node):
+        if (nd.op_type == "Cast" and nd.domain in ("", "ai.onnx") and len(nd.input) == 1 and nd.input[0] in halves
+                and readers.get(nd.input[0]) == 1
+                and any(a.name == "to" and a.i == TensorProto.FLOAT for a in nd.attribute)):
+            out[nd.input[0]] = (i, nd.output[0])
+    return out
 
 
 def tensor_names(name: str) -> Set[str]:
     return {name + s for s in SUFFIXES}
-
-
-def storage_of(parts: Mapping[str, np.ndarray], dtype) -> Tuple[str, int]:
-    """(storage label, bits per value) of a packed weight."""
-    meta = parts[".m"]
-    if ".s" in parts:
-        scope = "tensor" if parts[".s"].size == 1 and parts[".s"].ndim == 0 else "channel"
-        return f"packed-{int(meta[1])}bit/{scope} pos{int(meta[0])}", int(meta[1])
-    bits = np.dtype(dtype).itemsize * 8
-    return f"packed-fp{bits} pos{int(meta[0])}", bits
 
 
 PACKED = register(Packed())
@@ -504,43 +791,40 @@ def _field_bytes(msg) -> int:
 def size_breakdown(model: onnx.ModelProto) -> Dict[str, int]:
     """Bytes of a ``packed`` file by part; the parts sum to ``model.ByteSize()``.
 
-    ``positions`` / ``codes``: the bits of the packed fields that hold gaps / level codes (a
+    ``positions`` / ``codes``: the bits of the packed fields that hold steps / level codes (a
     field's bytes split in proportion to its bits; padding goes to positions); ``raw values``:
     values of weights without levels; ``scales``: the float32 scale tensors' data; ``tensor
-    headers``: names, dims and types of those packed tensors plus their metadata (shapes,
-    widths); ``other initializers``: everything else stored as initializers (biases), whole;
-    ``decode functions``: the model-local functions; ``graph nodes``: every node (the decode
-    calls included); ``rest``: graph inputs/outputs, value_info, opset imports, metadata, names.
+    headers``: names, dims and types of those packed tensors (and version 1's int32 metadata);
+    ``other initializers``: everything else stored as initializers (biases), whole; ``decode
+    functions``: the model-local functions; ``graph nodes``: every node (the decode calls with
+    their attributes included); ``rest``: graph inputs/outputs, value_info, opset imports,
+    metadata, names.
     """
     _check_model_arg(model)
     out = {k: 0 for k in ("positions", "codes", "raw values", "scales", "tensor headers",
                           "other initializers", "decode functions", "graph nodes", "rest")}
-    weights = PACKED._weights(model)
-    owned: Dict[str, str] = {}
-    for name, (parts, _) in weights.items():
-        for tensor_name, role in _part_names(model, name).items():
-            owned[tensor_name] = role
-    meta_of = {name: parts[".m"] for name, (parts, _) in weights.items()}
+    roles: Dict[str, Tuple[str, PackedWeight]] = {}
+    for pw, _ in PACKED._weights(model).values():
+        for tensor_name, role in pw.tensors.items():
+            roles[tensor_name] = (role, pw)
     for t in model.graph.initializer:
         whole = _field_bytes(t)
-        role = owned.get(t.name)
-        if role is None:
+        if t.name not in roles:
             out["other initializers"] += whole
             continue
+        role, pw = roles[t.name]
         data = len(t.raw_data) if t.HasField("raw_data") else 0
         out["tensor headers"] += whole - data
-        if role == ".p":
-            meta = meta_of[_owner(model, t.name)]
-            b, k = int(meta[0]), int(meta[1])
-            levels = ".s" in weights[_owner(model, t.name)][0]
-            width = b + (k if levels else 0)
-            used = int(meta[2]) * width
-            code_bytes = (data * 8 * (k if levels else 0) // width) // 8 if used else 0
+        if role == "q":
+            out["codes"] += data
+        elif role == "p":
+            k = pw.level_bits if pw.levels and pw.codes is None else 0
+            code_bytes = (data * 8 * k // (pw.step_bits + k)) // 8
             out["codes"] += code_bytes
             out["positions"] += data - code_bytes
-        elif role == ".s":
+        elif role == "s":
             out["scales"] += data
-        elif role == ".v":
+        elif role == "v":
             out["raw values"] += data
         else:
             out["tensor headers"] += data
@@ -548,12 +832,3 @@ def size_breakdown(model: onnx.ModelProto) -> Dict[str, int]:
     out["graph nodes"] = sum(_field_bytes(n) for n in model.graph.node)
     out["rest"] = model.ByteSize() - sum(out.values())
     return out
-
-
-def _part_names(model: onnx.ModelProto, name: str) -> Dict[str, str]:
-    """Initializer name -> role (``.p``/``.s``/``.v``/``.m``) of packed weight ``name``."""
-    return {name + s: s for s in SUFFIXES}
-
-
-def _owner(model: onnx.ModelProto, tensor_name: str) -> str:
-    return tensor_name.rsplit(".", 1)[0]

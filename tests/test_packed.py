@@ -88,6 +88,18 @@ def test_step_width_is_chosen_and_capped():
     assert packed.best_step_bits(np.array([], np.int64), 3) == 1
 
 
+def test_level_fields_are_mixed_radix():
+    """Levels: one field c + R * t, R = 2L + 1 codes, steps below 2^w // R (more than w - k bits)."""
+    pos = np.arange(0, 200_000, 70)  # steps of 70: 7 codes x 73 steps fit 9 bits; 6 step bits + 3 would not
+    assert packed.best_level_width(pos, 7) == 9
+    arr = np.zeros(200_000, np.float32)
+    arr[pos] = 0.5
+    spec = QuantSpec(3, (0.25,), None)
+    pw = packed.encode_weight("w", arr.reshape(400, 500), spec)
+    assert (pw.radix, pw.step_bits + pw.level_bits, pw.entries) == (7, 9, pos.size)  # no fillers
+    assert np.array_equal(pw.decode().reshape(-1), arr)
+
+
 # -- the compact file --------------------------------------------------------------------------
 
 
@@ -97,7 +109,8 @@ def test_compact_file_layout(lenet):
     calls = [n for n in out.graph.node if n.domain == packed.DOMAIN]
     assert [n.output[0] for n in calls] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
     assert all(len(x) == 1 for n in calls for x in n.input)  # short packed array names
-    assert {a.name for a in calls[0].attribute} == {"f", "d", "l", "h"}
+    assert {a.name for a in calls[0].attribute} == {"f", "r", "l", "h"}
+    assert [helper.get_attribute_value(a) for a in calls[1].attribute if a.name == "r"] == [7]  # 3 bits: 2L+1 codes
     assert [f.name for f in out.functions] == [packed.OP_LEVELS]
     assert not out.graph.value_info and not any(n.name for n in out.graph.node)
     convs = [n for n in out.graph.node if n.op_type == "Conv"]
@@ -189,6 +202,27 @@ def test_fp16_values_are_lossy_opt_in(small, tmp_path):
                                           "--values", "fp16"])
     assert res.exit_code == 0, res.output
     assert "fp16 values are lossy" in res.output
+
+
+def test_fields_of_the_first_version_2_files_still_read(small_q):
+    """The first version-2 files (on main for minutes) held ``step + code << b`` with ``d = 2^b``."""
+    out, _ = formats.export(small_q, "packed")
+    call = next(n for n in out.graph.node if n.domain == packed.DOMAIN and n.output[0] == "fc0.weight")
+    weight = inits(small_q)["fc0.weight"]
+    spec = read_quantization(small_q)["fc0.weight"]
+    q = np.rint(weight / packed._scale_array(spec, weight.shape).astype(np.float32)).astype(np.int64).reshape(-1)
+    pos = np.flatnonzero(q)
+    b, k, L = 5, spec.bits, 2 ** (spec.bits - 1) - 1
+    steps, source = packed.step_code(pos, b)
+    codes = np.where(source >= 0, q[pos[np.maximum(source, 0)]], 0) + L
+    fields = packed.pack_bits(steps + (codes << b), b + k).reshape(-1, 1)
+    for t in out.graph.initializer:
+        if t.name == call.input[0]:
+            t.CopyFrom(numpy_helper.from_array(fields, t.name))
+    attrs = [a for a in call.attribute if a.name not in ("f", "r")]
+    del call.attribute[:]
+    call.attribute.extend(attrs + [helper.make_attribute("f", [steps.size, b + k]), helper.make_attribute("d", 1 << b)])
+    assert np.array_equal(inits(formats.densify(out))["fc0.weight"], weight)
 
 
 # -- files of the first version --------------------------------------------------------------

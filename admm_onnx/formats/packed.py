@@ -8,27 +8,28 @@ function (domain :data:`DOMAIN`; ``Q`` for levels, ``F`` for raw values; each st
 writes ``W`` under its own name from two initializers and four attributes:
 
 - *positions* as steps: entry i sits at ``pos[i] = pos[i-1] + t[i]`` (``pos[-1] = 0``; only the
-  first step may be 0), each ``t[i]`` in ``[0, 2^b - 1]``, ``b`` in 1..16 - k chosen per weight
-  to minimise the bytes (``k``: the level bits below, 0 for raw values). A step too long for ``b`` bits is bridged by *filler* entries holding the
-  value 0 (as in Deep Compression's relative indices): stored entries = nonzeros + fillers.
+  first step may be 0), each ``t[i]`` below a per-weight bound ``S`` chosen to minimise the
+  bytes. A step too long is bridged by *filler* entries holding the value 0 (as in Deep
+  Compression's relative indices): stored entries = nonzeros + fillers.
 - values, one of:
 
   - *levels* (a weight with a quantization spec: ``W = float32(q) * float32(scale)``, integer
     ``q`` in ``[-L, L]``, ``L = 2^(k-1) - 1``, from ``admm-onnx prune --bits``): the code
-    ``q + L`` in ``k`` bits; input 2 is the scale (shape ``[]`` per tensor, or the weight's
-    rank with only the channel axis kept: per channel), float32, or float16 when every scale
-    is exactly a float16 number (cast back to the same float32 values: lossless);
+    ``c = q + L``, one of ``R = 2L + 1``; input 2 is the scale (shape ``[]`` per tensor, or the
+    weight's rank with only the channel axis kept: per channel), float32, or float16 when every
+    scale is exactly a float16 number (cast back to the same float32 values: lossless);
   - *raw* (no spec): input 2 holds the stored values in the weight's own float type.
 
-- input 1 (uint8, shape ``[bytes, 1]``): one field per entry, LSB first: ``t + (q + L) * 2^b``
-  in ``w = b + k`` bits for levels, ``t`` in ``w = b`` bits for raw values;
-- attributes ``f = [entries, w]``, ``h`` = the weight's shape, and for levels ``d = 2^b``,
+- input 1 (uint8, shape ``[bytes, 1]``): one ``w``-bit field per entry, LSB first: for levels
+  the mixed-radix number ``c + R * t`` (``S = 2^w // R``: for 3-bit levels 14% more step range
+  than ``w - 3`` bits would give), for raw values ``t`` (``S = 2^w``); ``w`` <= 16;
+- attributes ``f = [entries, w]``, ``h`` = the weight's shape, and for levels ``r = R``,
   ``l = L`` (raw: ``to``, the weight's type).
 
 Decode: bytes -> bits by ``BitShift(RIGHT)`` and ``Mod 2`` on uint8, bits -> field integers by
-a float ``MatMul`` with powers of two (exact: integers below 2^16), then in int64 ``Mod``/``Div``
-by ``2^b`` (step, code), ``CumSum`` of the steps (positions), ``ScatterElements`` of the values
-(``code - L`` as float for levels) into zeros, ``Reshape``, and for levels a ``Mul`` by the
+a float ``Gemm`` with powers of two (exact: integers below 2^16), then in int64 ``Div``/``Mod``
+by ``R`` (step, code), ``CumSum`` of the steps (positions), ``ScatterElements`` of the values
+(``c - L`` as float for levels) into zeros, ``Reshape``, and for levels a ``Mul`` by the
 scale: the same single float32 multiply that produced the weights, so the decoded weight equals
 the dense one bit for bit (a zero entry becomes ``+0.0``). No node has a data-dependent output
 shape, so onnxruntime (1.19 and >= 1.27 alike) folds it all.
@@ -43,7 +44,8 @@ name). ``names="keep"`` keeps them all (packed arrays then
 float32 initializers left dense (biases) with at least 16 entries as float16, cast back to
 float32 by a ``Cast`` node that onnxruntime folds.
 
-Files of the first version (version 1 in the metadata: ``<W>.p``, ``<W>.s``/``<W>.v`` and an
+Files of the first release of this version (levels as ``t + c * 2^b``, attribute ``d = 2^b``) and
+files of the first version (version 1 in the metadata: ``<W>.p``, ``<W>.s``/``<W>.v`` and an
 int32 ``<W>.m``, gaps ``pos[i] = pos[i-1] + 1 + g[i]``, functions ``PackedQ``/``PackedF`` in
 domain :data:`DOMAIN_V1`; in its very first layout the codes in their own ``<W>.q``) still
 decode, inspect and run.
@@ -137,16 +139,16 @@ def _steps(positions: np.ndarray) -> np.ndarray:
     return np.diff(np.concatenate([[0], positions.astype(np.int64)]))
 
 
-def step_entries(positions: np.ndarray, bits: int) -> int:
-    """Stored entries (nonzeros + fillers) when steps have ``bits`` bits."""
-    reach = (1 << bits) - 1
+def step_entries(positions: np.ndarray, bits: int, reach: Optional[int] = None) -> int:
+    """Stored entries (nonzeros + fillers) when steps have ``bits`` bits (or are at most ``reach``)."""
+    reach = (1 << bits) - 1 if reach is None else reach
     return int(np.sum(np.maximum(1, -(-_steps(positions) // reach))))
 
 
-def step_code(positions: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
+def step_code(positions: np.ndarray, bits: int, reach: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(steps t, index into the nonzeros or -1 for a filler) of sorted ``positions``:
-    ``positions`` = ``cumsum(t)[source >= 0]``."""
-    reach = (1 << bits) - 1
+    ``positions`` = ``cumsum(t)[source >= 0]``; each step at most ``2^bits - 1`` (or ``reach``)."""
+    reach = (1 << bits) - 1 if reach is None else reach
     steps = _steps(positions)
     fill = np.maximum(0, -(-steps // reach) - 1)  # fillers before each nonzero
     count = steps.size + int(fill.sum())
@@ -156,6 +158,15 @@ def step_code(positions: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]
     out[at] = steps - fill * reach
     source[at] = np.arange(steps.size)
     return out, source
+
+
+def best_level_width(positions: np.ndarray, codes: int) -> int:
+    """Levels: the field width w (bits) giving the fewest bits in total when a field holds
+    ``code + codes * step`` with steps below ``2^w // codes`` (mixed radix: a step range that is
+    not a power of two, about 14% more reach than ``w - 3`` bits for 7 codes)."""
+    costs = {w: step_entries(positions, 0, (1 << w) // codes - 1) * w
+             for w in range(1, MAX_FIELD_BITS + 1) if (1 << w) // codes >= 2}
+    return min(costs, key=lambda w: (costs[w], w))
 
 
 def best_step_bits(positions: np.ndarray, value_bits: int) -> int:
@@ -259,11 +270,11 @@ def _decode_function(levels: bool, opset: int, half_scales: bool = False) -> onn
     ]
     if levels:
         body += [
-            _ref("D", "d", "value_int"),  # 2^b
+            _ref("D", "r", "value_int"),  # radix 2L + 1
             _ref("L", "l", "value_int"),
-            n("Mod", ["u", "D"], ["v"]),  # steps
+            n("Div", ["u", "D"], ["v"]),  # steps
             n("CumSum", ["v", "Z"], ["x"]),  # positions
-            n("Div", ["u", "D"], ["y"]),  # codes q + L
+            n("Mod", ["u", "D"], ["y"]),  # codes q + L
             n("Sub", ["y", "L"], ["z"]),
             n("Cast", ["z"], ["A"], to=TensorProto.FLOAT),
             n("ScatterElements", ["C", "x", "A"], ["E"]),
@@ -272,7 +283,7 @@ def _decode_function(levels: bool, opset: int, half_scales: bool = False) -> onn
         if half_scales:  # some scale stored as float16 (exactly)
             body.append(n("Cast", ["s"], ["S"], to=TensorProto.FLOAT))
         body.append(n("Mul", ["G", "S" if half_scales else "s"], ["W"]))  # float32(q) * float32(scale)
-        inputs, attrs, name = ["p", "s"], ["f", "d", "l", "h"], OP_LEVELS
+        inputs, attrs, name = ["p", "s"], ["f", "r", "l", "h"], OP_LEVELS
     else:
         cast = n("Cast", ["C"], ["A"])
         cast.attribute.append(onnx.AttributeProto(name="to", ref_attr_name="to", type=onnx.AttributeProto.INT))
@@ -295,7 +306,7 @@ def _decode_function(levels: bool, opset: int, half_scales: bool = False) -> onn
 @dataclass
 class PackedWeight:
     """One weight as stored: ``fields`` (uint8 bytes), ``entries`` fields of ``step_bits`` +
-    ``level_bits`` bits, ``scale`` (levels) or ``values`` (raw), the dense ``shape``;
+    ``level_bits`` bits (with ``radix``: ``code + radix * step``, else ``step + code << step_bits``), ``scale`` (levels) or ``values`` (raw), the dense ``shape``;
     ``version`` 1 reads the fields as gaps (``pos = prev + 1 + g``), 2 as steps."""
 
     fields: np.ndarray
@@ -306,6 +317,8 @@ class PackedWeight:
     scale: Optional[np.ndarray] = None
     values: Optional[np.ndarray] = None
     version: int = 2
+    #: levels of this version: a field is ``code + radix * step`` (else ``step + code << step_bits``)
+    radix: int = 0
     #: the level codes in their own array (the very first layout, ``<W>.q``), else None
     codes: Optional[np.ndarray] = None
     #: initializer name -> role ("p", "q", "s", "v", "m") in the file
@@ -338,14 +351,17 @@ class PackedWeight:
         u = unpack_bits(self.fields, width, self.entries)
         if self.codes is not None:  # codes in their own array: put them where the fields have them
             u = u + (unpack_bits(self.codes, self.level_bits, self.entries) << self.step_bits)
-        low = u & ((1 << self.step_bits) - 1)
+        if self.radix:  # code + radix * step
+            low, code = u // self.radix, u % self.radix
+        else:  # step + code << step_bits
+            low, code = u & ((1 << self.step_bits) - 1), u >> self.step_bits
         pos = positions_of(low) if self.version == 1 else np.cumsum(low)
         size = int(np.prod(self.shape, dtype=np.int64))
         if pos.size and (pos.max() >= size or pos.min() < 0):
             raise ModelError("packed position out of range")
         if self.levels:
             qf = np.zeros(size, np.float32)
-            qf[pos] = ((u >> self.step_bits) - self.max_level).astype(np.float32)
+            qf[pos] = (code - self.max_level).astype(np.float32)
             return qf.reshape(self.shape) * self.scale.astype(np.float32)
         flat = np.zeros(size, dtype)
         flat[pos] = self.values
@@ -381,11 +397,12 @@ def encode_weight(name: str, arr: np.ndarray, spec: Optional[QuantSpec]) -> Pack
         except ValueError as exc:
             raise ModelError(f"weight {name!r}: {exc}", hint="export the model the quantized run wrote") from None
         L, k = max_level(spec.bits), spec.bits
-        b = best_step_bits(positions, k)
-        steps, source = step_code(positions, b)
+        radix = 2 * L + 1
+        w = best_level_width(positions, radix)
+        steps, source = step_code(positions, 0, (1 << w) // radix - 1)
         codes = np.where(source >= 0, q[positions[np.maximum(source, 0)]] if positions.size else 0, 0) + L
-        return PackedWeight(pack_bits(steps + (codes << b), b + k).reshape(-1, 1), b, k, steps.size,
-                            tuple(arr.shape), scale=_scale_array(spec, arr.shape))
+        return PackedWeight(pack_bits(codes + radix * steps, w).reshape(-1, 1), w - k, k, steps.size,
+                            tuple(arr.shape), scale=_scale_array(spec, arr.shape), radix=radix)
     b = best_step_bits(positions, arr.dtype.itemsize * 8)
     steps, source = step_code(positions, b)
     vals = flat[positions[np.maximum(source, 0)]] if positions.size else flat[:0]
@@ -410,7 +427,7 @@ def _from_v1(parts: Mapping[str, np.ndarray]) -> PackedWeight:
 def _call(pw: PackedWeight, name: str, p: str, extra: str, dtype: int, opset: int) -> onnx.NodeProto:
     attrs = {"f": [pw.entries, pw.step_bits + pw.level_bits], "h": list(pw.shape)}
     if pw.levels:
-        attrs.update(d=1 << pw.step_bits, l=pw.max_level)
+        attrs.update(r=pw.radix, l=pw.max_level)
     if opset < INT_ATTR_OPSET:  # int64 tensors (scalars for d and l)
         attrs = {k: numpy_helper.from_array(np.asarray(v, np.int64), "") for k, v in attrs.items()}
     if pw.levels:
@@ -685,7 +702,11 @@ class Packed(Format):
                 entries, width = (int(x) for x in attrs["f"])
                 shape = tuple(int(x) for x in attrs["h"])
                 p, extra = (_to_array(inits[x]) for x in nd.input)
-                if nd.op_type == OP_LEVELS:
+                if nd.op_type == OP_LEVELS and "r" in attrs:
+                    radix = int(attrs["r"])
+                    k = (radix - 1).bit_length()  # 2L + 1 codes, L = 2^(k-1) - 1
+                    pw = PackedWeight(p, width - k, k, entries, shape, scale=extra, radix=radix)
+                elif nd.op_type == OP_LEVELS:  # the first files of this version: step + code << b, d = 2^b
                     b = int(attrs.get("d", 1)).bit_length() - 1
                     pw = PackedWeight(p, b, width - b, entries, shape, scale=extra)
                 else:
@@ -819,7 +840,9 @@ def size_breakdown(model: onnx.ModelProto) -> Dict[str, int]:
             out["codes"] += data
         elif role == "p":
             k = pw.level_bits if pw.levels and pw.codes is None else 0
-            code_bytes = (data * 8 * k // (pw.step_bits + k)) // 8
+            width = pw.step_bits + k
+            code_bits = float(np.log2(pw.radix)) if pw.radix else k  # of each field
+            code_bytes = int(data * code_bits / width) if width else 0
             out["codes"] += code_bytes
             out["positions"] += data - code_bytes
         elif role == "s":

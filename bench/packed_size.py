@@ -99,6 +99,9 @@ def packed_file(model: onnx.ModelProto, keep_dead: bool, options: dict, repack: 
     if not keep_dead:
         from admm_onnx.structured.dead import remove_dead_channels
 
+        facts["nonzero weights before dead-channel removal"] = sum(
+            r.nonzero for r in formats.inspect_model(model) if r.nonzero < r.count)
+
         model, removed = remove_dead_channels(model)
         facts["dead channels removed"] = removed
     out, _ = formats.export(model, "packed", **options)
@@ -191,6 +194,10 @@ def main(argv=None) -> int:
     print(f"# packed file of {source}\n")
     print(f"{len(data):,} bytes, {result['smaller than dense']:.1f}x smaller than dense fp32 "
           f"({args.dense_bytes:,}); {nonzero:,} nonzero packed weights\n")
+    for k, v in facts.items():
+        print(f"- {k}: {v}")
+    if facts:
+        print()
     print("| part | bytes |\n| --- | ---: |")
     for k, v in parts.items():
         print(f"| {k} | {v:,} |")

@@ -138,13 +138,15 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     click.echo(format_table(rows, rows.totals))
     for name, reason in report.skipped.items():
         click.echo(f"kept dense: {name} ({reason})")
+    if report.float16:
+        click.echo(f"stored as float16 (lossy), cast back to float32 at load: {', '.join(report.float16)}")
     if values == "fp16" and model.ByteSize() < io.PROTOBUF_LIMIT and result.ByteSize() < io.PROTOBUF_LIMIT:
         change = sparse.max_output_change(model, result, sparse.sample_feeds(model))
         click.echo(f"fp16 values are lossy: max |output change| {change:.3g} on a random sample batch")
     before, after = _footprint(model_path), _footprint(output)
     click.echo(
         f"wrote {output}: {len(report.encoded)} weight(s) as {fmt}"
-        f"{'-' + values if fmt == 'csr' or (fmt == 'packed' and values != 'fp32') else ''}; weights {report.total_dense_bytes:,} -> "
+        f"{'-' + values if fmt == 'csr' else (f', {len(report.float16)} dense initializer(s) as float16' if report.float16 else '')}; weights {report.total_dense_bytes:,} -> "
         f"{report.total_stored_bytes:,} bytes ({_ratio(report.total_dense_bytes, report.total_stored_bytes)}); "
         f"file {before:,} -> {after:,} bytes ({_ratio(before, after)})"
     )

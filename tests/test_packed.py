@@ -182,6 +182,7 @@ def test_fp16_values_are_lossy_opt_in(small, tmp_path):
     exact, _ = formats.export(small, "packed")
     out, report = formats.export(small, "packed", values="fp16")
     assert report.values.endswith("fp16") and out.ByteSize() < exact.ByteSize()
+    assert report.float16 == ["fc0.bias", "fc1.bias"]
     halves = [t for t in out.graph.initializer if t.data_type == TensorProto.FLOAT16]
     assert sorted(t.dims[0] for t in halves) == [48, 64]  # the 5-entry bias stays float32 (cheaper)
     assert sum(n.op_type == "Cast" for n in out.graph.node) == 2
@@ -202,6 +203,7 @@ def test_fp16_values_are_lossy_opt_in(small, tmp_path):
                                           "--values", "fp16"])
     assert res.exit_code == 0, res.output
     assert "fp16 values are lossy" in res.output
+    assert "stored as float16 (lossy), cast back to float32 at load: fc0.bias, fc1.bias" in res.output
 
 
 def test_fields_of_the_first_version_2_files_still_read(small_q):

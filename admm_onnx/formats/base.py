@@ -122,6 +122,8 @@ class ExportReport:
     skipped: Dict[str, str] = field(default_factory=dict)
     model_bytes_before: int = 0
     model_bytes_after: int = 0
+    #: initializers left dense but stored as float16 (``packed`` with ``values="fp16"``: lossy)
+    float16: List[str] = field(default_factory=list)
 
     @property
     def encoded(self) -> List[str]:

@@ -650,8 +650,7 @@ class Packed(Format):
             meta["values"] = "fp16"
             packed_arrays = set().union(*(tensor_names(n) for n in selected))
             half = _fp16_initializers(graph, packed_arrays, _short_names(_all_names(graph)))
-            for name in half:
-                report.skipped.setdefault(name, "stored as float16 (lossy), cast back to float32 at load")
+            report.float16 = half
         if names == "short":
             shapes = {t.name: tuple(t.dims) for t in graph.initializer}
             shapes.update({n: a.shape for n, a in selected.items()})

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                         help="proxy: fc1's nonzeros only in units fc2 reads (none dead: all ~2,930 packed)")
     parser.add_argument("--dense-bytes", type=int, default=DENSE_FP32_BYTES, help="dense fp32 file size to compare with")
     parser.add_argument("--values", choices=("exact", "fp16"), default="exact",
-                        help="packed values option: fp16 stores the float32 initializers left dense (biases) as "
+                        help="packed values option: fp16 stores the float32 biases left dense as "
                              "float16 (lossy)")
     parser.add_argument("--names", choices=("short", "keep"), default="short", help="packed names option")
     parser.add_argument("--data", metavar="mnist:DIR",

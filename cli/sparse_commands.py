@@ -98,8 +98,8 @@ def format_table(rows: Sequence[sparse.WeightRow], totals: Optional[sparse.Weigh
 @click.option("--min-sparsity", type=float, default=0.5, show_default=True,
               help="Encode a weight only if at least this fraction of it is zero (packed: quantized weights always).")
 @click.option("--values", type=click.Choice(sparse.VALUE_TYPES), default="fp32", show_default=True,
-              help="fp16 (lossy): csr stores its values as float16; packed stores the float32 initializers it "
-                   "leaves dense (biases, >= 16 entries) as float16.")
+              help="fp16 (lossy): csr stores its values as float16; packed stores the float32 biases it leaves "
+                   "dense (of Conv, ConvTranspose, Gemm; >= 16 entries) as float16.")
 @click.option("--names", type=click.Choice(["short", "keep"]), default="short", show_default=True,
               help="packed: short generated names for the graph's internal values (activations, biases) and no "
                    "node names, or keep them all (graph inputs, outputs and encoded weights always keep theirs).")

@@ -339,3 +339,22 @@ def test_cli_names_option(small, tmp_path):
     res = CliRunner().invoke(export_cmd, [str(src), "-o", str(tmp_path / "c.onnx"), "--names", "keep"])
     assert res.exit_code != 0 and "packed option" in str(res.exception)
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_fp16_values_touch_only_biases():
+    """A float initializer read by anything but a bias input (here a Mul operand) stays float32."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    w[rng.random(w.shape) < 0.8] = 0
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["input", "w", "b"], ["g"], transB=1),
+         helper.make_node("Mul", ["g", "m"], ["output"])],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b"),
+                     numpy_helper.from_array(rng.standard_normal(32).astype(np.float32) + 0.3, "m")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out, report = formats.export(model, "packed", values="fp16", names="keep")
+    assert report.float16 == ["b"]
+    types = {t.name: t.data_type for t in out.graph.initializer}
+    assert types["m"] == TensorProto.FLOAT and sum(v == TensorProto.FLOAT16 for v in types.values()) == 1

@@ -41,8 +41,9 @@ and ``value_info`` are dropped, and so are attributes equal to their schema defa
 inputs, outputs and the encoded weights keep their names (a graph with subgraphs keeps every
 name). ``names="keep"`` keeps them all (packed arrays then
 ``<W>.p`` / ``<W>.s`` / ``<W>.v``). ``values="fp16"`` (lossy, off by default) also stores the
-float32 initializers left dense (biases) with at least 16 entries as float16, cast back to
-float32 by a ``Cast`` node that onnxruntime folds.
+float32 biases left dense (initializers read only as the bias of Conv, ConvTranspose or Gemm)
+of at least 16 entries as float16, cast back to float32 by a ``Cast`` node that onnxruntime
+folds.
 
 Files of the first release of this version (levels as ``t + c * 2^b``, attribute ``d = 2^b``) and
 files of the first version (version 1 in the metadata: ``<W>.p``, ``<W>.s``/``<W>.v`` and an
@@ -536,13 +537,32 @@ def _drop_default_attributes(model: onnx.ModelProto, shapes: Mapping[str, Tuple[
         nd.attribute.extend(keep)
 
 
+#: (op type, input index) of the biases ``values="fp16"`` may store as float16.
+BIAS_INPUTS = {("Conv", 2), ("ConvTranspose", 2), ("Gemm", 2)}
+
+
+def _biases(graph: onnx.GraphProto) -> Set[str]:
+    """Names read only as a bias (:data:`BIAS_INPUTS`, standard domain) by the main graph's nodes,
+    and not graph inputs or outputs."""
+    uses: Dict[str, Set[Tuple[str, int]]] = {}
+    for nd in graph.node:
+        for i, x in enumerate(nd.input):
+            uses.setdefault(x, set()).add((nd.op_type if nd.domain in ("", "ai.onnx") else "", i))
+    io = {v.name for v in graph.input} | {v.name for v in graph.output}
+    return {x for x, u in uses.items() if x not in io and u <= BIAS_INPUTS}
+
+
 def _fp16_initializers(graph: onnx.GraphProto, skip: Set[str], names: Iterator[str]) -> List[str]:
-    """In place: float32 initializers (not in ``skip``, >= FP16_MIN_ENTRIES entries) stored as
-    float16 under a new name, a Cast node writing the float32 tensor under the old name
-    (prepended to the nodes). Returns the converted names."""
+    """In place: float32 biases (:func:`_biases`; not in ``skip``, >= FP16_MIN_ENTRIES entries)
+    stored as float16 under a new name, a Cast node writing the float32 tensor under the old
+    name (prepended to the nodes). Returns the converted names. A graph with subgraphs (which
+    may read any outer name) is left alone."""
+    if _has_subgraphs(graph):
+        return []
+    biases = _biases(graph)
     done, casts = [], []
     for t in graph.initializer:
-        if t.name in skip or t.data_type != TensorProto.FLOAT:
+        if t.name in skip or t.name not in biases or t.data_type != TensorProto.FLOAT:
             continue
         arr = numpy_helper.to_array(t)
         if arr.size < FP16_MIN_ENTRIES:
@@ -588,7 +608,7 @@ class Packed(Format):
         dict/path, {name: QuantSpec}, or by default the specs recorded in the model) stored as
         k-bit levels, and its other weights of sparsity >= ``min_sparsity`` with raw values.
         ``names``: "short" (compact the graph's internal names) or "keep"; ``values``: "exact"
-        or "fp16" (lossy: float32 initializers left dense, e.g. biases, stored as float16)."""
+        or "fp16" (lossy: float32 biases left dense stored as float16)."""
         self.check_options({**options, "min_sparsity": min_sparsity, "quantization": quantization,
                             "names": names, "values": values})
         if names not in NAMES:

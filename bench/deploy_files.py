@@ -8,7 +8,8 @@ quantization specs are in the file), this writes into ``--out``:
   admm_onnx.structured.dead) in the ``packed`` format (delta-coded positions, k-bit levels);
 - ``pruned.qdq.onnx``: int8 QDQ of the pruned model, its weights the trained levels exactly;
 - ``fp32.qdq.onnx``: int8 QDQ of the fp32 model (post-training 8-bit weights);
-- (``--also LABEL=PATH``: other files to measure beside them, e.g. a channel-pruned model)
+- (``--also LABEL=PATH``: other files to measure beside them, e.g. a channel-pruned model;
+  with ``--also-qdq`` their int8 QDQ exports ``LABEL.qdq.onnx`` too)
 
 QDQ activations are calibrated (min/max) on ``--calibration`` training images. Then
 bench/deploy_eval.py runs every file in ``--deploy-python`` (plain onnxruntime): top-1 on the
@@ -63,6 +64,9 @@ def main(argv=None):
     p.add_argument("--fp32", required=True, type=Path)
     p.add_argument("--pruned", type=Path, default=None)
     p.add_argument("--also", action="append", default=[], metavar="LABEL=PATH")
+    p.add_argument("--also-qdq", action="store_true",
+                   help="also write and measure the int8 QDQ export of every --also model (LABEL.qdq), "
+                        "e.g. a channel-pruned model")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--calibration", type=int, default=1000, help="training images for the activation ranges")
@@ -107,6 +111,10 @@ def main(argv=None):
     for item in args.also:
         label, path = item.split("=", 1)
         files[label] = path
+        if args.also_qdq:
+            q, rep = formats.export(onnx.load(path), "qdq", calibration=calib, activations=args.activations)
+            onnx.save(q, args.out / f"{label}.qdq.onnx")
+            files[f"{label}.qdq"] = str(args.out / f"{label}.qdq.onnx")
     np.savez(args.out / "test.npz", x_test=x_te.astype(np.float32), y_test=np.asarray(y_te, np.int64))
     cmd = [args.deploy_python, str(HERE / "deploy_eval.py"), *[f"{k}={v}" for k, v in files.items()],
            "--data", str(args.out / "test.npz"), "--rounds", str(args.rounds), "--threads", str(args.threads),

@@ -142,8 +142,11 @@ class DeployEnv:
 
         Models are file paths or ModelProtos (saved to a temporary folder first). With
         ``optimized`` the graph each session runs is saved too (``result.optimized[label]``),
-        which shows whether a decode subgraph was folded.
+        which shows whether a decode subgraph was folded; it is kept in ``workdir``, which
+        ``optimized`` therefore needs (nothing is left behind in the system's temp folder).
         """
+        if optimized and workdir is None:
+            raise ValueError("optimized=True needs a workdir to keep the optimized graphs in")
         with tempfile.TemporaryDirectory(prefix="admm-deploy-", dir=workdir) as tmp:
             tmp = Path(tmp)
             paths = {}
@@ -179,8 +182,7 @@ class DeployEnv:
             for label, info in result["models"].items():
                 src = info.get("optimized")
                 if src:
-                    dest_dir = keep if keep is not None else Path(tempfile.mkdtemp(prefix="admm-deploy-opt-"))
-                    dest = dest_dir / Path(src).name
+                    dest = keep / Path(src).name
                     shutil.copyfile(src, dest)
                     opt_paths[label] = dest
             return DeployResult(

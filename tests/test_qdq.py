@@ -79,12 +79,12 @@ def test_weights_are_the_trained_levels_bit_for_bit(deploy_env):
     assert plain["conv1.weight"].storage == "dense (4-bit levels)" and plain["fc2.weight"].storage == "dense"
 
 
-def test_runs_with_integer_kernels_and_tracks_the_float_model(deploy_env):
+def test_runs_with_integer_kernels_and_tracks_the_float_model(deploy_env, tmp_path):
     model, _ = _quantized_lenet()
     x = _inputs(160)
     q, _ = formats.export(model, "qdq", calibration=x[:96])
     reference = formats.decode(q)  # the float model with the same weights
-    res = deploy_env.run({"float": reference, "qdq": q}, {"input": x[96:]}, optimized=True)
+    res = deploy_env.run({"float": reference, "qdq": q}, {"input": x[96:]}, optimized=True, workdir=tmp_path)
     ops = {n.op_type for n in onnx.load(str(res.optimized["qdq"])).graph.node}
     assert {"QLinearConv", "QGemm"} <= ops, ops
     assert not ops & FLOAT_COMPUTE, ops
@@ -136,7 +136,7 @@ def test_cli_export_qdq_needs_data_and_inspect_shows_it(tmp_path, capsys):
 
 
 
-def test_residual_network_batchnorm_folded_levels_kept_all_convs_fused(deploy_env):
+def test_residual_network_batchnorm_folded_levels_kept_all_convs_fused(deploy_env, tmp_path):
     """ResNet-20: BatchNormalization folded into its Conv (a quantized weight keeps its integers,
     the scale absorbs the BN factor), residual Adds and the pooling run as int8 kernels."""
     model = build("resnet20", input_shape=(3, 32, 32), num_classes=10, seed=0)
@@ -157,7 +157,7 @@ def test_residual_network_batchnorm_folded_levels_kept_all_convs_fused(deploy_en
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     np.testing.assert_array_equal(stored[name + "/bn_folded/int8"], q.astype(np.int8))  # the trained integers
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
-    res = deploy_env.run({"float": model, "qdq": out}, {"input": x[32:]}, optimized=True)
+    res = deploy_env.run({"float": model, "qdq": out}, {"input": x[32:]}, optimized=True, workdir=tmp_path)
     ops = [n.op_type for n in onnx.load(str(res.optimized["qdq"])).graph.node]
     assert {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"} <= set(ops)
     assert not set(ops) & (FLOAT_COMPUTE | {"Add", "BatchNormalization"}), sorted(set(ops))

@@ -20,7 +20,8 @@ from admm_onnx import formats
 from admm_onnx.cli.sparse_commands import export_cmd
 from admm_onnx.formats import packed
 from admm_onnx.quantization import QuantSpec, dequantize, mark_model, read_quantization
-from test_deploy import TOLERANCE, mlp, quantized
+from test_deploy import TOLERANCE
+from test_formats import inits, small, small_q  # noqa: F401  (fixtures shared with the other formats' tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Written by earlier versions (tests/fixtures/README.md): version 1 (gap + code in one field) and
@@ -41,21 +42,11 @@ def run(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def inits(model):
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 X = {"input": np.random.default_rng(3).standard_normal((3, 32)).astype(np.float32)}
 
 
-@pytest.fixture(scope="module")
-def small():
-    return mlp(sizes=(32, 64, 48, 5), keep=0.2)
-
-
-@pytest.fixture(scope="module")
-def small_q(small):
-    return quantized(small)
 
 
 @pytest.fixture(scope="module")

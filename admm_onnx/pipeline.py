@@ -777,7 +777,7 @@ class _PruneRun:
             if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
                 raise TrainingError(
                     f"ADMM residuals exploded at update {state.iteration}; the last good state is in {work.path}",
-                    hint="lower --rho or --rho-growth",
+                    hint="lower --rho (or --rho-growth with --rho-mode growth)",
                 )
             return state.converged()
 

@@ -334,6 +334,9 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         sparsity = target_macs = allocation = None  # channel budgets, not weight rules
     elif allocation == "uniform":
         raise ConfigError("--allocation uniform is for --structure channel --target-macs")
+    if rho_growth is not None and (rho_mode or config.rho_mode) != "growth":
+        raise ConfigError("--rho-growth applies to --rho-mode growth only (with residual balancing, the default, "
+                          "rho follows the residuals)")
     if sparsity is not None or bits is not None:
         config = config.with_sparsity(sparsity, None if bits is None else int(bits), quant_scale)
     config = config.replace(

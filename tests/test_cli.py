@@ -20,10 +20,19 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def test_rho_growth_without_growth_mode_is_a_usage_error(lenet5_small, data_npz, tmp_path, capsys):
+    out = tmp_path / "pruned.onnx"
+    code = main(["prune", str(lenet5_small), "-d", str(data_npz), "-o", str(out), "--sparsity", "0.75",
+                 "--rho-growth", "1.5", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rho-growth applies to --rho-mode growth only" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_prune_writes_model_report_and_table(lenet5_small, data_npz, tmp_path, capsys):
     out, report, csr = tmp_path / "pruned.onnx", tmp_path / "report.json", tmp_path / "pruned.csr.onnx"
     code = main(["prune", str(lenet5_small), "-d", str(data_npz), "-o", str(out), "--sparsity", "0.75",
-                 "--report", str(report), "--sparse-output", str(csr), "--rho", "0.01", "--rho-growth", "1.5", "--lr", "0.002",
+                 "--report", str(report), "--sparse-output", str(csr), "--rho", "0.01", "--rho-mode", "growth", "--rho-growth", "1.5", "--lr", "0.002",
                  "--epochs-per-iter", "1", "--seed", "1", *QUICK])
     printed = capsys.readouterr().out
     assert code == 0

@@ -132,7 +132,7 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
                                      for n, r in residuals.items()})
             log.info("ADMM %d/%d: largest primal residual %.4f", it + 1, config.admm_iters, worst)
             if not math.isfinite(worst) or worst > 1e3:
-                raise TrainingError(f"ADMM residuals exploded at iteration {it + 1}", hint="lower --rho or --rho-growth")
+                raise TrainingError(f"ADMM residuals exploded at iteration {it + 1}", hint="lower --rho (or --rho-growth with --rho-mode growth)")
         report.phase_seconds["admm"] = time.perf_counter() - t0
         state.disable(trainer)
         if eval_reader is not None and config.admm_iters:

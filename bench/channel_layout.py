@@ -22,6 +22,10 @@ LAYOUTS = {  # kept channels per stage width (16, 32, 64)
     "odd 11/21/41": {16: 11, 32: 21, 64: 41},
     "x8 8/16/40": {16: 8, 32: 16, 64: 40},
     "x16 16/16/32": {16: 16, 32: 16, 64: 32},
+    # How far must channels go for 2x at batch 1 (issue 13)? Added 2026-12-05.
+    "x8 8/16/32": {16: 8, 32: 16, 64: 32},
+    "x8 8/8/24": {16: 8, 32: 8, 64: 24},
+    "x8 8/8/16": {16: 8, 32: 8, 64: 16},
 }
 
 
@@ -37,16 +41,17 @@ def main(argv=None):
 
     model = build("resnet20", input_shape=(3, 32, 32))
     a = analyse(model)
-    tmp = Path(tempfile.mkdtemp(prefix="admm-layout-"))
-    paths, macs = {}, {}
-    for name, sizes in LAYOUTS.items():
-        keep = {g.id: range(sizes[g.size]) for g in a.prunable}
-        path = tmp / (name.split()[0] + ".onnx")
-        onnx.save(shrink(model, a, keep), str(path))
-        paths[name], macs[name] = path, a.counts(keep)["macs"]
-    out = json.loads(subprocess.run([args.latency_python, str(HERE / "ort_latency.py"), *map(str, paths.values()),
-                                     "--batches", "1", "32", "--threads", "1", "2"],
-                                    check=True, capture_output=True, text=True).stdout)
+    with tempfile.TemporaryDirectory(prefix="admm-layout-") as tmpdir:
+        tmp = Path(tmpdir)
+        paths, macs = {}, {}
+        for name, sizes in LAYOUTS.items():
+            keep = {g.id: range(sizes[g.size]) for g in a.prunable}
+            path = tmp / (name.replace(" ", "_").replace("/", "-") + ".onnx")
+            onnx.save(shrink(model, a, keep), str(path))
+            paths[name], macs[name] = path, a.counts(keep)["macs"]
+        out = json.loads(subprocess.run([args.latency_python, str(HERE / "ort_latency.py"), *map(str, paths.values()),
+                                         "--batches", "1", "32", "--threads", "1", "2"],
+                                        check=True, capture_output=True, text=True).stdout)
     rows = []
     for r in out["results"]:
         dense = r["ms"][str(paths["dense 16/32/64"])]

@@ -19,6 +19,7 @@ Add a metric: subclass :class:`Metric` and pass it in ``Evaluator(metrics=[...])
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -29,6 +30,8 @@ from .data import LABELS
 from .errors import DataError
 from .feeds import VALID, model_feed
 from .losses import IGNORE_INDEX, class_axis_for, teacher_name
+
+log = logging.getLogger(__name__)
 
 
 def _log_softmax(z: np.ndarray, axis: int) -> np.ndarray:
@@ -154,18 +157,35 @@ class Evaluator:
         self.model, self.outputs, self.kinds, self.class_axis = model, list(outputs), dict(kinds), class_axis
         self.metric_types = list(metrics) if metrics is not None else [Top1, Fidelity]
 
-    def session(self, weights: Optional[Dict[str, np.ndarray]] = None):
+    def session(self, weights: Optional[Dict[str, np.ndarray]] = None,
+                bn_feeds: Optional[Sequence[Dict[str, np.ndarray]]] = None):
+        """An InferenceSession of the model with ``weights``; with ``bn_feeds`` (training batches)
+        its BatchNorm running statistics are first re-estimated on them (the model's own are
+        those it came with: ORT training does not update them)."""
         from .pipeline import _session, with_weights
 
         model = with_weights(self.model, weights) if weights else self.model
+        if bn_feeds and any(n.op_type == "BatchNormalization" for n in model.graph.node):
+            from .graph.bn_recalibrate import recalibrate_batchnorm
+
+            candidate = onnx.ModelProto()
+            candidate.CopyFrom(model)
+            inits = {t.name for t in candidate.graph.initializer}
+            names = [i.name for i in candidate.graph.input if i.name not in inits]
+            try:
+                recalibrate_batchnorm(candidate, (model_feed(f, names) for f in bn_feeds), max_batches=len(bn_feeds))
+                model = candidate
+            except Exception as exc:  # a refinement of an in-run figure: never fail the run on it
+                log.debug("BatchNorm statistics not re-estimated for evaluation: %s", exc)
         return _session(model)
 
     def outputs_for(self, sess, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         names = [i.name for i in sess.get_inputs()]
         return dict(zip(self.outputs, sess.run(self.outputs, model_feed(feed, names))))
 
-    def evaluate(self, reader, weights: Optional[Dict[str, np.ndarray]] = None, sess=None) -> EvalResult:
-        sess = sess or self.session(weights)
+    def evaluate(self, reader, weights: Optional[Dict[str, np.ndarray]] = None, sess=None,
+                 bn_feeds: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> EvalResult:
+        sess = sess or self.session(weights, bn_feeds)
         metrics = [m(self.outputs, self.kinds, self.class_axis) if isinstance(m, type) else m
                    for m in self.metric_types]
         t0 = time.perf_counter()

@@ -26,6 +26,9 @@ from .graph.ir_version import normalise_ir_file
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}
+#: How many of the last training batches (and bytes at most) a Trainer keeps for BatchNorm statistics.
+RECENT_BATCHES = 20
+RECENT_BYTES = 256 << 20
 
 
 class Progress:
@@ -219,6 +222,10 @@ class Trainer:
         #: Optional per-step learning rate: ``schedule(step) -> lr``, step counted over epochs.
         self.schedule: Optional[Callable[[int], float]] = None
         self.step = 0
+        #: The last training batches seen (at most RECENT_BATCHES, RECENT_BYTES in all): the
+        #: evaluator re-estimates BatchNorm running statistics on them (ORT training never
+        #: writes them back), so in-run figures of BN models are not those of stale statistics.
+        self.recent_feeds: List[Dict[str, np.ndarray]] = []
         self.trainable = [name for name, p in self.state.parameters if p.requires_grad]
         if workers > 1:
             from .parallel import WorkerPool
@@ -362,6 +369,7 @@ class Trainer:
                 if feed is None:
                     break
                 loss, logits = self.train_step(feed)
+                self._remember(feed)
                 n = len(next(v for k, v in feed.items() if k != LABELS)) if logits is None else len(logits)
                 total_loss += loss * n
                 if logits is None:
@@ -378,6 +386,14 @@ class Trainer:
         if seen == 0:
             raise TrainingError("the training reader yielded no batch")
         return EpochStats(total_loss / seen, None if correct is None else correct / seen, seen, dt)
+
+    def _remember(self, feed: Dict[str, np.ndarray]) -> None:
+        """Keep ``feed`` among the last training batches (see ``recent_feeds``)."""
+        self.recent_feeds.append(feed)
+        size = sum(int(getattr(v, "nbytes", 0)) for f in self.recent_feeds for v in f.values())
+        while len(self.recent_feeds) > RECENT_BATCHES or (len(self.recent_feeds) > 1 and size > RECENT_BYTES):
+            dropped = self.recent_feeds.pop(0)
+            size -= sum(int(getattr(v, "nbytes", 0)) for v in dropped.values())
 
     def _forward_backward(self, inputs: List[np.ndarray]) -> Tuple[float, np.ndarray]:
         """Loss and output of one training batch, its gradient left in the parameters' buffers;
@@ -443,7 +459,7 @@ class Trainer:
         """Top-1 accuracy and mean cross-entropy of the logits over ``reader`` (with an
         evaluator: every metric, fidelity included, of the current weights)."""
         if self.evaluator is not None:
-            return self.evaluator.evaluate(reader, self.weights())
+            return self.evaluator.evaluate(reader, self.weights(), bn_feeds=self.recent_feeds)
         t0 = time.perf_counter()
         correct, seen, nll = 0, 0, 0.0
         for feed, logits in self.predict(reader):

@@ -73,15 +73,19 @@ def replace_nodes(
     op_type: Union[str, Sequence[str]],
     expand: Callable[[onnx.NodeProto, NameScope, onnx.GraphProto], Optional[List[onnx.NodeProto]]],
     what: str,
+    domain: str = "",
 ) -> int:
-    """Replace every default-domain ``op_type`` node (or one of several op types) of the main
-    graph, in place, by the nodes ``expand(node, names, graph)`` returns (which write the node's
-    outputs), keeping the order; ``None`` leaves the node as it is. When any node was replaced,
-    run the checker. ``expand`` may append initializers to ``graph``. Returns how many."""
+    """Replace every ``op_type`` node (or one of several op types) of ``domain`` (default: the
+    default domain) of the main graph, in place, by the nodes ``expand(node, names, graph)``
+    returns (which write the node's outputs), keeping the order; ``None`` leaves the node as it
+    is. When any node was replaced, run the checker. ``expand`` may append initializers to
+    ``graph``. Returns how many."""
     graph = model.graph
     op_types = (op_type,) if isinstance(op_type, str) else tuple(op_type)
 
     def matches(node: onnx.NodeProto) -> bool:
+        if domain:
+            return node.domain == domain and node.op_type in op_types
         return any(is_default_domain(node, op) for op in op_types)
 
     if not any(matches(n) for n in graph.node):

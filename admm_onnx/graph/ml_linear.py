@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._util import NameScope, attr, opset_version, probe_session
+from ._util import attr, opset_version, probe_session, replace_nodes
 from .shapes import tensor_info
 
 log = logging.getLogger(__name__)
@@ -167,50 +167,40 @@ def _features(node: onnx.NodeProto) -> Optional[int]:
 def lift_ml_linear(model: onnx.ModelProto) -> int:
     """Replace the applicable LinearClassifier / LinearRegressor / Normalizer nodes of the main
     graph in place; returns how many."""
-    graph = model.graph
     kinds = ML_LINEAR_OPS
-    if not any(n.domain == ML and n.op_type in kinds for n in graph.node):
+    if not any(n.domain == ML and n.op_type in kinds for n in model.graph.node):
         return 0
     if not any(op.domain in ("", "ai.onnx") for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("", 13))
     shapes, types = tensor_info(model)
     opset = opset_version(model)
-    names = NameScope(graph)
-    new_nodes: List[onnx.NodeProto] = []
-    new_inits: List[onnx.TensorProto] = []
-    count = 0
-    for node in graph.node:
-        made = None
+
+    def expand(node, names, graph) -> Optional[List[onnx.NodeProto]]:
         # ML ops' outputs (a Scaler before the classifier) are often untyped for shape inference:
         # an unknown type is taken as float, which the probe on float inputs then confirms.
-        if node.domain == ML and node.op_type in kinds and types.get(node.input[0], TensorProto.FLOAT) == TensorProto.FLOAT:
-            shape = shapes.get(node.input[0]) or []
-            f = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else _features(node)
-            inits: List[onnx.TensorProto] = []
-            if node.op_type == "LinearClassifier" and f:
-                made = _classifier(node, names, inits, f, opset)
-            elif node.op_type == "LinearRegressor" and f:
-                made = _regressor(node, names, inits, f)
-            elif node.op_type == "Normalizer" and f:
-                made = _normalizer(node, names, inits, opset)
-            if made is not None:
-                try:
-                    ok = _agrees(model, node, made, inits, node.input[0], f)
-                except Exception as exc:  # ORT refuses the probe: leave the node alone
-                    log.debug("%s %s: probe failed (%s)", node.op_type, node.name, exc)
-                    ok = False
-                if not ok:
-                    made = None
-            if made is not None:
-                new_inits += inits
-        if made is None:
-            new_nodes.append(node)
+        if types.get(node.input[0], TensorProto.FLOAT) != TensorProto.FLOAT:
+            return None
+        shape = shapes.get(node.input[0]) or []
+        f = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else _features(node)
+        if not f:
+            return None
+        inits: List[onnx.TensorProto] = []
+        if node.op_type == "LinearClassifier":
+            made = _classifier(node, names, inits, f, opset)
+        elif node.op_type == "LinearRegressor":
+            made = _regressor(node, names, inits, f)
         else:
-            new_nodes.extend(made)
-            count += 1
-    if count:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        graph.initializer.extend(new_inits)
-        onnx.checker.check_model(model)
-    return count
+            made = _normalizer(node, names, inits, opset)
+        if made is None:
+            return None
+        try:
+            ok = _agrees(model, node, made, inits, node.input[0], f)
+        except Exception as exc:  # ORT refuses the probe: leave the node alone
+            log.debug("%s %s: probe failed (%s)", node.op_type, node.name, exc)
+            ok = False
+        if not ok:
+            return None
+        graph.initializer.extend(inits)
+        return made
+
+    return replace_nodes(model, kinds, expand, "lift_ml_linear", domain=ML)

@@ -168,13 +168,13 @@ class Evaluator:
         if bn_feeds and any(n.op_type == "BatchNormalization" for n in model.graph.node):
             from .graph.bn_recalibrate import recalibrate_batchnorm
 
-            candidate = onnx.ModelProto()
-            candidate.CopyFrom(model)
-            inits = {t.name for t in candidate.graph.initializer}
-            names = [i.name for i in candidate.graph.input if i.name not in inits]
-            try:
-                recalibrate_batchnorm(candidate, (model_feed(f, names) for f in bn_feeds), max_batches=len(bn_feeds))
-                model = candidate
+            if model is self.model:  # with_weights made a copy already
+                model = onnx.ModelProto()
+                model.CopyFrom(self.model)
+            inits = {t.name for t in model.graph.initializer}
+            names = [i.name for i in model.graph.input if i.name not in inits]
+            try:  # writes the statistics only once every batch ran: a failure leaves the model as it was
+                recalibrate_batchnorm(model, (model_feed(f, names) for f in bn_feeds), max_batches=len(bn_feeds))
             except Exception as exc:  # a refinement of an in-run figure: never fail the run on it
                 log.debug("BatchNorm statistics not re-estimated for evaluation: %s", exc)
         return _session(model)

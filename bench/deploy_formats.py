@@ -31,23 +31,15 @@ from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from deploy_env import get_env  # noqa: E402
 
 from admm_onnx import formats, io  # noqa: E402
-from admm_onnx.models import build  # noqa: E402
-from admm_onnx.projection import project  # noqa: E402
 from admm_onnx.quantization import QuantSpec, dequantize, fit_levels, mark_model  # noqa: E402
+from sparse_size import pruned_lenet  # noqa: E402
 
 PAPER_KEEP = {"conv1.weight": 0.20, "conv2.weight": 0.08, "fc1.weight": 0.009, "fc2.weight": 0.07}
-
-def pruned_lenet() -> onnx.ModelProto:
-    model = build("lenet5")
-    for tensor in model.graph.initializer:
-        if tensor.name in PAPER_KEEP:
-            w = project(numpy_helper.to_array(tensor), 1.0 - PAPER_KEEP[tensor.name])
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), tensor.name))
-    return model
 
 
 def quantized(model: onnx.ModelProto, weight_bits: int = 3, bias_bits: int = 8) -> onnx.ModelProto:
@@ -83,7 +75,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
-    base = pruned_lenet()
+    base = pruned_lenet(PAPER_KEEP)
     io.save_model(base, out_dir / "dense.onnx")
     dense_bytes = (out_dir / "dense.onnx").stat().st_size
     models = {"pruned fp32": base, "pruned + 3-bit levels": quantized(base)}

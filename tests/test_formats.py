@@ -65,14 +65,9 @@ def test_pack_bits_round_trip(bits):
         packed.pack_bits([1 << bits], bits)
 
 
-def test_delta_code_bridges_long_gaps_with_fillers():
-    pos = np.array([0, 1, 40, 41, 300])
-    gaps, source = packed.delta_code(pos, 4)  # steps of at most 16
-    assert np.array_equal(packed.positions_of(gaps)[source >= 0], pos)
-    assert gaps.max() <= 15 and (source == -1).sum() == packed.entries_for(pos, 4) - pos.size
-    # the width is chosen by total bits: dense-ish positions want few gap bits
-    assert packed.best_position_bits(np.arange(0, 1000, 2), 4) == 1
-    assert packed.best_position_bits(np.arange(0, 100000, 90), 4) >= 6
+def test_version_1_gaps_decode_to_positions():
+    # version 1 stored gaps g with pos[i] = pos[i-1] + 1 + g[i] (pos[-1] = -1); fillers (value 0) bridged long gaps
+    assert np.array_equal(packed.positions_of(np.array([0, 0, 38, 0, 15, 242])), [0, 1, 40, 41, 57, 300])
 
 
 @pytest.mark.parametrize("kind,names", [("raw", "short"), ("levels", "short"), ("levels", "keep")])

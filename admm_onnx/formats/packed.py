@@ -180,39 +180,9 @@ def best_step_bits(positions: np.ndarray, value_bits: int) -> int:
 # -- positions as gaps (version 1, read only) --------------------------------------------------
 
 
-def entries_for(positions: np.ndarray, bits: int) -> int:
-    """Version 1: stored entries when gaps have ``bits`` bits."""
-    steps = np.diff(np.concatenate([[-1], positions.astype(np.int64)]))
-    return int(np.sum(-(-steps // (1 << bits))))
-
-
-def delta_code(positions: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Version 1: (gaps g, index into the nonzeros or -1 for a filler) of sorted ``positions``."""
-    reach = 1 << bits
-    gaps: List[int] = []
-    source: List[int] = []
-    prev = -1
-    for i, p in enumerate(positions.tolist()):
-        step = p - prev
-        while step > reach:
-            gaps.append(reach - 1)
-            source.append(-1)
-            step -= reach
-        gaps.append(step - 1)
-        source.append(i)
-        prev = p
-    return np.asarray(gaps, np.int64), np.asarray(source, np.int64)
-
-
 def positions_of(gaps: np.ndarray) -> np.ndarray:
     """Version 1: positions of gaps."""
     return np.cumsum(gaps.astype(np.int64) + 1) - 1
-
-
-def best_position_bits(positions: np.ndarray, value_bits: int) -> int:
-    """Version 1: the gap width 1..8 giving the fewest bits."""
-    costs = {b: entries_for(positions, b) * (b + value_bits) for b in range(1, 9)}
-    return min(costs, key=lambda b: (costs[b], b))
 
 
 # --------------------------------------------------------------------------------------------

@@ -369,6 +369,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quant-scale", default="channel", metavar="SPEC",
                     help="with --bits: channel (a scale per output channel), tensor (one per weight), or "
                          "name=channel|tensor,... (e.g. conv1=channel,conv2=channel,fc1=tensor,fc2=tensor)")
+    ap.add_argument("--quant-stage", action="store_true",
+                    help="with --bits: prune to the last ratios in fp32 first, then quantize in a stage of its own "
+                         "(same ratios and schedule) instead of pruning and quantizing in one stage")
+    ap.add_argument("--quant-loss", default=None, choices=("cross_entropy", "distill", "ce+distill"),
+                    help="objective of the quantizing stage (default: the run's); distill and ce+distill learn from "
+                         "that stage's input, the fp32 pruned model")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--workers", type=int, default=2,
                     help="training processes per batch (admm_onnx workers; 1: one process). The figures in the README "
@@ -398,6 +404,12 @@ def main(argv=None) -> dict:
     stages = [(spec, {} if spec.startswith("auto ") else parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
     keep = stages[-1][1]
     bits = parse_bits(args.bits, keep) if args.bits else {}
+    if (args.quant_stage or args.quant_loss) and not bits:
+        raise SystemExit("--quant-stage and --quant-loss need --bits")
+    if args.quant_stage:  # the fp32 pruned model is quantized by a stage of its own, at the same ratios
+        if not keep:
+            raise SystemExit("--quant-stage needs per-layer ratios (not --compression)")
+        stages.append((stages[-1][0], dict(keep)))
     scales = parse_per_layer(args.quant_scale, keep, str)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,7 +435,9 @@ def main(argv=None) -> dict:
 
     def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
         bits = bits or {}
+        loss = args.quant_loss if bits and args.quant_loss else "auto"
         return PruneConfig(
+            loss=loss,
             rules=tuple(Rule(sparsity=1.0 - k, names=(n,), bits=bits.get(n), quant_scale=scales.get(n, "channel"))
                         for n, k in stage_keep.items()),
             compression=spec[len("auto "):] if spec.startswith("auto ") else None,

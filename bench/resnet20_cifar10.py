@@ -111,6 +111,8 @@ def main(argv=None):
     p.add_argument("--prune-epoch-images", type=int, default=0,
                    help="the same for the ADMM and retraining epochs (0: all)")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "ce+distill"],
+                   help="pruning objective; ce+distill adds distillation from the dense model (ADMM and retraining)")
     p.add_argument("--rho", type=float, default=None, help="ADMM rho (default: auto, from the loss gradient)")
     p.add_argument("--allocation", choices=["sensitivity", "uniform"], default="sensitivity",
                    help="how --target-macs is split among the channel groups")
@@ -163,7 +165,7 @@ def main(argv=None):
     tag = f"_{args.tag}" if args.tag else ""
     dense, pruned = args.work / "resnet20_dense.onnx", args.work / f"resnet20_channels{tag}.onnx"
     out = args.out or HERE / "results" / f"resnet20_cifar10{tag}.json"
-    config = PruneConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+    config = PruneConfig(loss=args.loss, lr=args.lr, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                          workers=args.workers, rho=args.rho, admm_iters=args.admm_iters,
                          retrain_epochs=args.retrain_epochs, sensitivity_samples=args.sensitivity_samples)
     t0 = time.time()
@@ -224,7 +226,7 @@ def main(argv=None):
         "dense_training": dense_run,
         "schedule": {"admm_iters": args.admm_iters, "retrain_epochs": args.retrain_epochs,
                      "epoch_images": args.prune_epoch_images or int(len(x_tr)), "batch_size": args.batch_size,
-                     "lr": args.lr, "rho": args.rho if args.rho is not None else "auto",
+                     "lr": args.lr, "loss": args.loss, "rho": args.rho if args.rho is not None else "auto",
                      "target_macs": args.target_macs, "round_to": args.round_to, "allocation": args.allocation,
                      "sensitivity_samples": args.sensitivity_samples},
         "top1_dense": top1_dense, "top1_pruned": top1_pruned, "test_images": int(len(y_te)),

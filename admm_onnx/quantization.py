@@ -63,10 +63,16 @@ def _unrows(m: np.ndarray, shape: Tuple[int, ...], axis: Optional[int]) -> np.nd
 
 
 def fit_levels(
-    x: np.ndarray, bits: int, axis: Optional[int] = None, keep: Optional[np.ndarray] = None, iters: int = 20
+    x: np.ndarray, bits: int, axis: Optional[int] = None, keep: Optional[np.ndarray] = None, iters: int = 20,
+    half_scales: bool = True,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Integers ``q`` (int32, shape of x) and float32 scales (one per slice along ``axis``, or one)
-    that (locally) minimise ``||x - scale * q||^2``; entries outside ``keep`` get q = 0."""
+    that (locally) minimise ``||x - scale * q||^2``; entries outside ``keep`` get q = 0.
+
+    ``half_scales``: every scale is rounded to the nearest float16 number (relative change at most
+    2**-11) and ``q`` refitted to it, so exports store the scales in two bytes, losslessly (the
+    ``packed`` format does so whenever a weight's scales are all float16 numbers). Scales outside
+    float16's normal range stay float32."""
     L = max_level(bits)
     shape = np.shape(x)
     rows = _rows(x, axis)
@@ -95,7 +101,14 @@ def fit_levels(
         best_err = np.where(better, err, best_err)
         best_q[better] = q[better]
         best_s = np.where(better, s, best_s)
-    return _unrows(best_q, shape, axis).astype(np.int32), best_s.astype(np.float32)
+    best_s = best_s.astype(np.float32)
+    if half_scales:
+        half = best_s.astype(np.float16).astype(np.float32)
+        ok = np.isfinite(half) & (half >= np.finfo(np.float16).tiny)
+        if ok.all() and not np.array_equal(half, best_s):
+            best_s = half
+            best_q = np.clip(np.rint(rows / best_s.astype(np.float64)[:, None]), -L, L) * w
+    return _unrows(best_q, shape, axis).astype(np.int32), best_s
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: Optional[int] = None, dtype=np.float32) -> np.ndarray:

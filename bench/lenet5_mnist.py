@@ -375,6 +375,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quant-loss", default=None, choices=("cross_entropy", "distill", "ce+distill"),
                     help="objective of the quantizing stage (default: the run's); distill and ce+distill learn from "
                          "that stage's input, the fp32 pruned model")
+    ap.add_argument("--quant-admm-iters", type=int, default=None, metavar="N",
+                    help="with --quant-stage: ADMM iterations of the quantizing stage (default: the schedule's; "
+                         "0 with --quant-retrain-epochs 0 only moves the weights onto their fitted levels)")
+    ap.add_argument("--quant-retrain-epochs", type=int, default=None, metavar="N",
+                    help="with --quant-stage: its fake-quantized retraining epochs (default: the schedule's)")
+    ap.add_argument("--quant-lr", type=float, default=None,
+                    help="with --quant-stage: learning rate of its ADMM and retraining (default: the schedule's)")
     ap.add_argument("--retrain-schedule", choices=("cosine", "constant"), default="cosine")
     ap.add_argument("--workers", type=int, default=2,
                     help="training processes per batch (admm_onnx workers; 1: one process). The figures in the README "
@@ -398,6 +405,7 @@ def main(argv=None) -> dict:
     for k in sched:
         if getattr(args, k) is not None:
             sched[k] = getattr(args, k)
+    schedule = sched
     if args.compression and args.ratios:
         raise SystemExit("--compression and --ratios exclude each other")
     ratio_spec = f"auto {args.compression}" if args.compression else (args.ratios or DEFAULT_RATIOS[args.model])
@@ -406,6 +414,11 @@ def main(argv=None) -> dict:
     bits = parse_bits(args.bits, keep) if args.bits else {}
     if (args.quant_stage or args.quant_loss) and not bits:
         raise SystemExit("--quant-stage and --quant-loss need --bits")
+    quant_only = {"admm_iters": args.quant_admm_iters, "retrain_epochs": args.quant_retrain_epochs,
+                  "lr": args.quant_lr, "retrain_lr": args.quant_lr}
+    quant_only = {k: v for k, v in quant_only.items() if v is not None}
+    if quant_only and not args.quant_stage:
+        raise SystemExit("--quant-admm-iters, --quant-retrain-epochs and --quant-lr need --quant-stage")
     if args.quant_stage:  # the fp32 pruned model is quantized by a stage of its own, at the same ratios
         if not keep:
             raise SystemExit("--quant-stage needs per-layer ratios (not --compression)")
@@ -436,6 +449,7 @@ def main(argv=None) -> dict:
     def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
         bits = bits or {}
         loss = args.quant_loss if bits and args.quant_loss else "auto"
+        sched = dict(schedule, **quant_only) if bits and args.quant_stage else schedule
         return PruneConfig(
             loss=loss,
             rules=tuple(Rule(sparsity=1.0 - k, names=(n,), bits=bits.get(n), quant_scale=scales.get(n, "channel"))
@@ -475,14 +489,15 @@ def main(argv=None) -> dict:
 
     # Phases 2-4: ADMM, hard prune, masked retraining; with --then, again from the pruned model.
     pruned_path = out / f"{args.model}_pruned.onnx"
-    source, reports, stage_results = dense_path, [], []
+    source, reports, stage_results, retrain_epochs_run = dense_path, [], [], []
     timings["admm"] = timings["retrain"] = 0.0
     t0 = time.perf_counter()
     for k, (spec, stage_keep) in enumerate(stages, 1):
         target = pruned_path if k == len(stages) else out / f"{args.model}_pruned_stage{k}.onnx"
         stage_bits = bits if k == len(stages) else None
-        report = prune(source, target, train_reader, stage_config(stage_keep, spec, stage_bits), eval_reader,
-                       progress=switch)
+        stage_cfg = stage_config(stage_keep, spec, stage_bits)
+        retrain_epochs_run.append(stage_cfg.retrain_epochs)
+        report = prune(source, target, train_reader, stage_cfg, eval_reader, progress=switch)
         reports.append(report)
         if report.allocation:  # --compression: the ratios the allocator chose
             stage_keep.update({n: v["fraction_kept"] for n, v in report.allocation["layers"].items()})
@@ -544,7 +559,7 @@ def main(argv=None) -> dict:
     total_w, total_nz = sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)
     dense_samples = dense.samples_seen
     samples = dense_samples + samples_pruning
-    retrain_samples = len(train_reader) * batch * sched["retrain_epochs"] * len(stages)
+    retrain_samples = len(train_reader) * batch * sum(retrain_epochs_run)
     admm_samples = samples_pruning - retrain_samples  # ADMM may stop early (converged)
     train_seconds = timings["dense"] + timings["admm"] + timings["retrain"]
 
@@ -607,6 +622,7 @@ def main(argv=None) -> dict:
         "max_output_diff": report.max_output_diff,
         "allocation": reports[0].allocation,
         "bits": bits or None, "quant_scale": args.quant_scale if bits else None,
+        "quant_stage": ({"loss": args.quant_loss or "auto", **quant_only} if args.quant_stage else None),
         "quantization": report.quantization or None,
         "weight_bits_compression": weight_bits_compression(rows) if quant else None,
         "labels": args.labels, "objective": report.objective, "fidelity_after": report.fidelity_after,

@@ -156,3 +156,18 @@ def test_calibration_scales_rho_to_the_loss_gradient():
 def test_fit_levels_all_zero_and_masked_out_slices():
     q, s = fit_levels(np.zeros((2, 3), np.float32), 4, axis=0)
     assert not q.any() and np.all(s > 0)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_fit_levels_scales_are_float16_numbers_at_almost_no_cost(axis):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((16, 40)) * rng.uniform(0.01, 2.0, (16, 1))).astype(np.float32)
+    q, s = fit_levels(x, 3, axis)
+    assert np.array_equal(s.astype(np.float16).astype(np.float32), s)  # stored in two bytes, losslessly
+    q32, s32 = fit_levels(x, 3, axis, half_scales=False)
+    assert not np.array_equal(s32.astype(np.float16).astype(np.float32), s32)
+    err = lambda q, s: float(((x - q * (s if axis is None else s[:, None])) ** 2).sum())  # noqa: E731
+    assert err(q32, s32) <= err(q, s) <= 1.001 * err(q32, s32)
+    # outside float16's normal range the scale stays float32
+    _, tiny = fit_levels(x * 1e-7, 3, axis)
+    assert np.array_equal(tiny, fit_levels(x * 1e-7, 3, axis, half_scales=False)[1])

@@ -762,50 +762,19 @@ class _PruneRun:
                     log.info("rho for %s: %.3g (auto)", n, rho)
             self._commit("admm", 0)
         state.write(trainer)
-        every = c.admm_update_steps
-        pending = [0]  # optimizer steps since the last Z/U update
-
-        def z_u_update(label: str) -> bool:
-            """One Z/U update from the current weights; True once ADMM has converged."""
-            pending[0] = 0
-            residuals = state.update(trainer)
-            report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
-                                     for n, r in residuals.items()})
-            for n, r in residuals.items():
-                log.debug("%s update %d %s: primal %.4f, dual %.4f, rho %.2e", label, state.iteration, n, r.primal,
-                          r.dual, state.rho[n])
-            if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
-                raise TrainingError(
-                    f"ADMM residuals exploded at update {state.iteration}; the last good state is in {work.path}",
-                    hint="lower --rho (or --rho-growth with --rho-mode growth)",
-                )
-            return state.converged()
-
+        updates = ZUUpdates(trainer, state, report, c.admm_update_steps, f"; the last good state is in {work.path}")
         for it in range(start, c.admm_iters):
             if state.converged():
                 break
             t0 = time.perf_counter()
             label = f"ADMM {it + 1}/{c.admm_iters}"
-
-            def after_step(label=label) -> bool:
-                pending[0] += 1
-                if not every or pending[0] < every:
-                    return False
-                done = z_u_update(label)
-                trainer.begin_training()  # workers see the new targets and rho
-                return done
-
             for e in range(c.epochs_per_iter):
                 _set_epoch(self.train_reader, it * c.epochs_per_iter + e)
                 sub = f" epoch {e + 1}/{c.epochs_per_iter}" if c.epochs_per_iter > 1 else ""
-                _epoch(trainer, self.train_reader, None, label + sub, self.progress, report, after_step)
+                _epoch(trainer, self.train_reader, None, label + sub, self.progress, report, updates.after_step(label))
                 if state.converged():
                     break
-            if pending[0] or not every:
-                z_u_update(label)
-            for n, r in state.residuals().items():
-                log.info("%s %s: primal %.4f, dual %.4f, rho %.2e (%d Z/U updates so far)", label, n, r.primal, r.dual,
-                         state.rho[n], state.iteration)
+            updates.end_iteration(label)
             report.phase_seconds["admm"] = report.phase_seconds.get("admm", 0.0) + time.perf_counter() - t0
             work.save_checkpoint(trainer, "admm")
             work.save_state(state)
@@ -970,6 +939,52 @@ def _gradient_norms(trainer: Trainer, reader: DataReader, names: Sequence[str], 
     if not seen:
         raise DataError("the training reader yielded no batch")
     return {n: v / seen for n, v in sums.items()}
+
+
+class ZUUpdates:
+    """When ADMM's Z/U updates happen: every ``every`` optimizer steps (0: only at the end of an
+    iteration) and at the end of every iteration with steps since the last one. Each update
+    records the residuals in ``report`` and raises TrainingError when they explode (``where``
+    ends that message). Shared by the weight and the channel ADMM loops."""
+
+    def __init__(self, trainer: Trainer, state: AdmmState, report: PruneReport, every: int, where: str = ""):
+        self.trainer, self.state, self.report, self.every, self.where = trainer, state, report, every, where
+        self.pending = 0  # optimizer steps since the last Z/U update
+
+    def update(self, label: str) -> bool:
+        """One Z/U update from the current weights; True once ADMM has converged."""
+        self.pending = 0
+        state = self.state
+        residuals = state.update(self.trainer)
+        self.report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
+                                      for n, r in residuals.items()})
+        for n, r in residuals.items():
+            log.debug("%s update %d %s: primal %.4f, dual %.4f, rho %.2e", label, state.iteration, n, r.primal,
+                      r.dual, state.rho[n])
+        if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
+            raise TrainingError(f"ADMM residuals exploded at update {state.iteration}{self.where}",
+                                hint="lower --rho (or --rho-growth with --rho-mode growth)")
+        return state.converged()
+
+    def after_step(self, label: str):
+        """The trainer's per-step callback for one epoch of iteration ``label``."""
+
+        def step() -> bool:
+            self.pending += 1
+            if not self.every or self.pending < self.every:
+                return False
+            done = self.update(label)
+            self.trainer.begin_training()  # workers see the new targets and rho
+            return done
+
+        return step
+
+    def end_iteration(self, label: str) -> None:
+        if self.pending or not self.every:
+            self.update(label)
+        for n, r in self.state.residuals().items():
+            log.info("%s %s: primal %.4f, dual %.4f, rho %.2e (%d Z/U updates so far)", label, n, r.primal, r.dual,
+                     self.state.rho[n], self.state.iteration)
 
 
 def _admm_outcome(state: AdmmState, config: PruneConfig, report: PruneReport) -> None:

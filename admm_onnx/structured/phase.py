@@ -21,7 +21,6 @@ No resume: the run keeps its artifacts in ``workdir`` (or a temporary directory)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ import numpy as np
 
 from ..admm import AdmmState
 from ..config import PruneConfig
-from ..errors import TrainingError
 from ..graph.penalty import AdmmPenalty
 from ..io import save_model
 from ..report import LayerRow, PruneReport
@@ -78,8 +76,8 @@ def _recalibrate(model, reader, input_name) -> int:
 
 def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targets: ChannelTargets,
                    eval_reader=None, progress: Progress = NO_PROGRESS, workdir: Optional[Path] = None) -> ChannelPruneReport:
-    from ..pipeline import (_epoch, _gradient_norms, _PruneRun, _set_epoch, _trainer, _workdir, evaluate, output_model,
-                            prepare_model)
+    from ..pipeline import (ZUUpdates, _admm_outcome, _epoch, _gradient_norms, _PruneRun, _set_epoch, _trainer,
+                            _workdir, evaluate, output_model, prepare_model)
 
     base, untied = untie_constants(output_model(prepared, {}))
     if _recalibrate(base, train_reader, prepared.input_name) or untied:
@@ -120,19 +118,18 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
                 log.info("rho for %s: %.3g (auto)", n, rho)
         state.write(trainer)
         t0 = time.perf_counter()
+        updates = ZUUpdates(trainer, state, report, config.admm_update_steps)
         for it in range(config.admm_iters):
             if state.converged():
                 break
+            label = f"ADMM {it + 1}/{config.admm_iters}"
             for e in range(config.epochs_per_iter):
                 _set_epoch(train_reader, it * config.epochs_per_iter + e)
-                _epoch(trainer, train_reader, None, f"ADMM {it + 1}/{config.admm_iters}", progress, report)
-            residuals = state.update(trainer)
-            worst = max(r.primal for r in residuals.values())
-            report.residuals.append({n: {"primal": r.primal, "dual": r.dual, "rho": float(state.rho[n])}
-                                     for n, r in residuals.items()})
-            log.info("ADMM %d/%d: largest primal residual %.4f", it + 1, config.admm_iters, worst)
-            if not math.isfinite(worst) or worst > 1e3:
-                raise TrainingError(f"ADMM residuals exploded at iteration {it + 1}", hint="lower --rho (or --rho-growth with --rho-mode growth)")
+                _epoch(trainer, train_reader, None, label, progress, report, updates.after_step(label))
+                if state.converged():
+                    break
+            updates.end_iteration(label)
+        _admm_outcome(state, config, report)
         report.phase_seconds["admm"] = time.perf_counter() - t0
         state.disable(trainer)
         if eval_reader is not None and config.admm_iters:

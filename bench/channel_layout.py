@@ -26,6 +26,8 @@ LAYOUTS = {  # kept channels per stage width (16, 32, 64)
     "x8 8/16/32": {16: 8, 32: 16, 64: 32},
     "x8 8/8/24": {16: 8, 32: 8, 64: 24},
     "x8 8/8/16": {16: 8, 32: 8, 64: 16},
+    # The floor at 8-channel granularity: what no channel budget can beat (added 2026-12-05).
+    "x8 8/8/8": {16: 8, 32: 8, 64: 8},
 }
 
 

@@ -329,7 +329,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
     config = load_config(config_path) if config_path else PruneConfig()
-    channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation)
+    channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation, admm_update_steps)
     if channels is not None:
         sparsity = target_macs = allocation = None  # channel budgets, not weight rules
     elif allocation == "uniform":
@@ -434,8 +434,9 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         click.echo(f"Wrote {plot_path}")
 
 
-def _channel_targets(structure, sparsity, target_macs, round_to, allocation=None):
-    """ChannelTargets for --structure channel (None otherwise)."""
+def _channel_targets(structure, sparsity, target_macs, round_to, allocation=None, update_steps=None):
+    """ChannelTargets for --structure channel (None otherwise); --admm-update-steps, when given,
+    is its Z/U update interval (channel ADMM's default: once per iteration)."""
     if structure != "channel":
         if round_to is not None:
             raise ConfigError("--round-to needs --structure channel")
@@ -444,7 +445,8 @@ def _channel_targets(structure, sparsity, target_macs, round_to, allocation=None
 
     if allocation == "global":
         raise ConfigError("--allocation global is for weight budgets; with --structure channel use sensitivity or uniform")
-    return ChannelTargets(sparsity=sparsity, target_macs=target_macs, round_to=round_to or 8, allocation=allocation)
+    return ChannelTargets(sparsity=sparsity, target_macs=target_macs, round_to=round_to or 8, allocation=allocation,
+                          update_steps=update_steps or 0)
 
 
 def _write_sparse(model_path, output) -> None:

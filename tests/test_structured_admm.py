@@ -102,7 +102,7 @@ def test_prune_structure_channel_writes_a_smaller_dense_model(tmp_path, capsys):
     onnx.checker.check_model(small)
     report = json.loads(rep.read_text())
     assert report["totals_after"]["macs"] <= 0.5 * report["totals_before"]["macs"]
-    # Z/U updates every 3 optimizer steps, as in weight pruning (not once per iteration)
+    # --admm-update-steps 3: Z/U updates every 3 optimizer steps (default: once per iteration)
     assert len(report["residuals"]) >= 2 and report["admm_stop"]  # one per iteration before
     assert report["groups"] and all(r["channels_after"] < r["channels"] for r in report["groups"])
     assert all(r["channels_after"] % 8 == 0 for r in report["groups"])
@@ -148,6 +148,9 @@ def test_channel_allocation_meets_the_mac_budget_and_follows_sensitivity():
         ChannelTargets(sparsity=0.5, allocation="uniform")
     with pytest.raises(ConfigError, match="allocation"):
         ChannelTargets(target_macs=0.5, allocation="global")
+    assert ChannelTargets(sparsity=0.5).update_steps == 0  # once per ADMM iteration unless asked
+    with pytest.raises(ConfigError, match="admm-update-steps"):
+        ChannelTargets(sparsity=0.5, update_steps=-1)
 
 
 @pytest.mark.parametrize("args", [["--round-to", "4"], ["--structure", "channel"],

@@ -6,7 +6,8 @@ Called by :func:`admm_onnx.pipeline.prune` when it is given ``channels=ChannelTa
    shared between nodes untied first, untie.py), budgets per group;
 2. ADMM: one engine variable (:class:`ChannelGroups`, admm_onnx.constraints protocol) spans
    every trainable member tensor (conv/gemm weights, biases, BatchNorm scale and shift),
-   penalised towards T = Z - U; the Z-update is the exact top-k channel projection per group;
+   penalised towards T = Z - U; the Z-update is the exact top-k channel projection per group
+   (once per iteration, or every ChannelTargets.update_steps optimizer steps);
    rho as configured (auto: from the loss gradient; the engine's policy adapts it);
    (BatchNorm running statistics are first re-estimated on training batches: ORT training
    normalises with batch statistics and never writes the running ones back, so a model
@@ -118,7 +119,7 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
                 log.info("rho for %s: %.3g (auto)", n, rho)
         state.write(trainer)
         t0 = time.perf_counter()
-        updates = ZUUpdates(trainer, state, report, config.admm_update_steps)
+        updates = ZUUpdates(trainer, state, report, targets.update_steps)
         for it in range(config.admm_iters):
             if state.converged():
                 break

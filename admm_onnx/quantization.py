@@ -3,7 +3,8 @@
 Pure NumPy. A tensor quantized to ``bits`` takes only the values ``scale * q`` with integer
 ``q`` in ``[-L, L]``, ``L = 2**(bits - 1) - 1`` (2 bits: {-s, 0, s}; 8 bits: 255 levels, as
 int8 without -128). Zero is always a level, so sparsity and levels combine. The scale is one
-float32 per tensor (``axis=None``) or one per slice along ``axis`` (per channel).
+float32 per tensor (``axis=None``) or one per slice along ``axis`` (per channel); by default it
+holds a float16 number (see :func:`fit_levels`), so exports may store it in two bytes.
 
 Projection (the Z-update): minimise ``||x - s q||^2`` over ``s > 0`` and the integers ``q``.
 For a fixed ``s`` the best ``q`` is ``clip(round(x / s), -L, L)``; for a fixed ``q`` the best

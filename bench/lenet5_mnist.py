@@ -28,6 +28,10 @@ test labels. Results go to results.json (the label-free run under "label_free").
 --then RATIOS prunes the pruned model again (progressive pruning, as in the ADMM follow-ups
 that reach 85x-246x on LeNet-5): e.g. --ratios conv6k --then x100.
 
+--bits SPEC quantizes the last stage's weights to k-bit levels too (ADMM over sparsity and
+levels at once); with --quant-stage the last ratios are reached in fp32 first and a further
+stage quantizes (--quant-admm-iters 0 --quant-retrain-epochs 0: levels fitted, no training).
+
 The default schedule (per model) was tuned on this 2-core machine; see SCHEDULES. LeNet-5's
 4-minute default (issue 16) was chosen on a validation split (--validation 5000: the last 5,000
 training images, training on the other 55,000), not on test top-1; the earlier 28-epoch

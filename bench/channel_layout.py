@@ -28,6 +28,8 @@ LAYOUTS = {  # kept channels per stage width (16, 32, 64)
     "x8 8/8/16": {16: 8, 32: 8, 64: 16},
     # The floor at 8-channel granularity: what no channel budget can beat (added 2026-12-05).
     "x8 8/8/8": {16: 8, 32: 8, 64: 8},
+    # Multiples of 16 (the NCHWc block on AVX-512) at two threads (added 2026-12-05).
+    "x16 16/16/16": {16: 16, 32: 16, 64: 16},
 }
 
 

@@ -113,6 +113,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "ce+distill"],
                    help="pruning objective; ce+distill adds distillation from the dense model (ADMM and retraining)")
+    p.add_argument("--admm-update-steps", type=int, default=0,
+                   help="channel ADMM: a Z/U update every N optimizer steps (0: once per iteration, the default)")
     p.add_argument("--rho", type=float, default=None, help="ADMM rho (default: auto, from the loss gradient)")
     p.add_argument("--allocation", choices=["sensitivity", "uniform"], default="sensitivity",
                    help="how --target-macs is split among the channel groups")
@@ -204,7 +206,8 @@ def main(argv=None):
     sub = np.sort(np.random.default_rng(4321).permutation(len(y_te))[: args.monitor_images])
     monitor = ArrayReader(x_te[sub], y_te[sub], 500, "input")
     t0 = time.time()
-    targets = ChannelTargets(target_macs=args.target_macs, round_to=args.round_to, allocation=args.allocation)
+    targets = ChannelTargets(target_macs=args.target_macs, round_to=args.round_to, allocation=args.allocation,
+                             update_steps=args.admm_update_steps)
     report = prune(dense, pruned, prune_reader, config, monitor, channels=targets)
     t_prune = time.time() - t0
     top1_dense = dense_run["top1_dense"]
@@ -226,7 +229,7 @@ def main(argv=None):
         "dense_training": dense_run,
         "schedule": {"admm_iters": args.admm_iters, "retrain_epochs": args.retrain_epochs,
                      "epoch_images": args.prune_epoch_images or int(len(x_tr)), "batch_size": args.batch_size,
-                     "lr": args.lr, "loss": args.loss, "rho": args.rho if args.rho is not None else "auto",
+                     "lr": args.lr, "loss": args.loss, "admm_update_steps": args.admm_update_steps, "rho": args.rho if args.rho is not None else "auto",
                      "target_macs": args.target_macs, "round_to": args.round_to, "allocation": args.allocation,
                      "sensitivity_samples": args.sensitivity_samples},
         "top1_dense": top1_dense, "top1_pruned": top1_pruned, "test_images": int(len(y_te)),

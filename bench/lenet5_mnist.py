@@ -409,7 +409,6 @@ def main(argv=None) -> dict:
     for k in sched:
         if getattr(args, k) is not None:
             sched[k] = getattr(args, k)
-    schedule = sched
     if args.compression and args.ratios:
         raise SystemExit("--compression and --ratios exclude each other")
     ratio_spec = f"auto {args.compression}" if args.compression else (args.ratios or DEFAULT_RATIOS[args.model])
@@ -453,17 +452,17 @@ def main(argv=None) -> dict:
     def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
         bits = bits or {}
         loss = args.quant_loss if bits and args.quant_loss else "auto"
-        sched = dict(schedule, **quant_only) if bits and args.quant_stage else schedule
+        sc = dict(sched, **quant_only) if bits and args.quant_stage else sched
         return PruneConfig(
             loss=loss,
             rules=tuple(Rule(sparsity=1.0 - k, names=(n,), bits=bits.get(n), quant_scale=scales.get(n, "channel"))
                         for n, k in stage_keep.items()),
             compression=spec[len("auto "):] if spec.startswith("auto ") else None,
-            admm_iters=sched["admm_iters"], epochs_per_iter=sched["epochs_per_iter"], retrain_epochs=sched["retrain_epochs"],
-            rho=sched["rho"], rho_growth=sched["rho_growth"], rho_mode=sched["rho_mode"], admm_tol=sched["admm_tol"],
-            admm_update_steps=sched["admm_update_steps"],
-            lr=sched["lr"], retrain_lr=sched["retrain_lr"],
-            retrain_schedule=args.retrain_schedule, batch_size=sched["batch_size"], seed=args.seed, workers=args.workers,
+            admm_iters=sc["admm_iters"], epochs_per_iter=sc["epochs_per_iter"], retrain_epochs=sc["retrain_epochs"],
+            rho=sc["rho"], rho_growth=sc["rho_growth"], rho_mode=sc["rho_mode"], admm_tol=sc["admm_tol"],
+            admm_update_steps=sc["admm_update_steps"],
+            lr=sc["lr"], retrain_lr=sc["retrain_lr"],
+            retrain_schedule=args.retrain_schedule, batch_size=sc["batch_size"], seed=args.seed, workers=args.workers,
         )
 
     config = stage_config(stages[0][1])

@@ -89,12 +89,12 @@ def packed_file(model: onnx.ModelProto, keep_dead: bool, options: dict, repack: 
     """(packed model, facts): ``model`` itself when already packed (with ``repack``: densified
     and exported again in the current layout), else exported."""
     facts = {}
-    if formats.detect(model) is packed_format.PACKED:
+    kind = formats.detect(model)
+    if kind is packed_format.PACKED:
         if not repack:
             return model, {"source": "already packed"}
         facts["repacked from bytes"] = model.ByteSize()
-        model = formats.densify(model)
-    elif formats.detect(model) is not None:
+    if kind is not None:
         model = formats.densify(model)
     if not keep_dead:
         from admm_onnx.structured.dead import remove_dead_channels

@@ -300,6 +300,11 @@ class PackedWeight:
         return self.scale is not None
 
     @property
+    def fields_name(self) -> str:
+        """The initializer holding the packed fields (where the decoded weight goes back)."""
+        return next(k for k, r in self.tensors.items() if r == "p")
+
+    @property
     def max_level(self) -> int:
         return (1 << (self.level_bits - 1)) - 1 if self.levels else 0
 
@@ -715,7 +720,7 @@ class Packed(Format):
         meta = _read_metadata(model) or {}
         weights = self._weights(model)
         dense = {n: pw.decode(d) for n, (pw, d) in weights.items()}
-        anchor = {next(k for k, r in pw.tensors.items() if r == "p"): n for n, (pw, _) in weights.items()}
+        anchor = {pw.fields_name: n for n, (pw, _) in weights.items()}
         owned = set().union(*(pw.tensors for pw, _ in weights.values())) if weights else set()
         out = copy_model(model)
         graph = out.graph
@@ -749,9 +754,8 @@ class Packed(Format):
         out = {}
         for name, (pw, dtype) in self._weights(model).items():
             storage, bits = pw.storage(dtype)
-            p = next(k for k, r in pw.tensors.items() if r == "p")
             out[name] = StoredWeight(name, pw.decode(dtype), storage, pw.stored_bytes(), bits,
-                                     anchor=p, tensors=set(pw.tensors))
+                                     anchor=pw.fields_name, tensors=set(pw.tensors))
         return out
 
     def decode_nodes(self, model: onnx.ModelProto) -> Set[int]:

@@ -59,6 +59,7 @@ from admm_onnx.models import build
 from admm_onnx.pipeline import evaluate, make_readers, prepare_model, prune, train
 from admm_onnx.quantization import read_quantization
 from admm_onnx.sparse import export_sparse
+from admm_onnx.teacher import Teacher, TeacherReader
 
 log = logging.getLogger("bench")
 
@@ -376,6 +377,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quant-stage", action="store_true",
                     help="with --bits: prune to the last ratios in fp32 first, then quantize in a stage of its own "
                          "(same ratios and schedule) instead of pruning and quantizing in one stage")
+    ap.add_argument("--loss", default="auto", choices=("auto", "cross_entropy", "distill", "ce+distill"),
+                    help="objective of the pruning stages (default auto: cross-entropy with labels, distillation "
+                         "without); distill and ce+distill learn from the --teacher")
+    ap.add_argument("--teacher", default="input", choices=("input", "dense"),
+                    help="the model distillation learns from: each stage's input model (input: the library's "
+                         "default) or the dense model trained first, in every stage (dense)")
     ap.add_argument("--quant-loss", default=None, choices=("cross_entropy", "distill", "ce+distill"),
                     help="objective of the quantizing stage (default: the run's); distill and ce+distill learn from "
                          "that stage's input, the fp32 pruned model")
@@ -415,6 +422,11 @@ def main(argv=None) -> dict:
     stages = [(spec, {} if spec.startswith("auto ") else parse_ratios(args.model, spec)) for spec in [ratio_spec, *args.then]]
     keep = stages[-1][1]
     bits = parse_bits(args.bits, keep) if args.bits else {}
+    distills = args.loss in ("distill", "ce+distill") or args.quant_loss in ("distill", "ce+distill") or (
+        args.loss == "auto" and args.labels == "none")
+    if args.teacher == "dense" and not distills:
+        raise SystemExit("--teacher dense needs a distilling objective (--loss or --quant-loss distill|ce+distill, "
+                         "or --labels none)")
     if (args.quant_stage or args.quant_loss) and not bits:
         raise SystemExit("--quant-stage and --quant-loss need --bits")
     quant_only = {"admm_iters": args.quant_admm_iters, "retrain_epochs": args.quant_retrain_epochs,
@@ -437,6 +449,7 @@ def main(argv=None) -> dict:
         print(f"Model {args.model}, data {name} ({args.mnist}), seed {args.seed}, ratios {spec}: "
               + ", ".join(f"{k.split('.')[0]} {100 * v:g}%" for k, v in stage_keep.items()))
     print("Schedule: " + ", ".join(f"{k}={v}" for k, v in sched.items()) + f", retrain_schedule={args.retrain_schedule}"
+          + f", loss={args.loss}" + (", teacher=dense" if args.teacher == "dense" else "")
           + f"; workers {args.workers}, ORT threads {args.ort_threads or 'default'}, spinning {'on' if args.spin else 'off'}, "
           + f"denormals {'flushed' if denormals_flushed() else 'kept'}")
     sys.stdout.flush()
@@ -451,7 +464,7 @@ def main(argv=None) -> dict:
 
     def stage_config(stage_keep: Dict[str, float], spec: str = "", bits: Optional[Dict[str, int]] = None) -> PruneConfig:
         bits = bits or {}
-        loss = args.quant_loss if bits and args.quant_loss else "auto"
+        loss = args.quant_loss if bits and args.quant_loss else args.loss
         sc = dict(sched, **quant_only) if bits and args.quant_stage else sched
         return PruneConfig(
             loss=loss,
@@ -486,9 +499,12 @@ def main(argv=None) -> dict:
     if args.labels == "none":
         train_reader = NoLabels(train_reader)  # labels withheld from pruning: the dense model teaches
     dense = train(prepared, dense_path, labelled_reader, sched["dense_epochs"], eval_reader,
-                  config.replace(lr=sched["dense_lr"]), progress=switch, schedule=sched["dense_schedule"])
+                  config.replace(lr=sched["dense_lr"], loss="auto"), progress=switch, schedule=sched["dense_schedule"])
     timings["dense"] = time.perf_counter() - t0
     print(f"Dense: top-1 {pct(dense.accuracy_after)} after {sched['dense_epochs']} epochs, {timings['dense']:.1f} s", flush=True)
+
+    if args.teacher == "dense":  # the dense model's outputs in every feed: no stage adds its own teacher
+        train_reader = TeacherReader(train_reader, Teacher(onnx_io.load_model(dense_path), prepared.output_names))
 
     # Phases 2-4: ADMM, hard prune, masked retraining; with --then, again from the pruned model.
     pruned_path = out / f"{args.model}_pruned.onnx"
@@ -625,7 +641,8 @@ def main(argv=None) -> dict:
         "max_output_diff": report.max_output_diff,
         "allocation": reports[0].allocation,
         "bits": bits or None, "quant_scale": args.quant_scale if bits else None,
-        "quant_stage": ({"loss": args.quant_loss or "auto", **quant_only} if args.quant_stage else None),
+        "loss": args.loss, "teacher": args.teacher,
+        "quant_stage": ({"loss": args.quant_loss or args.loss, **quant_only} if args.quant_stage else None),
         "quantization": report.quantization or None,
         "weight_bits_compression": weight_bits_compression(rows) if quant else None,
         "labels": args.labels, "objective": report.objective, "fidelity_after": report.fidelity_after,

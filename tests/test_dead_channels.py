@@ -57,3 +57,30 @@ def test_nothing_dead_nothing_changed():
     assert dead_channels(model) == ({}, {})
     out, removed = remove_dead_channels(model)
     assert removed == {} and out.SerializeToString() == model.SerializeToString()
+
+
+def test_removal_reaches_a_fixed_point_through_a_chain():
+    """fc1's dead units are the only readers of conv2 filters 0-2, which are the only readers of
+    conv1 filter 0: one pass frees the units, the next the filters, the last conv1's filter."""
+    import onnxruntime as ort
+
+    model = build("lenet5", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    dead_units = np.arange(400)
+    w = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    w["fc2.weight"][:, dead_units] = 0
+    live = np.setdiff1d(np.arange(500), dead_units)
+    w["fc1.weight"][np.ix_(live, np.arange(3 * 16))] = 0  # conv2 filters 0-2 read only by dead units
+    w["conv2.weight"][3:, 0] = 0  # conv1 filter 0 read only by conv2 filters 0-2
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(w[t.name], t.name))
+    assert sorted(dead_channels(model)[1].values()) == [400]  # one pass sees only the units
+    out, removed = remove_dead_channels(model)
+    assert sorted(removed.values()) == [1, 3, 400]
+    assert dead_channels(out) == ({}, {})
+    dims = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    assert dims["conv1.weight"][0] == 19 and dims["conv2.weight"][:2] == (47, 19)
+    assert dims["fc1.weight"] == (100, 16 * 47)
+    x = np.random.default_rng(2).random((4, 1, 28, 28)).astype(np.float32)
+    a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    b = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())

@@ -45,11 +45,25 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = ("--batch-size", "8", "--admm-iters", "3", "--retrain-epochs", "1")
 SEQ = 32
 
+#: ``run_any_batch(session, feed)``: all outputs; a model with a fixed batch size runs one sample
+#: at a time (ZipMap outputs, lists of dicts, are joined). Source text: CHECK runs it in the
+#: plain-onnxruntime venv, teacher_labels in this process.
+RUN_ANY_BATCH = r"""
+def run_any_batch(sess, feed):
+    try:
+        return sess.run(None, feed)
+    except Exception:
+        n = len(next(iter(feed.values())))
+        rows = [sess.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(n)]
+        return [sum((list(x) for x in r), []) if isinstance(r[0], list) else np.concatenate(r) for r in zip(*rows)]
+"""
+
 #: Runs in the plain-onnxruntime venv: argv[1] = JSON job file; prints one JSON line.
 CHECK = r"""
 import json, sys
 import numpy as np
 import onnxruntime as ort
+""" + RUN_ANY_BATCH + r"""
 job = json.load(open(sys.argv[1]))
 feed = {k: v for k, v in np.load(job["feed"]).items()}
 so = ort.SessionOptions(); so.log_severity_level = 3
@@ -61,15 +75,8 @@ res = {"ort": ort.__version__,
        "inputs_same": sig(dense.get_inputs()) == sig(pruned.get_inputs()),
        "outputs_same": sig(dense.get_outputs()) == sig(pruned.get_outputs()),
        "signature": {"inputs": sig(pruned.get_inputs()), "outputs": sig(pruned.get_outputs())}}
-def run(sess):
-    try:
-        return sess.run(None, feed)
-    except Exception:  # a model with a fixed batch size: one sample at a time
-        n = len(next(iter(feed.values())))
-        rows = [sess.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(n)]
-        return [sum((list(x) for x in r), []) if isinstance(r[0], list) else np.concatenate(r) for r in zip(*rows)]
-a = run(dense)
-b = run(pruned)
+a = run_any_batch(dense, feed)
+b = run_any_batch(pruned, feed)
 res["ran"] = True
 res["outputs"] = {}
 for o, x, y in zip(pruned.get_outputs(), a, b):
@@ -154,16 +161,11 @@ def teacher_labels(dense_path, feeds):
 
     sess = ort.InferenceSession(str(dense_path), providers=["CPUExecutionProvider"])
     labels = []
-    def run(feed):
-        try:
-            return sess.run(None, feed)
-        except Exception:  # a model with a fixed batch size: one sample at a time
-            n = len(next(iter(feed.values())))
-            rows = [sess.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(n)]
-            return [sum((list(x) for x in r), []) if isinstance(r[0], list) else np.concatenate(r) for r in zip(*rows)]
-
+    scope = {"np": np}
+    exec(RUN_ANY_BATCH, scope)
     for feed in feeds:
-        outs = [np.array([list(r.values()) for r in o]) if isinstance(o, list) else np.asarray(o) for o in run(feed)]
+        outs = [np.array([list(r.values()) for r in o]) if isinstance(o, list) else np.asarray(o)
+                for o in scope["run_any_batch"](sess, feed)]
         scores = next(o for o in outs if o.dtype.kind == "f")
         if scores.ndim != 2 or len(scores) != len(next(iter(feed.values()))):
             return None, None

@@ -48,6 +48,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, Optional
 
 import numpy as np
@@ -362,6 +363,9 @@ def main(argv=None) -> dict:
                      ("rho_growth", float), ("admm_tol", float), ("lr", float), ("retrain_epochs", int),
                      ("retrain_lr", float), ("batch_size", int), ("augment_shift", int), ("augment_phase", str)]:
         ap.add_argument("--" + key.replace("_", "-"), type=typ, default=None)
+    ap.add_argument("--start-from", default=None, metavar="MODEL",
+                    help="skip dense training and prune MODEL (e.g. an earlier run's lenet5_pruned_stageK.onnx, to "
+                         "continue a progressive run) through the stages; it is the teacher of --teacher dense")
     ap.add_argument("--then", action="append", default=[], metavar="RATIOS",
                     help="progressive pruning: after the first prune, prune the pruned model again to these ratios "
                          "(same schedule; repeatable), as in the progressive ADMM follow-up papers")
@@ -427,6 +431,8 @@ def main(argv=None) -> dict:
     if args.teacher == "dense" and not distills:
         raise SystemExit("--teacher dense needs a distilling objective (--loss or --quant-loss distill|ce+distill, "
                          "or --labels none)")
+    if args.start_from and (args.labels == "both" or not Path(args.start_from).is_file()):
+        raise SystemExit("--start-from needs an existing model file and excludes --labels both")
     if (args.quant_stage or args.quant_loss) and not bits:
         raise SystemExit("--quant-stage and --quant-loss need --bits")
     quant_only = {"admm_iters": args.quant_admm_iters, "retrain_epochs": args.quant_retrain_epochs,
@@ -493,15 +499,22 @@ def main(argv=None) -> dict:
     train_reader, switch = augmented(plain_reader)
     labelled_reader = train_reader  # dense training always has the labels: it trains the teacher
 
-    # Phase 1: dense training.
+    # Phase 1: dense training (or the --start-from model instead).
     dense_path = out / f"{args.model}_dense.onnx"
     t0 = time.perf_counter()
     if args.labels == "none":
         train_reader = NoLabels(train_reader)  # labels withheld from pruning: the dense model teaches
-    dense = train(prepared, dense_path, labelled_reader, sched["dense_epochs"], eval_reader,
-                  config.replace(lr=sched["dense_lr"], loss="auto"), progress=switch, schedule=sched["dense_schedule"])
+    if args.start_from:
+        dense_path = Path(args.start_from)
+        dense = SimpleNamespace(accuracy_after=evaluate(dense_path, eval_reader).accuracy, samples_seen=0, epochs=[])
+        print(f"Start model {dense_path}: top-1 {pct(dense.accuracy_after)} (no dense training)", flush=True)
+    else:
+        dense = train(prepared, dense_path, labelled_reader, sched["dense_epochs"], eval_reader,
+                      config.replace(lr=sched["dense_lr"], loss="auto"), progress=switch,
+                      schedule=sched["dense_schedule"])
+        print(f"Dense: top-1 {pct(dense.accuracy_after)} after {sched['dense_epochs']} epochs, "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     timings["dense"] = time.perf_counter() - t0
-    print(f"Dense: top-1 {pct(dense.accuracy_after)} after {sched['dense_epochs']} epochs, {timings['dense']:.1f} s", flush=True)
 
     if args.teacher == "dense":  # the dense model's outputs in every feed: no stage adds its own teacher
         train_reader = TeacherReader(train_reader, Teacher(onnx_io.load_model(dense_path), prepared.output_names))
@@ -588,7 +601,7 @@ def main(argv=None) -> dict:
     print(table(rows, paper))
     print(f"Compression: ours {total_w / total_nz:.1f}x ({total_nz:,} nonzero of {total_w:,})"
           + (f"; paper {total_w / sum(p[1] for p in paper.values()):.1f}x" if paper else ""))
-    print(f"Top-1 ({'held-out training images' if args.validation else '10,000 test images'}): ours {pct(final.accuracy)} (dense {pct(dense.accuracy_after)}, after ADMM "
+    print(f"Top-1 ({'held-out training images' if args.validation else '10,000 test images'}): ours {pct(final.accuracy)} ({'start model' if args.start_from else 'dense'} {pct(dense.accuracy_after)}, after ADMM "
           f"{pct(report.accuracy_after_admm)}, hard-pruned {pct(report.accuracy_hard_pruned)}"
           + (f"; after stage 1 {pct(reports[0].accuracy_after)}" if len(stages) > 1 else "") + f"); CSR file {pct(csr_eval.accuracy)}"
           + (f"; paper {pct(PAPER_TOP1)}" if paper else ""))
@@ -608,7 +621,7 @@ def main(argv=None) -> dict:
           f"samples/s (incl. per-epoch eval); overall {samples / train_seconds:,.0f} samples/s of training")
     print(f"Training samples seen: {samples:,} (dense {dense_samples:,}, ADMM {admm_samples:,}, retrain {retrain_samples:,}) "
           f"vs the paper's ~{PAPER_SAMPLES:,} ({PAPER_SAMPLES / samples:.1f}x fewer here)")
-    if args.model == "lenet5" and name.lower() == "mnist" and not args.validation:
+    if args.model == "lenet5" and name.lower() == "mnist" and not args.validation and not args.start_from:
         ok = final.accuracy >= 0.992 and total_nz <= 6050 and timings["total"] <= 240
         print(f"Issue-16 target (>= 99.20% top-1, <= 6,050 nonzero, <= 240 s wall from scratch on 2 cores): "
               f"{'MET' if ok else 'NOT met'} ({pct(final.accuracy)}, {total_nz:,} nonzero, {timings['total']:.0f} s at load "
@@ -629,7 +642,7 @@ def main(argv=None) -> dict:
         "batch_size_used": batch,
         "layers": rows, "total_weights": total_w, "total_nonzero": total_nz, "compression": total_w / total_nz,
         "top1": final.accuracy, "top1_csr": csr_eval.accuracy, "test_loss": final.loss,
-        "top1_dense": dense.accuracy_after, "top1_after_admm": report.accuracy_after_admm,
+        "start_from": args.start_from, "top1_start" if args.start_from else "top1_dense": dense.accuracy_after, "top1_after_admm": report.accuracy_after_admm,
         "top1_hard_pruned": report.accuracy_hard_pruned,
         "seconds": timings, "samples_seen": samples, "samples_dense": dense_samples, "samples_admm": admm_samples,
         "samples_retrain": retrain_samples, "samples_per_s_training": samples / train_seconds,

@@ -32,6 +32,10 @@ that reach 85x-246x on LeNet-5): e.g. --ratios conv6k --then x100.
 levels at once); with --quant-stage the last ratios are reached in fp32 first and a further
 stage quantizes (--quant-admm-iters 0 --quant-retrain-epochs 0: levels fitted, no training).
 
+--loss ce+distill --teacher dense distils from the dense model in every stage (default: each
+stage's input teaches, when the loss distils); --start-from MODEL skips dense training and
+prunes MODEL (e.g. an earlier run's lenet5_pruned_stage3.onnx) through the stages.
+
 The default schedule (per model) was tuned on this 2-core machine; see SCHEDULES. LeNet-5's
 4-minute default (issue 16) was chosen on a validation split (--validation 5000: the last 5,000
 training images, training on the other 55,000), not on test top-1; the earlier 28-epoch

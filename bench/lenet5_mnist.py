@@ -393,7 +393,7 @@ def main(argv=None) -> dict:
                          "default) or the dense model trained first, in every stage (dense)")
     ap.add_argument("--quant-loss", default=None, choices=("cross_entropy", "distill", "ce+distill"),
                     help="objective of the quantizing stage (default: the run's); distill and ce+distill learn from "
-                         "that stage's input, the fp32 pruned model")
+                         "that stage's input, the fp32 pruned model (with --teacher dense: from the dense model)")
     ap.add_argument("--quant-admm-iters", type=int, default=None, metavar="N",
                     help="with --quant-stage: ADMM iterations of the quantizing stage (default: the schedule's; "
                          "0 with --quant-retrain-epochs 0 only moves the weights onto their fitted levels)")

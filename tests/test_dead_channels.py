@@ -84,3 +84,34 @@ def test_removal_reaches_a_fixed_point_through_a_chain():
     a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     b = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_cli_export_removes_dead_channels_on_request(tmp_path, capsys):
+    """Without the flag, export only says how many channels are dead; with it the packed file is
+    smaller and computes what the pruned model does (to float rounding); with --quantization
+    (specs that still have the removed channels' scales) it refuses."""
+    import onnxruntime as ort
+
+    from admm_onnx.cli.main import main
+
+    model = _lenet_with_dead_units()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    before = src.read_bytes()
+    plain, slim = tmp_path / "plain.onnx", tmp_path / "slim.onnx"
+    assert main(["export", str(src), "-o", str(plain), "--format", "packed"]) == 0
+    assert "387 channel(s) no weight reads" in capsys.readouterr().out
+    assert main(["export", str(src), "-o", str(slim), "--format", "packed", "--remove-dead-channels"]) == 0
+    assert "removed dead channels: conv2 7, fc1 380" in capsys.readouterr().out
+    assert src.read_bytes() == before
+    assert slim.stat().st_size < 0.8 * plain.stat().st_size
+    x = np.random.default_rng(3).random((4, 1, 28, 28)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    a, b = run(src), run(slim)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    out = tmp_path / "x.onnx"
+    assert main(["export", str(src), "-o", str(out), "--format", "packed", "--remove-dead-channels",
+                 "--quantization", str(report)]) == 2
+    assert "drop --quantization" in capsys.readouterr().err and not out.exists()

@@ -126,7 +126,7 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     if remove_dead and quant_path is not None:
         raise ConfigError("--remove-dead-channels uses the quantization specs recorded in PRUNED.onnx; "
                           "drop --quantization")
-    model = _dead_channels(model, remove_dead)
+    model, slimmed = _dead_channels(model, remove_dead)
     options = {}
     if fmt == "qdq":
         options.update(_calibration(model, calib_data, calibration_samples, activations))
@@ -155,14 +155,15 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     before, after = _footprint(model_path), _footprint(output)
     click.echo(
         f"wrote {output}: {len(report.encoded)} weight(s) as {fmt}"
-        f"{'-' + values if fmt == 'csr' else (f', {len(report.float16)} dense initializer(s) as float16' if report.float16 else '')}; weights {report.total_dense_bytes:,} -> "
+        f"{'-' + values if fmt == 'csr' else (f', {len(report.float16)} dense initializer(s) as float16' if report.float16 else '')}; weights{' without dead channels' if slimmed else ''} {report.total_dense_bytes:,} -> "
         f"{report.total_stored_bytes:,} bytes ({_ratio(report.total_dense_bytes, report.total_stored_bytes)}); "
         f"file {before:,} -> {after:,} bytes ({_ratio(before, after)})"
     )
 
 
-def _dead_channels(model: onnx.ModelProto, remove: bool) -> onnx.ModelProto:
-    """``model`` without its dead channels (``remove``), else unchanged, with a hint when it has some."""
+def _dead_channels(model: onnx.ModelProto, remove: bool) -> Tuple[onnx.ModelProto, bool]:
+    """(``model`` without its dead channels if ``remove``, else unchanged, with a hint when it has
+    some; whether any were removed)."""
     from admm_onnx.structured.dead import dead_channels, remove_dead_channels
 
     if not remove:
@@ -173,7 +174,7 @@ def _dead_channels(model: onnx.ModelProto, remove: bool) -> onnx.ModelProto:
         if dead:
             click.echo(f"{sum(dead.values()):,} channel(s) no weight reads ({', '.join(sorted(dead))}): "
                        "--remove-dead-channels writes a smaller, faster file")
-        return model
+        return model, False
     try:
         slim, removed = remove_dead_channels(model)
     except ValueError as exc:
@@ -182,7 +183,7 @@ def _dead_channels(model: onnx.ModelProto, remove: bool) -> onnx.ModelProto:
         click.echo("removed dead channels: " + ", ".join(f"{n} {k:,}" for n, k in sorted(removed.items())))
     else:
         click.echo("no dead channels")
-    return slim
+    return slim, bool(removed)
 
 
 def _calibration(model: onnx.ModelProto, data: Optional[str], samples: int, activations: str) -> dict:

@@ -35,10 +35,11 @@ _IN_AXIS = {
 }
 
 
-def dead_channels(model: onnx.ModelProto) -> Tuple[Dict[int, np.ndarray], Dict[str, int]]:
+def dead_channels(model: onnx.ModelProto, analysis=None) -> Tuple[Dict[int, np.ndarray], Dict[str, int]]:
     """(group id -> kept channel indices for the groups that lose some, group name -> channels
-    removed) for the channels no weight reads (see the module docstring)."""
-    analysis = analyse(model)
+    removed) for the channels no weight reads (see the module docstring). ``analysis``: the
+    model's :func:`analyse`, when the caller has it already."""
+    analysis = analysis or analyse(model)
     inits = {t.name: t for t in model.graph.initializer}
     readers = set()
     for node in model.graph.node:
@@ -79,10 +80,11 @@ def remove_dead_channels(model: onnx.ModelProto, check: bool = True, seed: int =
     out.CopyFrom(model)
     removed: Dict[str, int] = {}
     while True:
-        keep, dead = dead_channels(out)
+        analysis = analyse(out)
+        keep, dead = dead_channels(out, analysis)
         if not keep:
             break
-        out = _shrink_keeping_levels(out, keep)
+        out = _shrink_keeping_levels(out, analysis, keep)
         for name, n in dead.items():
             removed[name] = removed.get(name, 0) + n
     if check and removed:
@@ -94,12 +96,11 @@ def remove_dead_channels(model: onnx.ModelProto, check: bool = True, seed: int =
     return out, removed
 
 
-def _shrink_keeping_levels(model: onnx.ModelProto, keep: Dict[int, np.ndarray]) -> onnx.ModelProto:
-    """:func:`shrink` to ``keep``, with the recorded quantization specs losing the scales of
-    removed channels along their axis."""
+def _shrink_keeping_levels(model: onnx.ModelProto, analysis, keep: Dict[int, np.ndarray]) -> onnx.ModelProto:
+    """:func:`shrink` to ``keep`` (``analysis``: the model's), with the recorded quantization
+    specs losing the scales of removed channels along their axis."""
     from ..quantization import QuantSpec, mark_model, read_quantization
 
-    analysis = analyse(model)
     out = shrink(model, analysis, keep)
     specs = read_quantization(model)
     if specs:

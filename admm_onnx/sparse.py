@@ -4,7 +4,7 @@
 sparse formats; ``densify``, ``inspect_model``, ``csr_weights``, ``sample_feeds`` and
 ``max_output_change`` work on every registered format. See :mod:`admm_onnx.formats.csr`
 (CSR arrays + a decode function onnxruntime folds at load), :mod:`admm_onnx.formats.coo`
-(standard ``sparse_initializer``) and :mod:`admm_onnx.formats.packed` (delta-coded positions
+(standard ``sparse_initializer``) and :mod:`admm_onnx.formats.packed` (Golomb-coded positions
 and k-bit levels).
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ optionally its pruned + quantized version (``--pruned``, written by ``prune --bi
 quantization specs are in the file), this writes into ``--out``:
 
 - ``pruned.packed.onnx``: the pruned model with its dead channels removed (exact,
-  admm_onnx.structured.dead) in the ``packed`` format (delta-coded positions, k-bit levels);
+  admm_onnx.structured.dead) in the ``packed`` format (Golomb-coded positions, k-bit levels);
 - ``pruned.qdq.onnx``: int8 QDQ of the pruned model, its weights the trained levels exactly;
 - ``fp32.qdq.onnx``: int8 QDQ of the fp32 model (post-training 8-bit weights);
 - (``--also LABEL=PATH``: other files to measure beside them, e.g. a channel-pruned model;

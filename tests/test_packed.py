@@ -1,5 +1,5 @@
-"""The ``packed`` format's compact encoding (steps, short names, attributes, fp16 options), files of
-its first version, the byte breakdown (admm_onnx.formats.packed.size_breakdown) and
+"""The ``packed`` format's compact encoding (Golomb-coded positions, short names, attributes, fp16
+options), files of its first two versions, the byte breakdown (admm_onnx.formats.packed.size_breakdown) and
 bench/packed_size.py, which prints it for any pruned model or packed file. Tiny models built in
 code; the deployment runtime (plain onnxruntime, newest release) checks bit-exactness, folding
 and batch-1 latency of a LeNet-5 proxy."""
@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Written by earlier versions (tests/fixtures/README.md): version 1 (gap + code in one field) and
 #: its first layout (codes in their own ``.q`` array).
 V1_FILES = [ROOT / "tests" / "fixtures" / "packed_v1_mlp.onnx", ROOT / "tests" / "fixtures" / "packed_v1a_mlp.onnx"]
+#: Version 2 (fixed-width steps with filler entries), the same MLP re-exported at commit 9f3ae4a.
+V2_FILE = ROOT / "tests" / "fixtures" / "packed_v2_mlp.onnx"
 
 
 def _bench():
@@ -54,41 +56,48 @@ def lenet():
     return _bench().proxy_lenet(0)
 
 
-# -- positions as steps ------------------------------------------------------------------------
+# -- positions, Golomb-coded ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [1, 2, 5, 8, 11, 16])
-def test_steps_round_trip(bits):
-    rng = np.random.default_rng(bits)
+@pytest.mark.parametrize("width,radix", [(1, 1), (2, 1), (5, 1), (9, 6), (11, 14), (16, 1), (16, 254)])
+def test_golomb_round_trip(width, radix):
+    rng = np.random.default_rng(width)
     pos = np.sort(rng.choice(200_000, 300, replace=False))
-    pos[0] = 0  # the first entry may sit at position 0 (step 0)
-    steps, source = packed.step_code(pos, bits)
-    assert steps.min() >= 0 and steps.max() <= (1 << bits) - 1
-    assert np.array_equal(np.cumsum(steps)[source >= 0], pos)
-    assert np.all(steps[1:][source[1:] >= 0] >= 1)  # positions strictly increase after the first
-    assert steps.size == packed.step_entries(pos, bits) and (source >= 0).sum() == pos.size
-    assert np.array_equal(source[source >= 0], np.arange(pos.size))
+    pos[0] = 0  # the first entry may sit at position 0
+    rem, unary, modulus = packed.golomb_code(pos, width, radix)
+    assert modulus == (1 << width) // radix and rem.min() >= 0 and rem.max() < modulus
+    assert set(np.unique(unary)) <= {0, 1} and (unary == 0).sum() == pos.size and unary[-1] == 0
+    assert unary.size + pos.size * width == packed.golomb_bits(pos, width, radix)[0]
+    assert np.array_equal(packed.golomb_positions(rem, unary, modulus), pos)
 
 
-def test_step_width_is_chosen_and_capped():
-    dense = np.arange(0, 1000, 2)
-    assert packed.best_step_bits(dense, 4) in (1, 2)
-    sparse = np.arange(0, 10_000_000, 3000)  # steps of 3000: 12 bits fit, 8 (the old cap) would not
-    assert packed.best_step_bits(sparse, 3) == 12
-    assert packed.best_step_bits(sparse, 8) == packed.MAX_FIELD_BITS - 8  # the whole field stays <= 16 bits
-    assert packed.best_step_bits(np.array([], np.int64), 3) == 1
+def test_golomb_width_is_chosen():
+    dense = np.arange(0, 1000, 2)  # every other position: gap 1
+    assert packed.best_golomb_width(dense) == 1  # M = 2: one remainder bit, one unary bit
+    sparse = np.arange(0, 10_000_000, 3000)
+    w = packed.best_golomb_width(sparse)
+    costs = {v: packed.golomb_bits(sparse, v, 1)[0] for v in range(1, packed.MAX_FIELD_BITS + 1)}
+    assert costs[w] == min(costs.values()) and w == 10  # gaps 2999: 10 + 3 bits each (11: 11 + 2, 12: 12 + 1)
+    assert packed.best_golomb_width(sparse, 254) <= packed.MAX_FIELD_BITS  # 8-bit levels: 254 codes
+    assert packed.best_golomb_width(np.array([], np.int64), 6) == 3  # the narrowest field holding the codes
 
 
-def test_level_fields_are_mixed_radix():
-    """Levels: one field c + R * t, R = 2L + 1 codes, steps below 2^w // R (more than w - k bits)."""
-    pos = np.arange(0, 200_000, 70)  # steps of 70: 7 codes x 73 steps fit 9 bits; 6 step bits + 3 would not
-    assert packed.best_level_width(pos, 7) == 9
+def test_level_fields_hold_nonzero_codes_only():
+    """Levels: one field c + R * r with R = 2L codes (level 0 is never stored), positions from
+    the unary bits after the fields."""
+    rng = np.random.default_rng(1)
     arr = np.zeros(200_000, np.float32)
-    arr[pos] = 0.5
+    pos = np.sort(rng.choice(arr.size, 2_000, replace=False))
+    q = rng.integers(1, 4, pos.size) * rng.choice([-1, 1], pos.size)
+    arr[pos] = q * 0.25
     spec = QuantSpec(3, (0.25,), None)
     pw = packed.encode_weight("w", arr.reshape(400, 500), spec)
-    assert (pw.radix, pw.step_bits + pw.level_bits, pw.entries) == (7, 9, pos.size)  # no fillers
+    assert (pw.radix, pw.entries, pw.version) == (6, pos.size, 3)
+    assert pw.modulus == (1 << pw.width) // 6
     assert np.array_equal(pw.decode().reshape(-1), arr)
+    bits = packed.golomb_bits(pos, pw.width, 6)[0]
+    assert pw.fields.size == bits // 8 + 1  # padding: at least one bit, up to a whole byte
+    assert pw.storage(np.float32)[0] == f"packed-3bit/tensor golomb{pw.modulus}"
 
 
 # -- the compact file --------------------------------------------------------------------------
@@ -100,15 +109,15 @@ def test_compact_file_layout(lenet):
     calls = [n for n in out.graph.node if n.domain == packed.DOMAIN]
     assert [n.output[0] for n in calls] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
     assert all(len(x) == 1 for n in calls for x in n.input)  # short packed array names
-    assert {a.name for a in calls[0].attribute} == {"f", "r", "l", "h"}
-    assert [helper.get_attribute_value(a) for a in calls[1].attribute if a.name == "r"] == [7]  # 3 bits: 2L+1 codes
+    assert {a.name for a in calls[0].attribute} == {"f", "h", "m", "l"}
+    assert [helper.get_attribute_value(a) for a in calls[1].attribute if a.name == "l"] == [3]  # 3 bits: L = 3
     assert [f.name for f in out.functions] == [packed.OP_LEVELS]
     assert not out.graph.value_info and not any(n.name for n in out.graph.node)
     convs = [n for n in out.graph.node if n.op_type == "Conv"]
     assert convs and all(not n.attribute for n in convs)  # zero pads and the weight's kernel shape dropped
     assert [v.name for v in out.graph.input] == ["input"] and [v.name for v in out.graph.output] == ["logits"]
     meta = json.loads(next(p.value for p in out.metadata_props if p.key == "admm_onnx.sparse"))
-    assert meta["version"] == 2 and meta["quantization"] is True
+    assert meta["version"] == 3 and meta["quantization"] is True
     # outputs bit-exact to the decoded dense model (here: the input model) in onnxruntime 1.19
     x = {"input": np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)}
     dec = formats.densify(out)
@@ -197,18 +206,39 @@ def test_fp16_values_are_lossy_opt_in(small, tmp_path):
     assert "stored as float16 (lossy), cast back to float32 at load: fc0.bias, fc1.bias" in res.output
 
 
-def test_fields_of_the_first_version_2_files_still_read(small_q):
+def test_version_2_files_still_decode():
+    """Version 2 (fixed-width steps with fillers, functions Q and F), written at commit 9f3ae4a."""
+    old = onnx.load(str(V2_FILE))
+    assert formats.detect(old) is packed.PACKED
+    assert {f.name for f in old.functions} == {packed.OP_LEVELS_V2, packed.OP_RAW_V2}
+    dec = formats.densify(old)
+    assert not dec.functions and all(n.domain == "" for n in dec.graph.node)
+    x = {"input": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
+    for a, b in zip(run(old, x), run(dec, x)):  # NumPy decode == the file's own decode function
+        assert a.tobytes() == b.tobytes()
+    rows = {r.name: r for r in formats.inspect_model(old)}
+    assert rows["fc0.weight"].storage.startswith("packed-3bit/channel pos") and rows["fc1.weight"].bits == 32
+    assert set(read_quantization(dec)) == {"fc0.weight", "fc2.weight"}
+    parts = packed.size_breakdown(old)
+    assert sum(parts.values()) == old.ByteSize() and parts["codes"] > 0 and parts["raw values"] > 0
+    new, _ = formats.export(dec, "packed")  # this version: same outputs
+    assert {f.name for f in new.functions} == {packed.OP_LEVELS, packed.OP_RAW}
+    for a, b in zip(run(new, x), run(old, x)):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_fields_of_the_first_version_2_files_still_read():
     """The first version-2 files (on main for minutes) held ``step + code << b`` with ``d = 2^b``."""
-    out, _ = formats.export(small_q, "packed")
+    out = onnx.load(str(V2_FILE))
+    weight = inits(formats.densify(out))["fc0.weight"]
     call = next(n for n in out.graph.node if n.domain == packed.DOMAIN and n.output[0] == "fc0.weight")
-    weight = inits(small_q)["fc0.weight"]
-    spec = read_quantization(small_q)["fc0.weight"]
-    q = np.rint(weight / packed._scale_array(spec, weight.shape).astype(np.float32)).astype(np.int64).reshape(-1)
+    scale = inits(out)[call.input[1]].astype(np.float32)
+    q = np.rint(weight / scale).astype(np.int64).reshape(-1)
     pos = np.flatnonzero(q)
-    b, k, L = 5, spec.bits, 2 ** (spec.bits - 1) - 1
-    steps, source = packed.step_code(pos, b)
-    codes = np.where(source >= 0, q[pos[np.maximum(source, 0)]], 0) + L
-    fields = packed.pack_bits(steps + (codes << b), b + k).reshape(-1, 1)
+    b, k, L = 5, 3, 3
+    steps = np.diff(np.concatenate([[0], pos]))
+    assert steps.max() < 1 << b  # no fillers needed at this density
+    fields = packed.pack_bits(steps + ((q[pos] + L) << b), b + k).reshape(-1, 1)
     for t in out.graph.initializer:
         if t.name == call.input[0]:
             t.CopyFrom(numpy_helper.from_array(fields, t.name))

@@ -1,8 +1,9 @@
 """LeNet-5 / MNIST: bytes of every measured ``packed`` file against its top-1, next to the target.
 
 Reads the JSON files ``bench/packed_size.py --data mnist:... --json FILE`` wrote into
-bench/results (``lenet5_packed_*.json``: the file's bytes and its top-1 in plain onnxruntime on the
-10,000 test images) and draws one point per file, exact values and float16 biases
+bench/results (``lenet5_packed_*.json``: layout 2, ``lenet5_packed3_*.json``: the same models
+packed in layout 3; the file's bytes and its top-1 in plain onnxruntime on the 10,000 test
+images) and draws one point per file, by layout, exact values and float16 biases
 (``--values fp16``) apart, with the issue's target drawn dotted: at most 5,750 bytes (300x smaller
 than the dense fp32 file) at >= 99.2% top-1. A file measured twice (before and after dead-channel
 removal reached a fixed point, ``*_fixedpoint_*``) counts once, with the later measurement.
@@ -26,11 +27,14 @@ TARGET_BYTES = 5750
 TARGET_TOP1 = 99.2
 
 
+SERIES = ("layout 3, exact values", "layout 3, float16 biases", "layout 2, exact values", "layout 2, float16 biases")
+
+
 def points(results: Path) -> Dict[str, List[Tuple[int, float, str]]]:
-    """{"exact values" | "float16 biases": [(bytes, top-1 %, file name)]}, one per packed file."""
-    files = sorted(results.glob("lenet5_packed_*.json"))
+    """{series name (:data:`SERIES`): [(bytes, top-1 %, file name)]}, one per packed file."""
+    files = sorted(results.glob("lenet5_packed_*.json")) + sorted(results.glob("lenet5_packed3_*.json"))
     names = {f.name for f in files}
-    out: Dict[str, List[Tuple[int, float, str]]] = {"exact values": [], "float16 biases": []}
+    out: Dict[str, List[Tuple[int, float, str]]] = {k: [] for k in SERIES}
     for f in files:
         later = f.name.replace("_2026", "_fixedpoint_2026", 1)
         if "_fixedpoint_" not in f.name and later != f.name and later in names:
@@ -39,7 +43,8 @@ def points(results: Path) -> Dict[str, List[Tuple[int, float, str]]]:
         top1 = (d.get("deployment runtime") or {}).get("top1")
         if not d.get("bytes") or top1 is None:
             continue
-        key = "float16 biases" if "fp16" in f.name else "exact values"
+        layout = "layout 3" if f.name.startswith("lenet5_packed3_") else "layout 2"
+        key = f"{layout}, " + ("float16 biases" if "fp16" in f.name else "exact values")
         out[key].append((int(d["bytes"]), 100 * float(top1), f.name))
     return out
 
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
     path = write_charts([chart], args.out, title="LeNet-5 packed files")
     for k, v in pts.items():
         for b, t, name in sorted(v):
-            print(f"{k:15s} {b:6,d} B  {1725213 / b:6.1f}x  {t:.2f}%  {name}")
+            print(f"{k:25s} {b:6,d} B  {1725213 / b:6.1f}x  {t:.2f}%  {name}")
     print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from admm_onnx import formats
 from admm_onnx.cli.sparse_commands import export_cmd
+from admm_onnx.errors import ModelError
 from admm_onnx.formats import packed
 from admm_onnx.quantization import QuantSpec, dequantize, mark_model, read_quantization
 from test_deploy import TOLERANCE
@@ -67,7 +68,7 @@ def test_golomb_round_trip(width, radix):
     rem, unary, modulus = packed.golomb_code(pos, width, radix)
     assert modulus == (1 << width) // radix and rem.min() >= 0 and rem.max() < modulus
     assert set(np.unique(unary)) <= {0, 1} and (unary == 0).sum() == pos.size and unary[-1] == 0
-    assert unary.size + pos.size * width == packed.golomb_bits(pos, width, radix)[0]
+    assert unary.size + pos.size * width == packed.golomb_bits(pos, width, radix)
     assert np.array_equal(packed.golomb_positions(rem, unary, modulus), pos)
 
 
@@ -76,7 +77,7 @@ def test_golomb_width_is_chosen():
     assert packed.best_golomb_width(dense) == 1  # M = 2: one remainder bit, one unary bit
     sparse = np.arange(0, 10_000_000, 3000)
     w = packed.best_golomb_width(sparse)
-    costs = {v: packed.golomb_bits(sparse, v, 1)[0] for v in range(1, packed.MAX_FIELD_BITS + 1)}
+    costs = {v: packed.golomb_bits(sparse, v, 1) for v in range(1, packed.MAX_FIELD_BITS + 1)}
     assert costs[w] == min(costs.values()) and w == 10  # gaps 2999: 10 + 3 bits each (11: 11 + 2, 12: 12 + 1)
     assert packed.best_golomb_width(sparse, 254) <= packed.MAX_FIELD_BITS  # 8-bit levels: 254 codes
     assert packed.best_golomb_width(np.array([], np.int64), 6) == 3  # the narrowest field holding the codes
@@ -95,7 +96,7 @@ def test_level_fields_hold_nonzero_codes_only():
     assert (pw.radix, pw.entries, pw.version) == (6, pos.size, 3)
     assert pw.modulus == (1 << pw.width) // 6
     assert np.array_equal(pw.decode().reshape(-1), arr)
-    bits = packed.golomb_bits(pos, pw.width, 6)[0]
+    bits = packed.golomb_bits(pos, pw.width, 6)
     assert pw.fields.size == bits // 8 + 1  # padding: at least one bit, up to a whole byte
     assert pw.storage(np.float32)[0] == f"packed-3bit/tensor golomb{pw.modulus}"
 
@@ -379,3 +380,18 @@ def test_fp16_values_touch_only_biases():
     assert report.float16 == ["b"]
     types = {t.name: t.data_type for t in out.graph.initializer}
     assert types["m"] == TensorProto.FLOAT and sum(v == TensorProto.FLOAT16 for v in types.values()) == 1
+
+
+@pytest.mark.parametrize("attr,value", [("f", "abc"), ("f", [1]), ("m", [1, 2]), ("m", 0), ("l", 0), ("l", 300),
+                                        ("h", [3]), ("f", [10_000, 9])])
+def test_malformed_call_attributes_are_model_errors(small_q, attr, value):
+    """A damaged file is the user's input: inspect and densify refuse it with a ModelError (the
+    CLI's one ``error:`` line, exit 2), never a Python error."""
+    out, _ = formats.export(small_q, "packed")
+    call = next(n for n in out.graph.node if n.domain == packed.DOMAIN and n.op_type == packed.OP_LEVELS)
+    for a in call.attribute:
+        if a.name == attr:
+            a.CopyFrom(helper.make_attribute(attr, value))
+    for action in (formats.inspect_model, formats.densify):
+        with pytest.raises(ModelError):
+            action(out)

@@ -155,18 +155,18 @@ def golomb_gaps(positions: np.ndarray, modulus: int) -> np.ndarray:
     return np.diff(np.concatenate([[-modulus], positions.astype(np.int64)])) - 1
 
 
-def golomb_bits(positions: np.ndarray, width: int, radix: int) -> Tuple[int, int]:
-    """(total bits, unary bits) of ``positions`` in ``width``-bit fields of ``radix`` codes:
-    modulus ``M = 2^width // radix``, one field per entry plus ``q + 1`` unary bits."""
+def golomb_bits(positions: np.ndarray, width: int, radix: int) -> int:
+    """Bits of ``positions`` in ``width``-bit fields of ``radix`` codes (modulus
+    ``M = 2^width // radix``): one field per entry plus ``g // M + 1`` unary bits."""
     modulus = (1 << width) // radix
     unary = positions.size + int((golomb_gaps(positions, modulus) // modulus).sum()) if positions.size else 0
-    return positions.size * width + unary, unary
+    return positions.size * width + unary
 
 
 def best_golomb_width(positions: np.ndarray, radix: int = 1) -> int:
     """The field width w (1..16, ``2^w >= radix``) giving the fewest bits in total."""
     widths = [w for w in range(1, MAX_FIELD_BITS + 1) if (1 << w) >= radix]
-    return min(widths, key=lambda w: (golomb_bits(positions, w, radix)[0], w))
+    return min(widths, key=lambda w: (golomb_bits(positions, w, radix), w))
 
 
 def golomb_code(positions: np.ndarray, width: int, radix: int = 1) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -182,10 +182,11 @@ def golomb_code(positions: np.ndarray, width: int, radix: int = 1) -> Tuple[np.n
 
 
 def golomb_positions(remainders: np.ndarray, unary: np.ndarray, modulus: int) -> np.ndarray:
-    """Inverse of :func:`golomb_code`."""
-    zeros = np.flatnonzero(np.asarray(unary) == 0)
+    """Inverse of :func:`golomb_code` (the first ``len(remainders)`` zeros of ``unary`` count, as
+    in the decode function's TopK)."""
+    zeros = np.flatnonzero(np.asarray(unary) == 0)[: remainders.size]
     if zeros.size != remainders.size:
-        raise ModelError("packed unary bits do not match the entry count")
+        raise ModelError("packed unary bits are fewer than the entry count")
     return modulus * zeros - np.cumsum(remainders)
 
 
@@ -303,8 +304,8 @@ class PackedWeight:
     ``values`` (raw), the dense ``shape``.
 
     Version 3 (``modulus`` > 0): ``entries`` fields of ``step_bits`` bits (the whole field:
-    ``code + radix * remainder`` for levels, the remainder for raw values), then ``unary`` bits;
-    ``level_bits`` is k. Versions 1 and 2: fields of ``step_bits`` + ``level_bits`` bits (with
+    ``code + radix * remainder`` for levels, the remainder for raw values), then the unary bits
+    and padding ones; ``level_bits`` is k. Versions 1 and 2: fields of ``step_bits`` + ``level_bits`` bits (with
     ``radix``: ``code + radix * step``, else ``step + code << step_bits``); ``version`` 1 reads
     them as gaps (``pos = prev + 1 + g``), 2 as steps."""
 
@@ -388,17 +389,24 @@ class PackedWeight:
 
     def decode(self, dtype=np.float32) -> np.ndarray:
         """The dense weight (NumPy twin of the decode functions)."""
-        pos, q = self._positions_and_codes()
-        size = int(np.prod(self.shape, dtype=np.int64))
-        if pos.size and (pos.max() >= size or pos.min() < 0):
-            raise ModelError("packed position out of range")
-        if self.levels:
-            qf = np.zeros(size, np.float32)
-            qf[pos] = q.astype(np.float32)
-            return qf.reshape(self.shape) * self.scale.astype(np.float32)
-        flat = np.zeros(size, dtype)
-        flat[pos] = self.values
-        return flat.reshape(self.shape)
+        try:
+            pos, q = self._positions_and_codes()
+            size = int(np.prod(self.shape, dtype=np.int64))
+            if pos.size and (pos.max() >= size or pos.min() < 0):
+                raise ModelError("packed position out of range")
+            if self.levels:
+                qf = np.zeros(size, np.float32)
+                qf[pos] = q.astype(np.float32)
+                out = qf.reshape(self.shape) * self.scale.astype(np.float32)
+                if out.shape != tuple(self.shape):
+                    raise ModelError(f"packed scale of shape {list(self.scale.shape)} does not fit the weight's "
+                                     f"shape {list(self.shape)}")
+                return out
+            flat = np.zeros(size, dtype)
+            flat[pos] = self.values
+            return flat.reshape(self.shape)
+        except (ValueError, TypeError, IndexError) as exc:  # arrays that do not fit the attributes
+            raise ModelError(f"packed arrays do not fit their attributes: {exc}") from None
 
 
 def _scale_array(spec: QuantSpec, shape: Tuple[int, ...]) -> np.ndarray:
@@ -741,46 +749,58 @@ class Packed(Format):
         inits = {t.name: t for t in model.graph.initializer}
         out = {}
         for _, nd in self._calls(model):
-            name = nd.output[0]
-            attrs = {a.name: _attr(a) for a in nd.attribute}
-            to = attrs.get("to", TensorProto.FLOAT)
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(to))
-            if nd.domain == DOMAIN_V1:
-                parts = {s: _to_array(inits[name + s]) for s in SUFFIXES if name + s in inits}
-                need = {".p", ".m"} | ({".s"} if nd.op_type == OP_LEVELS_V1 else {".v"})
-                if not need <= set(parts):
-                    raise ModelError(f"packed weight {name!r} is incomplete: missing {sorted(need - set(parts))}")
-                pw = _from_v1(parts)
-                pw.tensors = {name + s: s[1:] for s in parts}
-                out[name] = (pw, dtype)
-                continue
-            v3 = nd.op_type in (OP_LEVELS, OP_RAW)
-            levels = nd.op_type in (OP_LEVELS, OP_LEVELS_V2)
-            need = {"f", "h"} | ({"m"} | ({"l"} if levels else set()) if v3 else set())
-            missing = [x for x in nd.input if x not in inits]
-            if len(nd.input) != 2 or missing or not need <= set(attrs):
-                raise ModelError(f"packed weight {name!r} is incomplete: inputs {list(nd.input)}, "
-                                 f"attributes {sorted(attrs)}")
-            entries, width = (int(x) for x in attrs["f"])
-            shape = tuple(int(x) for x in attrs["h"])
-            p, extra = (_to_array(inits[x]) for x in nd.input)
-            if v3:
-                L = int(attrs["l"]) if levels else 0
-                k = (L + 1).bit_length() if levels else 0  # L = 2^(k-1) - 1, 2L codes
-                pw = PackedWeight(p, width, k, entries, shape, radix=2 * L, modulus=int(attrs["m"]),
-                                  **({"scale": extra} if levels else {"values": extra}))
-            elif levels and "r" in attrs:
-                radix = int(attrs["r"])
-                k = (radix - 1).bit_length()  # 2L + 1 codes, L = 2^(k-1) - 1
-                pw = PackedWeight(p, width - k, k, entries, shape, scale=extra, radix=radix, version=2)
-            elif levels:  # the first files of version 2: step + code << b, d = 2^b
-                b = int(attrs.get("d", 1)).bit_length() - 1
-                pw = PackedWeight(p, b, width - b, entries, shape, scale=extra, version=2)
-            else:
-                pw = PackedWeight(p, width, 0, entries, shape, values=extra, version=2)
-            pw.tensors = {nd.input[0]: "p", nd.input[1]: "s" if pw.levels else "v"}
-            out[name] = (pw, dtype)
+            try:
+                out[nd.output[0]] = self._weight(nd, inits)
+            except (ValueError, TypeError, IndexError, KeyError) as exc:  # attributes of the wrong kind
+                raise ModelError(f"packed weight {nd.output[0] if nd.output else '?'!r} is malformed: "
+                                 f"{type(exc).__name__}: {exc}") from None
         return out
+
+    @staticmethod
+    def _weight(nd: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> Tuple[PackedWeight, np.dtype]:
+        """One call node's weight (any version)."""
+        name = nd.output[0]
+        attrs = {a.name: _attr(a) for a in nd.attribute}
+        to = attrs.get("to", TensorProto.FLOAT)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(to))
+        if nd.domain == DOMAIN_V1:
+            parts = {s: _to_array(inits[name + s]) for s in SUFFIXES if name + s in inits}
+            need = {".p", ".m"} | ({".s"} if nd.op_type == OP_LEVELS_V1 else {".v"})
+            if not need <= set(parts):
+                raise ModelError(f"packed weight {name!r} is incomplete: missing {sorted(need - set(parts))}")
+            pw = _from_v1(parts)
+            pw.tensors = {name + s: s[1:] for s in parts}
+            return pw, dtype
+        v3 = nd.op_type in (OP_LEVELS, OP_RAW)
+        levels = nd.op_type in (OP_LEVELS, OP_LEVELS_V2)
+        need = {"f", "h"} | ({"m"} | ({"l"} if levels else set()) if v3 else set())
+        missing = [x for x in nd.input if x not in inits]
+        if len(nd.input) != 2 or missing or not need <= set(attrs):
+            raise ModelError(f"packed weight {name!r} is incomplete: inputs {list(nd.input)}, "
+                             f"attributes {sorted(attrs)}")
+        entries, width = (int(x) for x in attrs["f"])
+        shape = tuple(int(x) for x in attrs["h"])
+        p, extra = (_to_array(inits[x]) for x in nd.input)
+        if v3:
+            L = int(attrs["l"]) if levels else 0
+            if (levels and not 1 <= L <= 127) or not 1 <= width <= MAX_FIELD_BITS or entries < 0 \
+                    or not 1 <= int(attrs["m"]) <= 1 << width:
+                raise ModelError(f"packed weight {name!r} has invalid attributes: f {[entries, width]}, "
+                                 f"m {attrs['m']}" + (f", l {L}" if levels else ""))
+            k = (L + 1).bit_length() if levels else 0  # L = 2^(k-1) - 1, 2L codes
+            pw = PackedWeight(p, width, k, entries, shape, radix=2 * L, modulus=int(attrs["m"]),
+                              **({"scale": extra} if levels else {"values": extra}))
+        elif levels and "r" in attrs:
+            radix = int(attrs["r"])
+            k = (radix - 1).bit_length()  # 2L + 1 codes, L = 2^(k-1) - 1
+            pw = PackedWeight(p, width - k, k, entries, shape, scale=extra, radix=radix, version=2)
+        elif levels:  # the first files of version 2: step + code << b, d = 2^b
+            b = int(attrs.get("d", 1)).bit_length() - 1
+            pw = PackedWeight(p, b, width - b, entries, shape, scale=extra, version=2)
+        else:
+            pw = PackedWeight(p, width, 0, entries, shape, values=extra, version=2)
+        pw.tensors = {nd.input[0]: "p", nd.input[1]: "s" if pw.levels else "v"}
+        return pw, dtype
 
     def decode(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Dense initializers back at the place of their packed arrays; calls, functions, opset

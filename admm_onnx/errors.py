@@ -35,6 +35,8 @@ class AdmmOnnxError(Exception):
 
     #: Short hint appended to the one-line message ("how to fix it").
     hint = ""
+    #: False when a rerun with ``--resume`` cannot help (e.g. the work directory was refused).
+    resumable = True
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)

@@ -302,17 +302,18 @@ def _num_classes(prepared: PreparedModel) -> Optional[int]:
 
 # -- phases --------------------------------------------------------------------------------
 @contextmanager
-def _workdir(path: Optional[Path], keep: bool = True) -> Iterator[Path]:
+def _workdir(path: Optional[Path], keep: bool = True, resume: bool = False) -> Iterator[Path]:
     """A work directory for one run: ``path`` claimed (created, marked, locked: see
     workdir.WorkDir.claim) or a temporary folder. What the run wrote is removed on the way out
-    unless ``keep`` and there is progress to resume from."""
+    unless ``keep`` and there is progress to resume from; a failed ``resume`` leaves the
+    folder as it found it."""
     if path is not None:
         work = WorkDir(path)
         work.claim()
         try:
             yield Path(path)
         except BaseException:
-            if not (keep and work.has_progress()):
+            if not (keep and work.has_progress()) and (work.created or not resume):
                 work.remove()  # nothing to resume from: leave no debris
             raise
         else:
@@ -640,7 +641,7 @@ def prune(
     plan = config.plan(prepared.info)
     if resume and workdir is None:
         raise ConfigError("resume needs the work directory of the interrupted run")
-    with _workdir(workdir) as path:
+    with _workdir(workdir, resume=resume) as path:
         work = WorkDir(path)
         run_config = {k: v for k, v in config.to_dict().items() if k not in ("threads", "workers")}  # may change on --resume
         identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": run_config}

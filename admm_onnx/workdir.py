@@ -17,10 +17,13 @@ whatever it says is complete on disk.
 
 Ownership (:meth:`WorkDir.claim`): a work directory is created by the tool and marked; an
 existing folder is used only if it is empty or holds nothing but the files above (a folder
-with any other file is refused, so ``--workdir .`` can never touch a user's files). A second
-run on the same folder is refused while the first holds the lock, naming its pid.
-:meth:`WorkDir.remove` deletes only the names above, and the folder itself only if the tool
-created it and it is then empty.
+with any other file, a symbolic link or special file anywhere in it, or one of the names
+above in the wrong kind, is refused, so ``--workdir .`` can never touch a user's files and no
+write follows a link out of the folder; a non-empty folder without the marker is refused too).
+A second run on the same folder is refused while the first holds the lock, naming its pid.
+:meth:`WorkDir.remove` deletes only the names above (in the artifact folders, only the files
+onnxruntime training and the run write there), and the folder itself only if the tool created
+it and it is then empty.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -47,12 +51,40 @@ LOCK = "run.lock"
 OWN_NAMES = frozenset(
     {MARKER, LOCK, "run.json", "progress.json", "admm", "retrain", "dense", "admm_state.npz", "pruned.npz"}
 )
+#: The own names that are folders (training artifacts); the others are files.
+OWN_FOLDERS = frozenset({"admm", "retrain", "dense"})
 # atomic_path's temporary names: ".<name>.<random>.tmp[.npz]"
 _TEMP = re.compile(r"^\.(run\.json|progress\.json|admm_state\.npz|pruned\.npz)\..+\.tmp(\.npz)?$")
+#: What onnxruntime training writes in an artifact folder (models, their external data, the
+#: checkpoint) and the run's own checkpoint (state.ckpt, via state.ckpt.tmp).
+_ARTIFACT = re.compile(r"^(checkpoint|(training|eval|optimizer)_model\.onnx|state\.ckpt)(\.tmp)?(\.data)?$")
 
 
 def _own(name: str) -> bool:
     return name in OWN_NAMES or bool(_TEMP.match(name))
+
+
+def _strange(path: Path, name: str, top: bool) -> Optional[str]:
+    """Why ``path`` (named ``name``, in the work directory when ``top``, else in one of its
+    artifact folders) is not something admm-onnx writes there, or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # gone meanwhile
+    if stat.S_ISLNK(st.st_mode):
+        return f"{name} is a symbolic link"
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return f"{name} is not a regular file"
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if top:
+        if not _own(name):
+            return name
+        if is_dir != (name in OWN_FOLDERS):
+            return f"{name} is a {'folder' if is_dir else 'file'}"
+        return None
+    if is_dir or not _ARTIFACT.match(name):
+        return name
+    return None
 
 
 def fingerprint_file(path) -> str:
@@ -73,14 +105,29 @@ class WorkDir:
     def __init__(self, path):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
+        #: :meth:`claim` made the folder
+        self.created = False
 
     # -- ownership ---------------------------------------------------------------------------
     def foreign_files(self) -> List[str]:
-        """Names in the folder that admm-onnx did not write."""
+        """What in the folder admm-onnx did not write: names it never uses, its names as the
+        wrong kind (a folder for a file), symbolic links and special files anywhere (which a
+        write would follow out of the folder), unknown names in its artifact folders."""
         try:
-            return sorted(n for n in os.listdir(self.path) if not _own(n))
-        except FileNotFoundError:
+            names = sorted(os.listdir(self.path))
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        out = []
+        for name in names:
+            why = _strange(self.path / name, name, top=True)
+            if why is not None:
+                out.append(why)
+            elif name in OWN_FOLDERS:
+                with contextlib.suppress(OSError):
+                    out += [f"{name}/{why}" for why in (_strange(self.path / name / child, child, top=False)
+                                                        for child in sorted(os.listdir(self.path / name)))
+                            if why is not None]
+        return out
 
     def claim(self) -> None:
         """Create (or adopt an empty / own) work directory, mark it and take its lock.
@@ -99,14 +146,19 @@ class WorkDir:
                 raise OutputError(f"cannot create work directory {p}: its parent folder does not exist") from None
             except OSError as exc:
                 raise OutputError(f"cannot create work directory {p}: {exc.strerror}") from None
-            created = True
+            created = self.created = True
         foreign = self.foreign_files()
+        refused = None
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise OutputError(
-                f"work directory {p} holds files admm-onnx did not write ({shown}); refusing to use it",
-                hint="give --workdir a new or empty folder",
-            )
+            refused = OutputError(f"work directory {p} holds files admm-onnx did not write ({shown}); refusing to use it",
+                                  hint="give --workdir a new or empty folder")
+        elif not created and not (p / MARKER).is_file() and any(True for _ in os.scandir(p)):
+            refused = OutputError(f"work directory {p} is not empty and has no {MARKER} marker: admm-onnx did not "
+                                  "make it; refusing to use it", hint="give --workdir a new or empty folder")
+        if refused is not None:
+            refused.resumable = False
+            raise refused
         try:
             self._lock()
             marker = p / MARKER
@@ -122,8 +174,8 @@ class WorkDir:
         import fcntl
 
         path = self.path / LOCK
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted under the lock's name
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
             raise OutputError(f"cannot write in work directory {self.path}: {exc.strerror}") from None
         try:
@@ -157,12 +209,15 @@ class WorkDir:
         with contextlib.suppress(Exception):
             created = bool(json.loads((p / MARKER).read_text(encoding="utf-8")).get("created_folder", True))
         for name in os.listdir(p):
-            if not _own(name) or name == MARKER:
-                continue
             target = p / name
+            if name == MARKER or _strange(target, name, top=True) is not None:
+                continue  # not ours, or ours in a form the tool never writes: left alone
             with contextlib.suppress(OSError):
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
+                if name in OWN_FOLDERS:  # the artifacts in it; the folder once empty
+                    for child in os.listdir(target):
+                        if _strange(target / child, child, top=False) is None:
+                            (target / child).unlink()
+                    target.rmdir()
                 else:
                     target.unlink()
         rest = self.foreign_files()

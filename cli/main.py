@@ -397,7 +397,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
         if user is None:
             raise
-        if (work / "progress.json").exists() and not isinstance(user, (ConfigError,)):
+        if (work / "progress.json").exists() and not isinstance(user, (ConfigError,)) and user.resumable:
             user.hint = (user.hint + "; " if user.hint else "") + f"progress so far is in {work}, continue with --resume"
         if user is exc:
             raise

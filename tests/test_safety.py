@@ -192,6 +192,36 @@ def test_workdir_with_foreign_files_is_refused_and_left_intact(room, capsys):
     run_probe(prune_args(room, "--workdir", room), room, capsys)  # --workdir . with the inputs in it
 
 
+@pytest.mark.parametrize("plant", ["lock-link", "artifact-link", "progress-folder", "fifo", "no-marker", "stray-artifact"])
+def test_a_tampered_workdir_is_refused_and_nothing_is_written_through_it(room, capsys, plant):
+    """A link planted in the work directory would let a write (the lock's pid, onnxruntime's
+    artifacts) land in a user's file; a folder under a file's name would be deleted with what
+    it holds. All are refused at claim time, before anything is written, with or without
+    --resume, and the folder stays as it was."""
+    work = room / "w"
+    assert main([str(a) for a in prune_args(room, "--workdir", work, "--keep-workdir")]) == 0
+    (room / "out.onnx").unlink()
+    capsys.readouterr()
+    if plant == "lock-link":
+        (work / "run.lock").unlink()
+        os.symlink(room / "m.onnx", work / "run.lock")
+    elif plant == "artifact-link":
+        (work / "retrain" / "training_model.onnx").unlink()
+        os.symlink(room / "m.onnx", work / "retrain" / "training_model.onnx")
+    elif plant == "progress-folder":
+        (work / "progress.json").unlink()
+        (work / "progress.json").mkdir()
+        (work / "progress.json" / "notes.txt").write_text("mine")
+    elif plant == "fifo":
+        os.mkfifo(work / "admm" / "checkpoint.tmp")
+    elif plant == "no-marker":
+        (work / ".admm-onnx-workdir").unlink()
+    else:
+        (work / "admm" / "notes.txt").write_text("mine")
+    for extra in ((), ("--resume",)):
+        run_probe(prune_args(room, "--workdir", work, *extra), room, capsys, "refusing to use it")
+
+
 def test_workdir_is_created_marked_and_removed_after_success(room, capsys):
     work = room / "w"
     assert main([str(a) for a in prune_args(room, "--workdir", work, "--keep-workdir")]) == 0

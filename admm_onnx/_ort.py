@@ -51,11 +51,17 @@ def _load(name: str):
     return importlib.import_module(f"{_PKG}.{name}")
 
 
+#: ORT log level of every session: 4 (fatal only; errors reach Python as exceptions).
+LOG_SEVERITY = 4
+
+
 def _quiet_ort() -> None:
-    """ORT logs every graph transformer at INFO during gradient builds; keep warnings and up."""
+    """ORT logs every graph transformer at INFO during gradient builds, and each failing node at
+    ERROR with C++ source paths before raising the same error to Python (which the library turns
+    into a user's error): log fatal errors only."""
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(LOG_SEVERITY)
 
 
 _quiet_ort()
@@ -68,7 +74,7 @@ api = _load("api")
 
 def _quiet_gradient_builder() -> None:
     """The gradient build makes its own SessionOptions, whose logger prints every graph
-    transformer at INFO on stderr. Give it options that log warnings and up only."""
+    transformer at INFO on stderr. Give it options that log fatal errors only."""
     utils = importlib.import_module(f"{_PKG}.onnxblock._training_graph_utils")
     make_options = utils.SessionOptions
     if getattr(make_options, "_admm_quiet", False):
@@ -76,7 +82,7 @@ def _quiet_gradient_builder() -> None:
 
     def quiet_options():
         options = make_options()
-        options.log_severity_level = 3
+        options.log_severity_level = LOG_SEVERITY
         return options
 
     quiet_options._admm_quiet = True

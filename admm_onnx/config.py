@@ -212,9 +212,13 @@ class PruneConfig:
         _check_positive(self.retrain_epochs, "retrain_epochs", allow_zero=True, integer=True)
         if self.rho is not None:
             _check_positive(self.rho, "rho")
+            if self.rho > 1e6:
+                raise ConfigError(f"rho must be at most 1e6, got {self.rho!r}")
         if self.rho_mode not in RHO_MODES:
             raise ConfigError(f"rho_mode must be one of {', '.join(RHO_MODES)}, got {self.rho_mode!r}")
         _check_positive(self.rho_growth, "rho_growth")
+        if self.rho_growth > 100:
+            raise ConfigError(f"rho_growth must be at most 100 (a factor per Z/U update), got {self.rho_growth!r}")
         _check_positive(self.rho_ratio, "rho_ratio")
         _check_positive(self.admm_tol, "admm_tol", allow_zero=True)
         _check_positive(self.admm_update_steps, "admm_update_steps", allow_zero=True, integer=True)
@@ -245,12 +249,17 @@ class PruneConfig:
         elif self.output is not None and not isinstance(self.output, str):
             raise ConfigError(f"output must be a tensor name or a list of names, got {self.output!r}")
         _check_positive(self.temperature, "temperature")
-        if not 0.0 <= float(self.distill_weight) <= 1.0:
+        if not 1e-3 <= self.temperature <= 1e3:
+            raise ConfigError(f"temperature must be between 0.001 and 1000, got {self.temperature!r}")
+        _check_positive(self.distill_weight, "distill_weight", allow_zero=True)
+        if self.distill_weight > 1.0:
             raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
         if self.distill_kind not in (None, "kl", "mse"):
             raise ConfigError(f"distill_kind must be kl or mse, got {self.distill_kind!r}")
         if self.class_axis is not None and (isinstance(self.class_axis, bool) or not isinstance(self.class_axis, int)):
             raise ConfigError(f"class_axis must be an integer, got {self.class_axis!r}")
+        if self.class_axis == 0:
+            raise ConfigError("class_axis 0 is the batch axis; the class axis is 1 or later (or -1: the last)")
         _check_positive(self.threads, "threads", allow_zero=True, integer=True)
         _check_positive(self.workers, "workers", integer=True)
         from .allocation.budget import check_budget_fields, parse_compression

@@ -59,10 +59,15 @@ class Dataset:
             if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
                 raise DataError(f"{self.name}: the {split} inputs contain NaN or Inf")
             if not np.issubdtype(y.dtype, np.integer):
-                if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+                if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and np.all(np.mod(y, 1) == 0) \
+                        and np.abs(y).max(initial=0) < 2**31:
                     setattr(self, f"y_{split}", y.astype(np.int64))
                 else:
-                    raise DataError(f"{self.name}: {split} labels must be integer class indices, got {y.dtype}")
+                    raise DataError(f"{self.name}: {split} labels must be integer class indices, got {y.dtype}"
+                                    + (" with NaN, Inf, fractions or values above 2^31"
+                                       if np.issubdtype(y.dtype, np.floating) else ""))
+            elif y.size and (np.iinfo(y.dtype).max > 2**62 and int(y.max()) >= 2**31):
+                raise DataError(f"{self.name}: {split} labels go up to {int(y.max())}: not class indices")
             if getattr(self, f"y_{split}").ndim != 1:
                 raise DataError(f"{self.name}: {split} labels must be a 1-D array of class indices")
             if getattr(self, f"y_{split}").min() < 0:

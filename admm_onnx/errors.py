@@ -77,7 +77,7 @@ class InstallError(AdmmOnnxError, ImportError):
 # ONNX Runtime's pybind exception types raised for a model it cannot load or run.
 _ORT_MODEL_ERRORS = frozenset(
     {"Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
-     "ModelLoaded", "EPFail"}
+     "ModelLoaded", "EPFail", "RuntimeException"}
 )
 
 

@@ -93,7 +93,12 @@ def fit_array(x, spec: InputSpec, where: str = "data") -> np.ndarray:
         if not np.isfinite(x).all():
             raise DataError(f"{where}: input {spec.name!r} contains NaN or Inf")
     elif spec.dtype == np.bool_:
+        if x.dtype != np.bool_ and x.size and not np.isin(x, (0, 1)).all():
+            raise DataError(f"{where}: model input {spec.name!r} takes bool but the data holds values other "
+                            f"than 0 and 1 ({x.dtype})")
         x = x.astype(np.bool_, copy=False)
+    elif spec.dtype.kind in "OSU":
+        raise DataError(f"{where}: model input {spec.name!r} takes strings; admm-onnx feeds numeric arrays only")
     elif np.issubdtype(spec.dtype, np.integer):
         if x.dtype.kind == "f":
             if not np.all(np.isfinite(x)) or np.any(np.mod(x, 1) != 0):

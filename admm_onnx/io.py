@@ -622,8 +622,9 @@ def _fingerprint_or_none(path: Path) -> Optional[int]:
         return None
 
 
-def check_output_path(output: PathLike, *inputs: Optional[PathLike]) -> Path:
-    """Check one output path against ``inputs`` (model paths count with their external data).
+def check_output_path(output: PathLike, *inputs: Optional[PathLike], option: str = "-o") -> Path:
+    """Check one output path (given by ``option``) against ``inputs`` (model paths count with
+    their external data).
 
     A shortcut for commands with one output; see :class:`OutputPlan` for the rules."""
     plan = OutputPlan()
@@ -633,7 +634,7 @@ def check_output_path(output: PathLike, *inputs: Optional[PathLike]) -> Path:
                 plan.add_model_input(inp)
             else:
                 plan.add_input(inp)
-    return plan.add_output(output, "-o")
+    return plan.add_output(output, option)
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -649,8 +650,11 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
 
     The temporary file is removed on every exit path; OS errors become :class:`OutputError`."""
     target = Path(target)
+    prefix = f".{target.name}."
+    if len(prefix.encode()) + len(suffix) + 16 > 255:  # a long valid name: a shorter temporary one
+        prefix = f".{target.name.encode()[:180].decode(errors='ignore')}."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=target.parent or ".")
     except OSError as exc:
         raise _disk_error(exc, target) from exc
     os.close(fd)

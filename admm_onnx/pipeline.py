@@ -42,7 +42,7 @@ from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
 from .graph._util import opset_version
 from .graph.ml_linear import ML_LINEAR_OPS, lift_ml_linear
-from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions
+from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions, within_runtime_versions
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
@@ -92,6 +92,19 @@ class PreparedModel:
         return first if isinstance(first, int) and first > 0 else None
 
 
+def _decoded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A file admm-onnx exported with compact weights (csr, coo, packed) as its dense model (the
+    same weights as plain initializers: what training and the pruning rules see; outputs are
+    bit-exact to the file's own). Other models pass through."""
+    from . import formats
+
+    fmt = formats.detect(model)
+    if fmt is None or fmt.name not in ("csr", "coo", "packed"):
+        return model
+    log.info("the model stores its weights as %s: decoded to dense initializers first", fmt.name)
+    return formats.decode(model)
+
+
 def _check_precision(model: onnx.ModelProto) -> None:
     """Training runs in float32: a float16 / bfloat16 model is refused with a clear line (the
     loss graph would not type-check, and ORT's fp16 training kernels are incomplete)."""
@@ -122,15 +135,9 @@ def prepare_model(
     else:
         original = load_model(model_input)
         external = _file_used_external_data(model_input)
+    original = _decoded(original)
     _check_precision(original)
-    if original.ir_version > MAX_IR_VERSION or opset_version(original) > MAX_OPSET:
-        lowered = onnx.ModelProto()
-        lowered.CopyFrom(original)
-        changes = lower_versions(lowered)  # the user's graph too: it is run in ORT 1.19 and written
-        if changes:
-            log.warning("the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
-                        MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
-            original = lowered
+    original = within_runtime_versions(original)  # the user's graph too: it is run in ORT 1.19 and written
     if any(n.domain == "ai.onnx.ml" and n.op_type in ML_LINEAR_OPS for n in original.graph.node):
         lifted = onnx.ModelProto()
         lifted.CopyFrom(original)

@@ -144,9 +144,25 @@ class QuantSpec:
     def to_dict(self) -> Dict[str, object]:
         return {"bits": self.bits, "axis": self.axis, "scale": [float(s) for s in self.scale]}
 
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be a whole number from 2 to 8, got {self.bits!r}")
+        if not self.scale or not all(np.isfinite(s) and 0 < s < 1e30 for s in self.scale):
+            raise ValueError(f"scales must be positive finite numbers below 1e30, got {list(self.scale)[:4]}")
+        if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
+            raise ValueError(f"axis must be a whole number or null, got {self.axis!r}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> "QuantSpec":
-        return cls(int(d["bits"]), tuple(float(s) for s in d["scale"]), None if d.get("axis") is None else int(d["axis"]))
+        """Raises ValueError (or TypeError) for a record that is not a spec."""
+        bits, scale, axis = d["bits"], d["scale"], d.get("axis")
+        if isinstance(bits, float) and bits.is_integer():
+            bits = int(bits)
+        if isinstance(scale, (str, bytes)) or not hasattr(scale, "__iter__"):
+            raise ValueError(f"scale must be a list of numbers, got {scale!r}")
+        if isinstance(axis, float) and axis.is_integer():
+            axis = int(axis)
+        return cls(bits, tuple(float(s) for s in scale), axis)
 
     def integers(self, weight: np.ndarray) -> np.ndarray:
         """The integers q of a weight written by a run (int8 for every supported bit width)."""
@@ -178,9 +194,18 @@ def read_quantization(report) -> Dict[str, QuantSpec]:
         report = {"quantization": json.loads(entry) if entry else {}}
     elif not isinstance(report, Mapping):
         report = json.loads(Path(report).read_text(encoding="utf-8"))
+    specs = report.get("quantization") if isinstance(report, Mapping) else None
+    if specs is not None and not isinstance(specs, Mapping):
+        raise ValueError(f"its \"quantization\" entry is a {type(specs).__name__}, not weight -> spec")
     # Only quantization facts ({"bits", "axis", "scale"}); other constraints' describe() facts are skipped.
-    return {name: QuantSpec.from_dict(d) for name, d in (report.get("quantization") or {}).items()
-            if isinstance(d, Mapping) and "bits" in d and "scale" in d}
+    out = {}
+    for name, d in (specs or {}).items():
+        if isinstance(d, Mapping) and "bits" in d and "scale" in d:
+            try:
+                out[name] = QuantSpec.from_dict(d)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"the spec of {name!r}: {exc}") from None
+    return out
 
 
 def mark_model(model, specs: Mapping[str, Union[QuantSpec, Mapping[str, object]]]) -> None:

@@ -338,8 +338,11 @@ class Trainer:
             self.optimizer.set_learning_rate(self.schedule(self.step))
         loss, logits = self._forward_backward(self._inputs(feed))
         if not math.isfinite(loss):
-            raise TrainingError(f"training diverged: the loss became {loss} at step {self.step + 1}",
-                                hint="lower --lr or --rho")
+            err = TrainingError(f"training diverged: the loss became {loss} at step {self.step + 1}",
+                                hint="lower --lr or --rho (a work directory kept for --resume holds the old "
+                                     "settings: delete it to start again)")
+            err.resumable = False  # resuming with the same settings diverges again
+            raise err
         self.optimizer.step()
         self.module.lazy_reset_grad()
         if self.pool is not None:

@@ -6,10 +6,12 @@ Every :class:`~admm_onnx.errors.AdmmOnnxError` becomes one line on stderr and ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import logging
 import shlex
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Optional
@@ -92,7 +94,7 @@ def _check_log_file(ctx, log_file: str) -> None:
     from admm_onnx.io import OutputPlan
 
     words = list((ctx.find_root().obj or {}).get("argv") or [])
-    values = []
+    values, same = [], []
     skip_own = True
     for i, word in enumerate(words):
         if word is None:
@@ -108,6 +110,10 @@ def _check_log_file(ctx, log_file: str) -> None:
             continue
         if not word:
             continue
+        target = os.path.realpath(log_file)
+        if any(c and not c.startswith("-") and os.path.realpath(c) == target
+               for c in (word, word.split("=", 1)[-1], word.split(":", 1)[-1])):
+            same.append(word)
         for candidate in (word, word.split("=", 1)[-1], word.split(":", 1)[-1]):
             if candidate and os.path.exists(candidate):
                 values.append(candidate)
@@ -119,6 +125,9 @@ def _check_log_file(ctx, log_file: str) -> None:
         else:
             plan.add_input(value, what="named on the command line")
     plan.add_output(log_file, "--log-file")
+    if same:  # an output of the command (not written yet): the log would be replaced or overwrite it
+        raise ConfigError(f"--log-file {log_file} is also an output of the command ({same[0]}); the log would be "
+                          "lost or the output overwritten", hint="give the log its own file")
 
 
 def usable_cores() -> int:
@@ -222,6 +231,10 @@ def _merge_output(out: Optional[str], out_old: Optional[str], old_flag: str = "-
         out = out_old
     if out is None and required:
         raise click.UsageError("Missing option '-o' / '--output'.")
+    if out is not None and not str(out).strip():
+        raise ConfigError("-o/--output is empty; give a file name")
+    if out is not None and str(out).endswith(("/", os.sep)):
+        raise ConfigError(f"-o/--output {out} names a folder; give a file name")
     return out
 
 
@@ -305,7 +318,7 @@ def _common_training_options(f):
               help="channel: remove whole channels (coupled groups, see 'admm-onnx groups') and write a smaller dense "
                    "model; --sparsity is then the fraction of channels removed per group, --target-macs the MACs "
                    "kept.  [default: element]")
-@click.option("--round-to", type=int, default=None, help="With --structure channel: kept channels a multiple of N (8: ORT's fast conv layout).  [default: 8]")
+@click.option("--round-to", type=click.IntRange(min=1), default=None, help="With --structure channel: kept channels a multiple of N (8: ORT's fast conv layout).  [default: 8]")
 @click.option("--temperature", type=float, default=None,
               help="Softmax temperature of distillation on class scores.  [default: 2]")
 @_common_training_options
@@ -378,8 +391,16 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if channels is not None:
         if resume:
             raise ConfigError("--resume is not supported with --structure channel")
+        if sparse_output:
+            raise ConfigError("--sparse-output stores zeros inside weights; --structure channel removes whole "
+                              "channels, so -o is already the small dense model", hint="drop --sparse-output")
     elif config.compression is None and config.target_params is None and config.target_macs is None:
-        config.plan(prepared.info)  # fail on bad rules before loading data
+        weights = config.plan(prepared.info)  # fail on bad rules before loading data
+        if sparse_output and not any(w.sparsity >= 0.5 for w in weights.values()):
+            raise ConfigError("--sparse-output stores the weights pruned to >= 50% zeros, and no rule prunes one "
+                              "that far" + (" (only --bits)" if not any(w.sparsity > 0 for w in weights.values()) else ""),
+                              hint="raise --sparsity, or use admm-onnx export (--min-sparsity, --format packed) "
+                                   "on the pruned model")
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     t0 = time.perf_counter()
     try:
@@ -522,7 +543,8 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
         raise DataError("eval measures top-1 against class labels; the data has none",
                         hint="give labels (labels/y, --labels-key)")
     if as_json:
-        click.echo(json.dumps({"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples}))
+        finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
+        click.echo(json.dumps({"accuracy": finite(stats.accuracy), "loss": finite(stats.loss), "samples": stats.samples}))
     else:
         click.echo(f"Top-1 {100 * stats.accuracy:.2f}%  loss {stats.loss:.4f}  ({stats.samples} samples)")
 
@@ -537,7 +559,7 @@ def models():
 @_output_option("Model file to write.")
 @click.option("--input-shape", default="1x28x28", show_default=True, help="C x H x W.")
 @click.option("--classes", type=int, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def models_build(name, out, out_old, input_shape, classes, seed):
     """Build reference model NAME (lenet5, lenet300-100, resnet20) with random weights."""
     from admm_onnx.errors import ConfigError
@@ -694,8 +716,11 @@ def main(argv=None) -> int:
     args, debug = _split_debug(argv)
     previous = _install_signal_handlers()
     try:
-        cli.main(args=args, prog_name="admm-onnx", standalone_mode=False,
-                 obj={"argv": list(argv if argv is not None else sys.argv[1:])})
+        with warnings.catch_warnings():
+            if not debug:  # NumPy's overflow/invalid-value notes are not for users (--debug shows them)
+                warnings.simplefilter("ignore", RuntimeWarning)
+            cli.main(args=args, prog_name="admm-onnx", standalone_mode=False,
+                     obj={"argv": list(argv if argv is not None else sys.argv[1:])})
     except Interrupted as exc:
         click.echo(str(exc), err=True)
         return 128 + exc.signum if getattr(exc, "signum", None) else 130

@@ -60,7 +60,7 @@ def _check_cache_dir(path: Path) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Cache the results in this folder (reruns compute only what is missing).  [default: $ADMM_ONNX_CACHE, else no cache]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the sample subset.")
 @click.option("--model-output", "output_name", default=None, metavar="NAME",
               help="Model output holding the logits.  [default: the first output]")
 @click.option("-q", "--quiet", is_flag=True, help="No logs.")
@@ -97,14 +97,22 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
         from admm_onnx.plot import plot_format
 
         plot_format(plot_path)  # a bad suffix, or PNG without matplotlib: stop before the sweep
+    import numpy as np
+
     dataset = load_dataset(data)  # before the model's preparation logs anything: a bad file is one line
-    if not hasattr(dataset, "x_train"):
-        raise ConfigError("the sensitivity sweep takes single-input data with labels (x_train/y_train or x/y)")
+    if hasattr(dataset, "x_train"):
+        x_all, y_all = dataset.x_train, dataset.y_train
+    elif metric == "kl" and len(getattr(dataset, "train", {})) == 1:  # no labels needed
+        x_all = next(iter(dataset.train.values()))
+        y_all = dataset.y_train if dataset.y_train is not None else np.zeros(len(x_all), np.int64)
+    else:
+        raise ConfigError("the sensitivity sweep takes single-input data with labels (x_train/y_train or x/y)"
+                          + ("" if metric == "kl" else "; --metric kl also takes one unlabeled input array"))
     prepared = prepare_model(model, output_name)
-    idx = __import__("numpy").random.default_rng(seed).permutation(len(dataset.x_train))[:samples]
+    idx = np.random.default_rng(seed).permutation(len(x_all))[:samples]
     idx.sort()
-    x = fit_to_input(dataset.x_train[idx], prepared.input_shape, prepared.input_name)
-    y = dataset.y_train[idx]
+    x = fit_to_input(x_all[idx], prepared.input_shape, prepared.input_name)
+    y = y_all[idx]
     runner = make_runner(workers if workers is not None else usable_cores(), ray_address)
     cache = None if no_cache else (cache_dir or "default")
     result = run_sensitivity(prepared, x, y, level_list, metric, structure, None, runner, cache)

@@ -123,6 +123,9 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     """Store the weights of PRUNED.onnx compactly (sparse, packed) or as int8 (qdq) in a new ONNX file."""
     model, external = _load(model_path)
     _plan_output(model_path, output, external, quant_path, calib_data)
+    from admm_onnx.graph.opset import within_runtime_versions
+
+    model = within_runtime_versions(model)  # the checks run in onnx's checker and onnxruntime 1.19
     if remove_dead and quant_path is not None:
         raise ConfigError("--remove-dead-channels uses the quantization specs recorded in PRUNED.onnx; "
                           "drop --quantization")
@@ -230,7 +233,7 @@ def inspect_cmd(model_path: Path, as_json: bool, plot_path: Optional[Path]) -> N
     if plot_path is not None:
         from admm_onnx.plot import kept_chart, write_charts
 
-        io.check_output_path(plot_path, model_path)
+        io.check_output_path(plot_path, model_path, option="--plot")
         write_charts([kept_chart(table.to_dict()["layers"])], plot_path, f"admm-onnx inspect {model_path.name}")
         click.echo(f"Wrote {plot_path}", err=as_json)
     totals = table.totals

@@ -62,8 +62,8 @@ def default_cache_dir() -> Optional[Path]:
 def check_levels(levels: Iterable[float]) -> Tuple[float, ...]:
     out = []
     for v in levels:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
-            raise ConfigError(f"sensitivity levels are fractions kept in (0, 1), got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1e-6 <= float(v) < 1.0:
+            raise ConfigError(f"sensitivity levels are fractions kept in [0.000001, 1), got {v!r}")
         out.append(float(v))
     if not out:
         raise ConfigError("give at least one sensitivity level")
@@ -111,7 +111,7 @@ def _session(model_bytes: bytes):
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach Python as exceptions; no C++ log lines
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 

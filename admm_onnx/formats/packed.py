@@ -612,8 +612,8 @@ def _fp16_initializers(graph: onnx.GraphProto, skip: Set[str], names: Iterator[s
         if t.name in skip or t.name not in biases or t.data_type != TensorProto.FLOAT:
             continue
         arr = numpy_helper.to_array(t)
-        if arr.size < FP16_MIN_ENTRIES:
-            continue
+        if arr.size < FP16_MIN_ENTRIES or not np.all(np.abs(arr) <= np.finfo(np.float16).max):
+            continue  # too small to pay for its Cast, or outside float16's range (stays float32)
         old, half = t.name, next(names)
         t.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), half))
         casts.append(helper.make_node("Cast", [half], [old], to=TensorProto.FLOAT))
@@ -637,9 +637,13 @@ def _specs(model: onnx.ModelProto, quantization) -> Dict[str, QuantSpec]:
     if isinstance(quantization, Mapping) and all(isinstance(v, QuantSpec) for v in quantization.values()):
         return dict(quantization)
     try:
-        return read_quantization(quantization)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        specs = read_quantization(quantization)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"cannot read the quantization specs: {exc}") from None
+    if not specs:
+        raise ConfigError("the quantization report holds no quantization specs",
+                          hint="pass the --report JSON of a prune run with --bits")
+    return specs
 
 
 class Packed(Format):

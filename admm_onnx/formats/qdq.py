@@ -243,8 +243,11 @@ def _fold_batchnorm(model: onnx.ModelProto, specs) -> Tuple[Dict[str, object], i
     return specs, folded
 
 
-def _weight_integers(w: np.ndarray, spec, axis: int) -> Tuple[np.ndarray, np.ndarray, Optional[int], bool]:
+def _weight_integers(w: np.ndarray, spec, axis: int, name: str = "") -> Tuple[np.ndarray, np.ndarray, Optional[int], bool]:
     """(int8 q, float32 scales, axis or None, exact) for one weight."""
+    if not np.isfinite(w).all():
+        raise ModelError(f"weight {name!r} holds NaN or Inf values: int8 cannot represent them",
+                         hint="fix or retrain the model first")
     if spec is not None:
         q = spec.integers(w)  # raises unless w is exactly on the spec's levels
         return q, np.asarray(spec.scale, np.float32), spec.axis, True
@@ -388,7 +391,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
         if s.w in replaced:
             continue
         w = numpy_helper.to_array(inits[s.w]).astype(np.float32)
-        q, w_scale, axis, is_exact = _weight_integers(w, specs.get(s.w), s.axis)
+        q, w_scale, axis, is_exact = _weight_integers(w, specs.get(s.w), s.axis, s.w)
         (exact if is_exact else post).append(s.w)
         # The DequantizeLinear output takes the weight's own name (the float initializer goes).
         q_name, ws_name, wz_name, dq_name = fresh(f"{s.w}/int8"), fresh(f"{s.w}/scale"), fresh(f"{s.w}/zero_point"), s.w

@@ -136,6 +136,25 @@ def lower_versions(model: onnx.ModelProto) -> List[str]:
     return changed
 
 
+def within_runtime_versions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy lowered to IR / opset the training runtime (and onnx's checker)
+    reads when it is newer but uses nothing newer (:func:`lower_versions`; logged). A model
+    that does use newer ops is returned as it is (the caller's checks refuse it)."""
+    if model.ir_version <= MAX_IR_VERSION and opset_version(model) <= MAX_OPSET:
+        return model
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    changes = lower_versions(lowered)
+    if not changes:
+        return model
+    import logging
+
+    logging.getLogger("admm_onnx").warning(
+        "the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
+        MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
+    return lowered
+
+
 def _init_names(model: onnx.ModelProto) -> set:
     return {t.name for t in model.graph.initializer}
 

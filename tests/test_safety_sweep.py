@@ -1,0 +1,206 @@
+"""Safety probes found by an adversarial sweep on 2026-12-05 (inputs the earlier probes missed).
+
+Same harness as tests/test_safety_probes.py (``Room.probe``): exit 2, exactly one ``error:``
+line without C++ paths, every file byte-identical afterwards, nothing left behind. A second
+group checks inputs that used to be mishandled and now work.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from admm_onnx.cli.main import main
+from test_safety_probes import QUICK, room  # noqa: F401  (the harness and its fixture)
+
+PRUNE = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", *QUICK]
+
+
+def _runtime_failing_model(r):
+    """Valid ONNX that fails inside onnxruntime at run time (a Reshape to a size the data has not)."""
+    m = onnx.load(r / "m.onnx")
+    g = m.graph
+    g.initializer.append(numpy_helper.from_array(np.array([0, 0, 8, 8], np.int64), "bad"))
+    g.node.insert(0, helper.make_node("Shape", ["input"], ["shp"]))
+    g.node.insert(1, helper.make_node("Add", ["shp", "bad"], ["shp2"]))
+    g.node.insert(2, helper.make_node("Reshape", ["input", "shp2"], ["inr"]))
+    g.node[3].input[0] = "inr"
+    onnx.save(m, r / "x.onnx")
+
+
+def _config(text):
+    return lambda r: (r / "k.toml").write_text("sparsity = 0.5\n" + text)
+
+
+def _labels(value):
+    def setup(r):
+        x = np.random.default_rng(0).standard_normal((100, 1, 8, 8)).astype(np.float32)
+        y = np.random.default_rng(1).integers(0, 4, 100).astype(np.float64)
+        y[3] = value
+        np.savez(r / "bad.npz", x_train=x, y_train=y)
+    return setup
+
+
+def _quantized(r, tamper):
+    """A 4-bit pruned model (q.onnx) and its report with ``tamper`` applied (qq.json)."""
+    assert main(r.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/q.onnx", "--sparsity", "0.5", "--bits", "4",
+                        *QUICK, "--report", "@/q.json"])) == 0
+    report = json.loads((r / "q.json").read_text())
+    tamper(report)
+    (r / "qq.json").write_text(json.dumps(report))
+
+
+def _zero_scale(report):
+    spec = report["quantization"]["fc1.weight"]
+    spec["scale"] = [0.0] * len(spec["scale"])
+
+
+def _nan_weight(r):
+    m = onnx.load(r / "m.onnx")
+    t = m.graph.initializer[0]
+    a = numpy_helper.to_array(t).copy()
+    a[0, 0] = np.nan
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, r / "nan.onnx")
+
+
+def _bool_input(r):
+    m = onnx.load(r / "m.onnx")
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.BOOL
+    m.graph.node.insert(0, helper.make_node("Cast", ["input"], ["input_f"], to=TensorProto.FLOAT))
+    for n in m.graph.node[1:]:
+        n.input[:] = ["input_f" if x == "input" else x for x in n.input]
+    onnx.save(m, r / "b.onnx")
+
+
+def _nothing(r):
+    return None
+
+
+PROBES = [
+    ("ort-runtime-failure-eval", _runtime_failing_model, ["eval", "@/x.onnx", "-d", "@/d.npz"], "cannot run the model"),
+    ("ort-runtime-failure-prune", _runtime_failing_model,
+     ["prune", "@/x.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK], "cannot run the model"),
+    ("distill-weight-text", _config('distill_weight = "abc"\n'), PRUNE + ["--config", "@/k.toml"], "distill_weight"),
+    ("distill-weight-bool", _config("distill_weight = true\n"), PRUNE + ["--config", "@/k.toml"], "distill_weight"),
+    ("class-axis-batch", _config("class_axis = 0\n"), PRUNE + ["--config", "@/k.toml"], "batch axis"),
+    ("temperature-huge", _config('temperature = 1e308\nloss = "distill"\n'), PRUNE + ["--config", "@/k.toml"],
+     "temperature"),
+    ("temperature-tiny", _nothing, PRUNE + ["--sparsity", "0.5", "--temperature", "1e-300", "--loss", "distill"],
+     "temperature"),
+    ("rho-growth-huge", _nothing, PRUNE + ["--sparsity", "0.5", "--rho-mode", "growth", "--rho-growth", "1e300"],
+     "rho_growth"),
+    ("rho-huge", _nothing, PRUNE + ["--sparsity", "0.5", "--rho", "1e300"], "rho"),
+    ("labels-inf", _labels(np.inf), ["prune", "@/m.onnx", "-d", "@/bad.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                                     *QUICK], "labels"),
+    ("labels-1e30", _labels(1e30), ["prune", "@/m.onnx", "-d", "@/bad.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                                    *QUICK], "labels"),
+    ("sensitivity-level-tiny", _nothing, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--no-cache", "--workers", "1",
+                                          "--samples", "20", "--levels", "1e-30", "-q"], "levels"),
+    ("sensitivity-seed-negative", _nothing, ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--no-cache", "--seed", "-1"],
+     "--seed"),
+    ("quantization-list", lambda r: _quantized(r, lambda d: d.update(quantization=[1, 2])),
+     ["export", "@/q.onnx", "-o", "@/p.onnx", "--format", "packed", "--quantization", "@/qq.json"], "quantization"),
+    ("quantization-zero-scale", lambda r: _quantized(r, _zero_scale),
+     ["export", "@/q.onnx", "-o", "@/p.onnx", "--format", "packed", "--quantization", "@/qq.json"], "scales"),
+    ("quantization-no-specs", lambda r: _quantized(r, lambda d: d.pop("quantization")),
+     ["export", "@/q.onnx", "-o", "@/p.onnx", "--format", "packed", "--quantization", "@/qq.json"], "no quantization"),
+    ("qdq-nan-weight", _nan_weight, ["export", "@/nan.onnx", "-o", "@/p.onnx", "--format", "qdq", "-d", "@/d.npz"],
+     "NaN"),
+    ("sparse-output-bits-only", _nothing, PRUNE + ["--bits", "4", "--sparse-output", "@/s.onnx"], "--sparse-output"),
+    ("sparse-output-too-little", _nothing, PRUNE + ["--sparsity", "0.3", "--sparse-output", "@/s.onnx"],
+     "--sparse-output"),
+    ("sparse-output-channels", _nothing, PRUNE + ["--sparsity", "0.5", "--structure", "channel",
+                                                  "--sparse-output", "@/s.onnx"], "--sparse-output"),
+    ("log-file-is-the-output", _nothing, ["--log-file", "@/o.onnx"] + PRUNE + ["--sparsity", "0.5"], "--log-file"),
+    ("log-file-is-the-report", _nothing, ["--log-file", "@/r.json"] + PRUNE + ["--sparsity", "0.5", "--report",
+                                                                               "@/r.json"], "--log-file"),
+    ("bool-input-float-data", _bool_input, ["eval", "@/b.onnx", "-d", "@/d.npz"], "bool"),
+    ("output-empty", _nothing, ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "", "--sparsity", "0.5", *QUICK], "empty"),
+    ("output-folder-slash", _nothing, ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx/", "--sparsity", "0.5",
+                                       *QUICK], "names a folder"),
+    ("round-to-zero", _nothing, PRUNE + ["--sparsity", "0.5", "--structure", "channel", "--round-to", "0"],
+     "--round-to"),
+    ("inspect-plot-names-its-option", _nothing, ["inspect", "@/m.onnx", "--plot", "@/nope/p.svg"], "--plot"),
+]
+
+
+@pytest.mark.parametrize("label,setup,argv,expect", PROBES, ids=[p[0] for p in PROBES])
+def test_swept_inputs_are_one_clean_error(room, label, setup, argv, expect):  # noqa: F811
+    setup(room)
+    room.probe(argv, expect, label)
+
+
+# -- inputs that used to fail and now work ----------------------------------------------------
+
+
+def test_eval_and_prune_read_a_packed_file_of_a_quantized_model(room, capsys):  # noqa: F811
+    """The file's float16 scales are not float16 compute: the encoded weights are decoded first."""
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/q.onnx", "--sparsity", "0.5", "--bits", "4",
+                           *QUICK])) == 0
+    assert main(room.argv(["export", "@/q.onnx", "-o", "@/p.onnx", "--format", "packed"])) == 0
+    capsys.readouterr()
+    assert main(room.argv(["eval", "@/p.onnx", "-d", "@/d.npz", "--json"])) == 0
+    packed = json.loads(capsys.readouterr().out)
+    assert main(room.argv(["eval", "@/q.onnx", "-d", "@/d.npz", "--json"])) == 0
+    assert json.loads(capsys.readouterr().out) == packed  # bit-exact weights: the same figures
+
+
+def test_a_long_valid_output_name_is_written(room, capsys):  # noqa: F811
+    name = "a" * 240 + ".onnx"  # the temporary name beside it used to pass 255 bytes
+    assert main(room.argv(["export", "@/m.onnx", "-o", f"@/{name}", "--min-sparsity", "0"])) == 0
+    assert (room / name).is_file()
+
+
+def test_export_lowers_an_ir_11_model_that_uses_nothing_newer(room, capsys):  # noqa: F811
+    m = onnx.load(room / "m.onnx")
+    m.ir_version = 11
+    onnx.save(m, room / "ir11.onnx")
+    assert main(room.argv(["export", "@/ir11.onnx", "-o", "@/e.onnx", "--min-sparsity", "0"])) == 0
+    assert onnx.load(room / "e.onnx").ir_version <= 10
+
+
+def test_sensitivity_kl_takes_unlabeled_data(room, capsys):  # noqa: F811
+    np.savez(room / "u.npz", input=np.random.default_rng(0).random((50, 1, 8, 8)).astype(np.float32))
+    assert main(room.argv(["sensitivity", "@/m.onnx", "-d", "@/u.npz", "--metric", "kl", "--no-cache", "--workers",
+                           "1", "--samples", "20", "--levels", "0.5", "-q"])) == 0
+
+
+def test_a_weight_read_inside_an_if_branch_blocks_its_channels():
+    from admm_onnx.structured.analysis import analyse
+
+    rng = np.random.default_rng(0)
+    w0 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W0")
+    w = numpy_helper.from_array(rng.standard_normal((64, 4)).astype(np.float32), "W")
+    out = helper.make_tensor_value_info("t", TensorProto.FLOAT, [None, 4])
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "W"], ["t"])], "then", [], [out])
+    other = helper.make_graph([helper.make_node("MatMul", ["h", "W"], ["t"])], "else", [], [out])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W0"], ["h0"]), helper.make_node("Relu", ["h0"], ["h"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [w0, w, numpy_helper.from_array(np.array(True), "c")])
+    analysis = analyse(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert not analysis.prunable
+    reasons = [r for g in analysis.groups for r in g.blocked]
+    assert any("subgraph of If" in r for r in reasons), reasons
+
+
+def test_fp16_values_keep_biases_outside_float16_range_in_float32():
+    from admm_onnx import formats
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    w[rng.random(w.shape) < 0.8] = 0
+    b = np.full(32, 1e6, np.float32)  # beyond float16's 65,504
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out, report = formats.export(model, "packed", values="fp16")
+    assert report.float16 == [] and all(t.data_type != TensorProto.FLOAT16 for t in out.graph.initializer)

@@ -599,7 +599,7 @@ def main(argv=None) -> dict:
     samples = dense_samples + samples_pruning
     retrain_samples = len(train_reader) * batch * sum(retrain_epochs_run)
     admm_samples = samples_pruning - retrain_samples  # ADMM may stop early (converged)
-    train_seconds = timings["dense"] + timings["admm"] + timings["retrain"]
+    train_seconds = max(timings["dense"] + timings["admm"] + timings["retrain"], 1e-9)
 
     paper = PAPER_LENET5 if args.model == "lenet5" and name.lower() == "mnist" else None
     print()
@@ -622,11 +622,11 @@ def main(argv=None) -> dict:
               f"{label_free['fidelity_after']}")
     print(f"Prior art: {PRIOR_ART[args.model]}")
     print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    print(f"Throughput: dense {dense_samples / timings['dense']:,.0f} samples/s (incl. per-epoch eval), "
+    print(f"Throughput: dense {dense_samples / max(timings['dense'], 1e-9):,.0f} samples/s (incl. per-epoch eval), "
           f"ADMM {admm_samples / max(timings['admm'], 1e-9):,.0f} samples/s, retrain {retrain_samples / max(timings['retrain'], 1e-9):,.0f} "
           f"samples/s (incl. per-epoch eval); overall {samples / train_seconds:,.0f} samples/s of training")
     print(f"Training samples seen: {samples:,} (dense {dense_samples:,}, ADMM {admm_samples:,}, retrain {retrain_samples:,}) "
-          f"vs the paper's ~{PAPER_SAMPLES:,} ({PAPER_SAMPLES / samples:.1f}x fewer here)")
+          f"vs the paper's ~{PAPER_SAMPLES:,}" + (f" ({PAPER_SAMPLES / samples:.1f}x fewer here)" if samples else ""))
     if args.model == "lenet5" and name.lower() == "mnist" and not args.validation and not args.start_from:
         ok = final.accuracy >= 0.992 and total_nz <= 6050 and timings["total"] <= 240
         print(f"Issue-16 target (>= 99.20% top-1, <= 6,050 nonzero, <= 240 s wall from scratch on 2 cores): "

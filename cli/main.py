@@ -21,6 +21,8 @@ import click
 from admm_onnx.errors import AdmmOnnxError, ConfigError, DataError, as_user_error, clean_message
 from admm_onnx.training import Progress
 
+from .options import at_least
+
 log = logging.getLogger("admm_onnx.cli")
 
 
@@ -318,7 +320,7 @@ def _common_training_options(f):
               help="channel: remove whole channels (coupled groups, see 'admm-onnx groups') and write a smaller dense "
                    "model; --sparsity is then the fraction of channels removed per group, --target-macs the MACs "
                    "kept.  [default: element]")
-@click.option("--round-to", type=click.IntRange(min=1), default=None, help="With --structure channel: kept channels a multiple of N (8: ORT's fast conv layout).  [default: 8]")
+@click.option("--round-to", type=int, default=None, callback=at_least(1), help="With --structure channel: kept channels a multiple of N (8: ORT's fast conv layout).  [default: 8]")
 @click.option("--temperature", type=float, default=None,
               help="Softmax temperature of distillation on class scores.  [default: 2]")
 @_common_training_options
@@ -559,7 +561,7 @@ def models():
 @_output_option("Model file to write.")
 @click.option("--input-shape", default="1x28x28", show_default=True, help="C x H x W.")
 @click.option("--classes", type=int, default=10, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, callback=at_least(0))
 def models_build(name, out, out_old, input_shape, classes, seed):
     """Build reference model NAME (lenet5, lenet300-100, resnet20) with random weights."""
     from admm_onnx.errors import ConfigError

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .options import at_least
+
 
 def _levels(text):
     from admm_onnx.errors import ConfigError
@@ -60,7 +62,7 @@ def _check_cache_dir(path: Path) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Cache the results in this folder (reruns compute only what is missing).  [default: $ADMM_ONNX_CACHE, else no cache]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the sample subset.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=at_least(0), help="Seed of the sample subset.")
 @click.option("--model-output", "output_name", default=None, metavar="NAME",
               help="Model output holding the logits.  [default: the first output]")
 @click.option("-q", "--quiet", is_flag=True, help="No logs.")

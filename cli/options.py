@@ -1,0 +1,16 @@
+"""Option checks shared by the commands."""
+from __future__ import annotations
+
+import click
+
+
+def at_least(low: int):
+    """A click callback refusing an integer below ``low`` (help text stays in the one style:
+    click's IntRange would print its range after every default)."""
+
+    def check(ctx, param, value):
+        if value is not None and value < low:
+            raise click.BadParameter(f"{value} is below {low}")
+        return value
+
+    return check

@@ -207,27 +207,6 @@ def test_fp16_values_are_lossy_opt_in(small, tmp_path):
     assert "stored as float16 (lossy), cast back to float32 at load: fc0.bias, fc1.bias" in res.output
 
 
-def test_version_2_files_still_decode():
-    """Version 2 (fixed-width steps with fillers, functions Q and F), written at commit 9f3ae4a."""
-    old = onnx.load(str(V2_FILE))
-    assert formats.detect(old) is packed.PACKED
-    assert {f.name for f in old.functions} == {packed.OP_LEVELS_V2, packed.OP_RAW_V2}
-    dec = formats.densify(old)
-    assert not dec.functions and all(n.domain == "" for n in dec.graph.node)
-    x = {"input": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
-    for a, b in zip(run(old, x), run(dec, x)):  # NumPy decode == the file's own decode function
-        assert a.tobytes() == b.tobytes()
-    rows = {r.name: r for r in formats.inspect_model(old)}
-    assert rows["fc0.weight"].storage.startswith("packed-3bit/channel pos") and rows["fc1.weight"].bits == 32
-    assert set(read_quantization(dec)) == {"fc0.weight", "fc2.weight"}
-    parts = packed.size_breakdown(old)
-    assert sum(parts.values()) == old.ByteSize() and parts["codes"] > 0 and parts["raw values"] > 0
-    new, _ = formats.export(dec, "packed")  # this version: same outputs
-    assert {f.name for f in new.functions} == {packed.OP_LEVELS, packed.OP_RAW}
-    for a, b in zip(run(new, x), run(old, x)):
-        assert a.tobytes() == b.tobytes()
-
-
 def test_fields_of_the_first_version_2_files_still_read():
     """The first version-2 files (on main for minutes) held ``step + code << b`` with ``d = 2^b``."""
     out = onnx.load(str(V2_FILE))
@@ -252,11 +231,16 @@ def test_fields_of_the_first_version_2_files_still_read():
 # -- files of the first version --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", V1_FILES, ids=["v1", "v1-first-layout"])
-def test_version_1_files_still_decode(path):
+@pytest.mark.parametrize("path,functions", [(V1_FILES[0], (packed.OP_LEVELS_V1, packed.OP_RAW_V1)),
+                                            (V1_FILES[1], (packed.OP_LEVELS_V1, packed.OP_RAW_V1)),
+                                            (V2_FILE, (packed.OP_LEVELS_V2, packed.OP_RAW_V2))],
+                         ids=["v1", "v1-first-layout", "v2"])
+def test_earlier_versions_still_decode(path, functions):
+    """Version 1 (both layouts) and version 2 (fixed-width steps with fillers, written at commit
+    9f3ae4a): decode, inspect, run, and re-export in this version."""
     old = onnx.load(str(path))
     assert formats.detect(old) is packed.PACKED
-    assert {f.name for f in old.functions} == {packed.OP_LEVELS_V1, packed.OP_RAW_V1}
+    assert {f.name for f in old.functions} == set(functions)
     dec = formats.densify(old)
     assert not dec.functions and all(n.domain == "" for n in dec.graph.node)
     x = {"input": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
@@ -269,9 +253,13 @@ def test_version_1_files_still_decode(path):
     assert set(read_quantization(dec)) == {"fc0.weight", "fc2.weight"}
     parts = packed.size_breakdown(old)
     assert sum(parts.values()) == old.ByteSize() and parts["codes"] > 0 and parts["raw values"] > 0
-    # re-exported in the current version: smaller, same outputs
+    # re-exported in the current version: same outputs; smaller than version 1. Not smaller than
+    # version 2 here: on a 4 KB file with both functions, layout 3's larger decode functions
+    # (+302 bytes) outweigh its smaller positions (-42): a limit the README states.
     new, _ = formats.export(dec, "packed")
-    assert new.ByteSize() < old.ByteSize()
+    assert {f.name for f in new.functions} == {packed.OP_LEVELS, packed.OP_RAW}
+    if path != V2_FILE:
+        assert new.ByteSize() < old.ByteSize()
     for a, b in zip(run(new, x), run(old, x)):
         assert a.tobytes() == b.tobytes()
 

@@ -396,6 +396,7 @@ def load_model(path: PathLike, load_external_data: bool = True) -> onnx.ModelPro
     ``load_external_data=False``, so a path handed to ONNX Runtime afterwards is safe too."""
     path = check_input_file(path, "model")
     model = _parse(path)
+    check_window_attributes(model.graph)
     files = external_data_files(model, path)
     if load_external_data and files:
         try:
@@ -405,6 +406,39 @@ def load_model(path: PathLike, load_external_data: bool = True) -> onnx.ModelPro
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the external data of {path}: {exc}") from exc
     return model
+
+
+#: Ops with a sliding window: strides, dilations and kernel sizes must be positive, pads not
+#: negative nor absurd (onnx's shape inference divides by them; a 0 stride kills the process).
+_WINDOW_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool",
+               "MaxUnpool", "DeformConv"}
+MAX_PAD = 1 << 16
+
+
+def check_window_attributes(graph: onnx.GraphProto) -> None:
+    """Refuse, as a :class:`ModelError`, a windowed node whose attributes no runtime can run
+    (strides, dilations or kernel sizes below 1, a group below 1, negative or huge pads),
+    in the graph and its subgraphs."""
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                check_window_attributes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    check_window_attributes(g)
+        if node.op_type not in _WINDOW_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: (list(a.ints) if a.type == onnx.AttributeProto.INTS else a.i) for a in node.attribute
+                 if a.type in (onnx.AttributeProto.INTS, onnx.AttributeProto.INT)}
+        where = f"{node.op_type} node {node.name or (node.output[0] if node.output else '?')!r}"
+        for key in ("strides", "dilations", "kernel_shape"):
+            if key in attrs and any(v < 1 for v in attrs[key]):
+                raise ModelError(f"{where} has {key} {attrs[key]}: every value must be at least 1")
+        if "group" in attrs and attrs["group"] < 1:
+            raise ModelError(f"{where} has group {attrs['group']}: it must be at least 1")
+        for key in ("pads", "output_padding"):
+            if key in attrs and any(v < 0 or v > MAX_PAD for v in attrs[key]):
+                raise ModelError(f"{where} has {key} {attrs[key]}: each must be in 0..{MAX_PAD}")
 
 
 def model_files(path: PathLike) -> List[Path]:
@@ -598,21 +632,36 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"{option}: cannot create {folder} (no write permission in {parent})")
     before = {n: _fingerprint_or_none(folder / n) for n in names}
+    # Files of an earlier run are moved aside (same folder, hidden name) and put back if this
+    # run fails: a failed or interrupted run leaves the folder as it found it.
+    saved = {}
     try:
         if not folder.exists():
             folder.mkdir()
             created = True
+        for name in names:
+            if before[name] is not None:
+                backup = folder / f".{name}.admm-previous"
+                os.replace(folder / name, backup)
+                saved[name] = backup
         yield folder
     except BaseException:
         for name in names:
             target = folder / name
-            if before[name] is None and target.is_file() and not target.is_symlink():
-                with contextlib.suppress(OSError):
-                    target.unlink()  # written by this run, not there before
+            if name in saved or before[name] is None:
+                if target.is_file() and not target.is_symlink():
+                    with contextlib.suppress(OSError):
+                        target.unlink()  # written by this run
+        for name, backup in saved.items():
+            with contextlib.suppress(OSError):
+                os.replace(backup, folder / name)
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty
         raise
+    for backup in saved.values():
+        with contextlib.suppress(OSError):
+            backup.unlink()
 
 
 def _fingerprint_or_none(path: Path) -> Optional[int]:

@@ -92,6 +92,23 @@ class PreparedModel:
         return first if isinstance(first, int) and first > 0 else None
 
 
+def _data_fingerprint(reader) -> Optional[str]:
+    """A digest of the training arrays of an :class:`ArrayReader` (names, types, shapes, bytes,
+    labels), so that ``--resume`` refuses other data; None for other readers."""
+    arrays = getattr(reader, "arrays", None)
+    if not isinstance(arrays, dict):
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    labels = getattr(reader, "y", None)
+    for name, a in sorted(arrays.items()) + ([("__labels__", labels)] if labels is not None else []):
+        a = np.ascontiguousarray(a)
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
+
+
 def _decoded(model: onnx.ModelProto) -> onnx.ModelProto:
     """A file admm-onnx exported with compact weights (csr, coo, packed) as its dense model (the
     same weights as plain initializers: what training and the pruning rules see; outputs are
@@ -652,6 +669,9 @@ def prune(
         work = WorkDir(path)
         run_config = {k: v for k, v in config.to_dict().items() if k not in ("threads", "workers")}  # may change on --resume
         identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": run_config}
+        data = _data_fingerprint(train_reader)
+        if data is not None:
+            identity["data"] = data
         if resume:
             work.check_identity(identity)
             saved = work.read_progress()

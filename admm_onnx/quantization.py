@@ -191,8 +191,14 @@ def read_quantization(report) -> Dict[str, QuantSpec]:
     or from a model it wrote (an ``onnx.ModelProto``: its metadata, see :func:`mark_model`)."""
     if hasattr(report, "metadata_props"):
         entry = next((p.value for p in report.metadata_props if p.key == METADATA_KEY), None)
-        report = {"quantization": json.loads(entry) if entry else {}}
-    elif not isinstance(report, Mapping):
+        try:
+            return read_quantization({"quantization": json.loads(entry) if entry else {}})
+        except (ValueError, TypeError, RecursionError) as exc:
+            from .errors import ModelError
+
+            raise ModelError(f"the model's quantization record ({METADATA_KEY} metadata) is damaged: {exc}"[:300],
+                             hint="export it again from the model prune --bits wrote") from None
+    if not isinstance(report, Mapping):
         report = json.loads(Path(report).read_text(encoding="utf-8"))
     specs = report.get("quantization") if isinstance(report, Mapping) else None
     if specs is not None and not isinstance(specs, Mapping):

@@ -338,11 +338,8 @@ class Trainer:
             self.optimizer.set_learning_rate(self.schedule(self.step))
         loss, logits = self._forward_backward(self._inputs(feed))
         if not math.isfinite(loss):
-            err = TrainingError(f"training diverged: the loss became {loss} at step {self.step + 1}",
-                                hint="lower --lr or --rho (a work directory kept for --resume holds the old "
-                                     "settings: delete it to start again)")
-            err.resumable = False  # resuming with the same settings diverges again
-            raise err
+            raise TrainingError(f"training diverged: the loss became {loss} at step {self.step + 1}",
+                                hint="lower --lr")
         self.optimizer.step()
         self.module.lazy_reset_grad()
         if self.pool is not None:

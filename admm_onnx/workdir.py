@@ -60,6 +60,10 @@ _TEMP = re.compile(r"^\.(run\.json|progress\.json|admm_state\.npz|pruned\.npz)\.
 _ARTIFACT = re.compile(r"^(checkpoint|(training|eval|optimizer)_model\.onnx|state\.ckpt)(\.tmp)?(\.data)?$")
 
 
+#: Settings ``--resume`` may change (besides --workers and --threads, which are not recorded).
+RESUME_MAY_CHANGE = ("lr", "retrain_lr")
+
+
 def _own(name: str) -> bool:
     return name in OWN_NAMES or bool(_TEMP.match(name))
 
@@ -261,15 +265,22 @@ class WorkDir:
                     f"{self.path} holds a run of a different {'model' if key == 'model' else 'pruning plan'}",
                     hint="resume with the same model and rules, or delete the work directory",
                 )
+        if "data" in saved and "data" in identity and saved["data"] != identity["data"]:
+            raise ConfigError(f"{self.path} holds a run on different training data",
+                              hint="resume with the same -d data, or delete the work directory")
         old = saved.get("config") or {}
         new = json.loads(json.dumps(identity.get("config") or {}, default=float))  # as saved: lists, floats
+        for key in RESUME_MAY_CHANGE:  # a lower learning rate is how a diverged run goes on
+            if key in old and key in new and old[key] != new[key]:
+                log.warning("resuming with %s %r (was %r)", key, new[key], old[key])
+                new[key] = old[key]
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if changed:
             shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
             raise ConfigError(
                 f"--resume with settings that differ from the interrupted run: {shown}"
                 + (", ..." if len(changed) > 4 else ""),
-                hint="resume with the same options (only --workers and --threads may change)",
+                hint="resume with the same options (only --lr, --retrain-lr, --workers and --threads may change)",
             )
 
     def damaged(self, path: Path, why: str = "") -> ConfigError:

@@ -2,6 +2,8 @@
 ``csr_weights``, and checking outputs (``sample_feeds``, ``max_output_change``)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from typing import Dict, Mapping
 
 import numpy as np
@@ -31,11 +33,23 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
     fmt = detect(model)
     if fmt is None:
         raise ModelError("the model has no sparse weights to densify")
-    out = fmt.decode(model)
     coo = REGISTRY["coo"]
-    if fmt is not coo and len(out.graph.sparse_initializer):
-        out = coo.decode(out)
+    with damaged_files(fmt.name):
+        out = fmt.decode(model)
+        if fmt is not coo and len(out.graph.sparse_initializer):
+            out = coo.decode(out)
     return out
+
+
+@contextmanager
+def damaged_files(fmt: str):
+    """Arrays or metadata of an encoded file that do not fit each other (a tampered or truncated
+    file) are the user's input: a :class:`ModelError`, not a Python error from deep inside."""
+    try:
+        yield
+    except (ValueError, IndexError, TypeError, KeyError, OverflowError, AttributeError, NotImplementedError) as exc:
+        raise ModelError(f"the {fmt} weights of the model are damaged: {type(exc).__name__}: {exc}"[:300],
+                         hint="export the file again") from None
 
 
 def csr_weights(model: onnx.ModelProto) -> Dict[str, object]:
@@ -53,7 +67,8 @@ def csr_weights(model: onnx.ModelProto) -> Dict[str, object]:
     _check_model_arg(model)
     out: Dict[str, scipy.sparse.csr_matrix] = {}
     fmt = detect(model)
-    stored = dict(fmt.stored(model)) if fmt is not None else {}
+    with damaged_files(fmt.name if fmt is not None else "encoded"):
+        stored = dict(fmt.stored(model)) if fmt is not None else {}
     if fmt is not REGISTRY["coo"] and len(model.graph.sparse_initializer):
         stored.update(REGISTRY["coo"].stored(model))
     for name, sw in stored.items():
@@ -87,9 +102,10 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
     _check_model_arg(model)
     graph = model.graph
     fmt = detect(model)
-    stored = dict(fmt.stored(model)) if fmt is not None else {}
-    if fmt is not REGISTRY["coo"] and len(graph.sparse_initializer):
-        stored.update(REGISTRY["coo"].stored(model))
+    with damaged_files(fmt.name if fmt is not None else "coo"):
+        stored = dict(fmt.stored(model)) if fmt is not None else {}
+        if fmt is not REGISTRY["coo"] and len(graph.sparse_initializer):
+            stored.update(REGISTRY["coo"].stored(model))
     skip = fmt.decode_nodes(model) if fmt is not None else set()
     consumers = _consumers(graph, skip)
     anchors = {sw.anchor: sw for sw in stored.values() if sw.anchor}

@@ -25,6 +25,8 @@ from typing import Dict, List, Mapping as TMapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from ..errors import ModelError
+
 from .graph import GraphView
 from .maps import Blocked, Macs, Mapping, Origin, Slice
 from .rules import PRODUCERS, rule_for
@@ -354,5 +356,10 @@ class _Analyzer:
 
 
 def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
-    """Channel groups of ``model`` (read-only)."""
-    return _Analyzer(model).run()
+    """Channel groups of ``model`` (read-only). A graph whose shapes contradict its ops (a Conv
+    weight of rank 1, say) is a :class:`ModelError`."""
+    try:
+        return _Analyzer(model).run()
+    except (IndexError, ValueError, TypeError, KeyError, ZeroDivisionError) as exc:
+        raise ModelError(f"the channel analysis cannot follow this graph: {type(exc).__name__}: {exc}",
+                         hint="check the model with onnx.checker.check_model(model, full_check=True)") from None

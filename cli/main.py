@@ -538,7 +538,9 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
     dataset = load_dataset(data, labels_key)
     # Only the evaluation reader is used: the (unused) training reader must not refuse a data
     # set smaller than one batch.
-    n_train = len(getattr(dataset, "x_train", ())) or batch_size
+    train = getattr(dataset, "train", None)  # a .npz keyed by input names (FeedDataset)
+    n_train = (len(getattr(dataset, "x_train", ())) or
+               (len(next(iter(train.values()))) if isinstance(train, dict) and train else 0) or batch_size)
     _, eval_reader, _ = make_readers(prepared, dataset, max(1, min(batch_size, n_train)))
     stats = evaluate(model, eval_reader, prepared.output_name)
     if stats.accuracy is None:

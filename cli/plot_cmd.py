@@ -31,7 +31,29 @@ def plot(report_path, out):
         except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
             raise DataError(f"{report_path} is not a sensitivity JSON as written by 'sensitivity --json' "
                             f"({type(exc).__name__}: {exc})") from None
-        write_plot(result, out)
+        with _drawable(report_path):
+            write_plot(result, out)
     else:
-        plot_report(data, out)
+        with _drawable(report_path):
+            plot_report(data, out)
     click.echo(f"Wrote {out}")
+
+
+class _drawable:
+    """Values a picture cannot hold (NaN, Inf, text where numbers go, empty series) in a hand-
+    edited or damaged JSON: one DataError line."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and isinstance(exc, (TypeError, KeyError, ValueError, AttributeError, IndexError,
+                                                ZeroDivisionError, OverflowError)):
+            from admm_onnx.errors import DataError
+
+            raise DataError(f"{self.path} holds values that cannot be drawn ({type(exc).__name__}: {exc})"[:300]) \
+                from None
+        return False

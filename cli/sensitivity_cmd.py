@@ -111,6 +111,13 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
         raise ConfigError("the sensitivity sweep takes single-input data with labels (x_train/y_train or x/y)"
                           + ("" if metric == "kl" else "; --metric kl also takes one unlabeled input array"))
     prepared = prepare_model(model, output_name)
+    import onnx
+
+    kinds = {o.name: o.type.tensor_type.elem_type for o in prepared.original.graph.output}
+    kind = kinds.get(prepared.output_name)
+    if kind is not None and kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+        raise ConfigError(f"--model-output {prepared.output_name!r} is not a float output (scores or logits); "
+                          "the sweep measures loss, top-1 or KL on one")
     idx = np.random.default_rng(seed).permutation(len(x_all))[:samples]
     idx.sort()
     x = fit_to_input(x_all[idx], prepared.input_shape, prepared.input_name)

@@ -204,3 +204,91 @@ def test_fp16_values_keep_biases_outside_float16_range_in_float32():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     out, report = formats.export(model, "packed", values="fp16")
     assert report.float16 == [] and all(t.data_type != TensorProto.FLOAT16 for t in out.graph.initializer)
+
+
+# -- a second sweep (2026-12-05) ------------------------------------------------------------------
+
+
+def _zero_stride(r):
+    m = onnx.load(r / "m.onnx")
+    m.graph.node.insert(0, helper.make_node("MaxPool", ["input"], ["pooled"], kernel_shape=[1, 1], strides=[0, 0]))
+    for n in m.graph.node[1:]:
+        n.input[:] = ["pooled" if x == "input" else x for x in n.input]
+    onnx.save(m, r / "z.onnx")
+
+
+def _damaged_quant_record(r):
+    assert main(r.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/q.onnx", "--sparsity", "0.5", "--bits", "4",
+                        *QUICK])) == 0
+    m = onnx.load(r / "q.onnx")
+    for p in m.metadata_props:
+        if p.key == "admm_onnx.quantization":
+            p.value = "{bad json"
+    onnx.save(m, r / "qd.onnx")
+
+
+def _nan_scale_packed(r):
+    assert main(r.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/q.onnx", "--sparsity", "0.5", "--bits", "4",
+                        *QUICK])) == 0
+    assert main(r.argv(["export", "@/q.onnx", "-o", "@/p.onnx", "--format", "packed"])) == 0
+    m = onnx.load(r / "p.onnx")
+    call = next(n for n in m.graph.node if n.domain == "admm.pk")
+    for t in m.graph.initializer:
+        if t.name == call.input[1]:
+            a = numpy_helper.to_array(t).copy()
+            a[...] = np.nan
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, r / "pn.onnx")
+
+
+def _nan_report(r):
+    (r / "rep.json").write_text(json.dumps({"layers": [{"name": "w", "kept_percent": float("nan"), "weights": 10,
+                                                        "nonzero": 5}], "total": {}}))
+
+
+SECOND = [
+    ("zero-stride-inspect", _zero_stride, ["inspect", "@/z.onnx"], "strides"),
+    ("zero-stride-eval", _zero_stride, ["eval", "@/z.onnx", "-d", "@/d.npz"], "strides"),
+    ("damaged-quantization-record", _damaged_quant_record, ["export", "@/qd.onnx", "-o", "@/e.onnx", "--format",
+                                                            "packed"], "quantization record"),
+    ("packed-nan-scales", _nan_scale_packed, ["densify", "@/pn.onnx", "-o", "@/dd.onnx"], "damaged"),
+    ("plot-nan-report", _nan_report, ["plot", "@/rep.json", "-o", "@/p.svg"], "cannot be drawn"),
+]
+
+
+@pytest.mark.parametrize("label,setup,argv,expect", SECOND, ids=[p[0] for p in SECOND])
+def test_second_sweep_inputs_are_one_clean_error(room, label, setup, argv, expect):  # noqa: F811
+    setup(room)
+    room.probe(argv, expect, label)
+
+
+def test_resume_refuses_other_training_data(room, capsys):  # noqa: F811
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK, "--keep-workdir"]
+    assert main(room.argv(argv)) == 0
+    (room / "o.onnx").unlink()
+    other = dict(np.load(room / "d.npz"))
+    other["x_train"] = other["x_train"] + 1.0
+    np.savez(room / "d.npz", **other)  # the same path, other content
+    room.probe([a for a in argv if a != "--keep-workdir"] + ["--resume"], "different training data")
+
+
+def test_a_failed_run_puts_back_the_output_folder_files_it_replaced(tmp_path):
+    from admm_onnx.io import claim_output_folder
+
+    (tmp_path / "a.onnx").write_text("earlier a")
+    with pytest.raises(KeyboardInterrupt):
+        with claim_output_folder(tmp_path, ["a.onnx", "b.json"]) as folder:
+            (folder / "a.onnx").write_text("half")
+            (folder / "b.json").write_text("half")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"] and (tmp_path / "a.onnx").read_text() == "earlier a"
+    with claim_output_folder(tmp_path, ["a.onnx"]) as folder:  # success: replaced, no backup left
+        (folder / "a.onnx").write_text("new a")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.onnx"] and (tmp_path / "a.onnx").read_text() == "new a"
+
+
+def test_eval_reads_a_small_npz_keyed_by_input_name(room, capsys):  # noqa: F811
+    rng = np.random.default_rng(0)
+    np.savez(room / "k.npz", input=rng.standard_normal((100, 1, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 4, 100))
+    assert main(room.argv(["eval", "@/m.onnx", "-d", "@/k.npz"])) == 0

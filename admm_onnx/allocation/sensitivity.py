@@ -297,8 +297,9 @@ class _Cache:
             try:
                 raw = json.loads(self.path.read_text(encoding="utf-8"))
                 if raw.get("version") == CACHE_VERSION and raw.get("key") == key:
-                    self.data = {k: list(v) for k, v in raw["results"].items()}
-            except (OSError, ValueError, KeyError, TypeError):
+                    data = {str(k): [float(x) for x in v] for k, v in raw["results"].items()}
+                    self.data = {k: v for k, v in data.items() if len(v) >= 2 and all(np.isfinite(v))}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 log.warning("ignoring an unreadable sensitivity cache %s", self.path)
         self.key = key
 

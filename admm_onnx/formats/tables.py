@@ -38,7 +38,15 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
         out = fmt.decode(model)
         if fmt is not coo and len(out.graph.sparse_initializer):
             out = coo.decode(out)
+    left = sorted({n.op_type for n in out.graph.node if n.domain in DECODE_DOMAINS})
+    if left:  # metadata that names fewer weights than the file's decode nodes write
+        raise ModelError(f"the {fmt.name} file's metadata does not match its decode nodes ({', '.join(left)} left)",
+                         hint="export the file again")
     return out
+
+
+#: Domains of the decode functions the formats write (none may be left after densify).
+DECODE_DOMAINS = frozenset({"admm_onnx.sparse", "admm.pk", "admm_onnx.packed"})
 
 
 @contextmanager

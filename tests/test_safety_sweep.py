@@ -246,7 +246,34 @@ def _nan_report(r):
                                                         "nonzero": 5}], "total": {}}))
 
 
+def _tampered_csr(change):
+    def setup(r):
+        assert main(r.argv(["export", "@/m.onnx", "-o", "@/c.onnx", "--min-sparsity", "0"])) == 0
+        m = onnx.load(r / "c.onnx")
+        for t in m.graph.initializer:
+            out = change(t.name, numpy_helper.to_array(t))
+            if out is not None:
+                t.CopyFrom(numpy_helper.from_array(out, t.name))
+        onnx.save(m, r / "ct.onnx")
+    return setup
+
+
+def _huge_csr_shape(name, a):
+    return np.array([20000, 20000], np.int64) if name.endswith(".csr_shape") else None
+
+
+def _negative_csr_index(name, a):
+    if name.endswith(".csr_indices"):
+        a = a.astype(np.int64).copy()
+        a[0] = -1
+        return a.astype(np.int64)
+    return None
+
+
 SECOND = [
+    ("csr-shape-tampered", _tampered_csr(_huge_csr_shape), ["eval", "@/ct.onnx", "-d", "@/d.npz"], "does not match"),
+    ("csr-negative-index", _tampered_csr(_negative_csr_index), ["densify", "@/ct.onnx", "-o", "@/dd.onnx"],
+     "negative"),
     ("zero-stride-inspect", _zero_stride, ["inspect", "@/z.onnx"], "strides"),
     ("zero-stride-eval", _zero_stride, ["eval", "@/z.onnx", "-d", "@/d.npz"], "strides"),
     ("damaged-quantization-record", _damaged_quant_record, ["export", "@/qd.onnx", "-o", "@/e.onnx", "--format",

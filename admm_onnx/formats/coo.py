@@ -47,6 +47,8 @@ def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     vals = _to_array(sparse.values)
     idx = _to_array(sparse.indices).astype(np.int64)
     shape = tuple(int(d) for d in sparse.dims)
+    if idx.size and idx.min() < 0:
+        raise ModelError(f"sparse initializer {sparse.values.name!r} has negative indices")
     flat = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=vals.dtype)
     if idx.ndim == 2:
         idx = np.ravel_multi_index(tuple(idx.T), shape) if idx.size else idx.reshape(-1)

@@ -255,6 +255,14 @@ def csr_entries(model: onnx.ModelProto, meta: dict) -> Dict[str, Tuple[np.ndarra
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(int(info["dtype"])))
         except KeyError as exc:
             raise ModelError(f"CSR weight {name!r} is incomplete: missing {exc}") from None
+        stored_shape = inits.get(name + SUFFIX_SHAPE)
+        if stored_shape is not None and tuple(int(d) for d in _to_array(stored_shape).reshape(-1)) != shape:
+            # the decode function builds the weight from this one: it must be the metadata's
+            raise ModelError(f"CSR weight {name!r}: {name + SUFFIX_SHAPE} {[int(d) for d in _to_array(stored_shape).reshape(-1)]} "
+                             f"does not match its shape {list(shape)}", hint="export the file again")
+        idx, ptr = arrays[1].astype(np.int64, copy=False), arrays[2].astype(np.int64, copy=False)
+        if (idx.size and idx.min() < 0) or (ptr.size and ptr.min() < 0):
+            raise ModelError(f"CSR weight {name!r} has negative indices", hint="export the file again")
         out[name] = (*arrays, shape, dtype)
     return out
 

@@ -364,6 +364,10 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     if any(v is not None for v in (compression, target_params, target_macs)):
         if sparsity is not None:
             raise ConfigError("--sparsity and a budget (--compression, --target-params, --target-macs) exclude each other")
+        if bits is not None and channels is None:
+            raise ConfigError("--bits with a budget (--compression, --target-params) is not supported: the budget "
+                              "chooses per-layer sparsity only",
+                              hint="prune with the budget first, then run prune --bits on the pruned model")
         config = config.replace(compression=compression, target_params=target_params, target_macs=target_macs)
     config = config.replace(min_keep=min_keep, max_keep=max_keep, allocation=allocation)
     given = [o for o, v in (("--allocation", allocation), ("--min-keep", min_keep), ("--max-keep", max_keep)) if v is not None]

@@ -92,6 +92,8 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     plan.add_input(*dataset_paths(data), what="the -d data")
     plan.add_output(json_path, "--json")
     plan.add_output(plot_path, "--plot")
+    if cache_dir and no_cache:
+        raise ConfigError("--cache and --no-cache exclude each other")
     if cache_dir and not no_cache:
         _check_cache_dir(Path(cache_dir))
         plan.add_input(cache_dir, what="the --cache folder")

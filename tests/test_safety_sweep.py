@@ -270,6 +270,18 @@ def _negative_csr_index(name, a):
     return None
 
 
+SECOND_OPTIONS = [
+    ("budget-with-bits", PRUNE + ["--compression", "4x", "--bits", "4"], "--bits with a budget"),
+    ("cache-and-no-cache", ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--cache", "@/cc", "--no-cache"],
+     "exclude each other"),
+]
+
+
+@pytest.mark.parametrize("label,argv,expect", SECOND_OPTIONS, ids=[p[0] for p in SECOND_OPTIONS])
+def test_second_sweep_option_clashes(room, label, argv, expect):  # noqa: F811
+    room.probe(argv, expect, label)
+
+
 SECOND = [
     ("csr-shape-tampered", _tampered_csr(_huge_csr_shape), ["eval", "@/ct.onnx", "-d", "@/d.npz"], "does not match"),
     ("csr-negative-index", _tampered_csr(_negative_csr_index), ["densify", "@/ct.onnx", "-o", "@/dd.onnx"],

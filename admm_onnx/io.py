@@ -659,9 +659,12 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty
         raise
-    for backup in saved.values():
+    for name, backup in saved.items():
         with contextlib.suppress(OSError):
-            backup.unlink()
+            if (folder / name).exists():
+                backup.unlink()  # replaced by this run
+            else:
+                os.replace(backup, folder / name)  # not written this time: the earlier file stays
 
 
 def _fingerprint_or_none(path: Path) -> Optional[int]:

@@ -129,7 +129,13 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     result = run_sensitivity(prepared, x, y, level_list, metric, structure, None, runner, cache)
     click.echo(result.table())
     click.echo(f"{result.computed} evaluation(s) in {result.seconds:.1f} s on {result.runner}, {result.cached} from the cache")
-    _write_json(json_path, result.to_dict())
-    if plot_path:
-        write_plot(result, plot_path)
+    if plot_path:  # first: a sweep that cannot be drawn (NaN scores) leaves neither file
+        try:
+            write_plot(result, plot_path)
+        except (ValueError, OverflowError, TypeError, ZeroDivisionError) as exc:
+            from admm_onnx.errors import DataError
+
+            raise DataError(f"the sweep's scores cannot be drawn ({type(exc).__name__}: {exc}); the model's "
+                            "outputs may be NaN or Inf"[:300]) from None
         click.echo(f"Wrote {plot_path}")
+    _write_json(json_path, result.to_dict())

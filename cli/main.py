@@ -97,6 +97,7 @@ def _check_log_file(ctx, log_file: str) -> None:
 
     words = list((ctx.find_root().obj or {}).get("argv") or [])
     values, same = [], []
+    target = os.path.realpath(log_file)
     skip_own = True
     for i, word in enumerate(words):
         if word is None:
@@ -112,7 +113,6 @@ def _check_log_file(ctx, log_file: str) -> None:
             continue
         if not word:
             continue
-        target = os.path.realpath(log_file)
         if any(c and not c.startswith("-") and os.path.realpath(c) == target
                for c in (word, word.split("=", 1)[-1], word.split(":", 1)[-1])):
             same.append(word)

@@ -38,15 +38,14 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
         out = fmt.decode(model)
         if fmt is not coo and len(out.graph.sparse_initializer):
             out = coo.decode(out)
-    left = sorted({n.op_type for n in out.graph.node if n.domain in DECODE_DOMAINS})
+    from . import csr, packed
+
+    domains = {csr.DOMAIN, packed.DOMAIN, packed.DOMAIN_V1}  # of the decode functions the formats write
+    left = sorted({n.op_type for n in out.graph.node if n.domain in domains})
     if left:  # metadata that names fewer weights than the file's decode nodes write
         raise ModelError(f"the {fmt.name} file's metadata does not match its decode nodes ({', '.join(left)} left)",
                          hint="export the file again")
     return out
-
-
-#: Domains of the decode functions the formats write (none may be left after densify).
-DECODE_DOMAINS = frozenset({"admm_onnx.sparse", "admm.pk", "admm_onnx.packed"})
 
 
 @contextmanager
@@ -60,6 +59,19 @@ def damaged_files(fmt: str):
                          hint="export the file again") from None
 
 
+def _stored(model: onnx.ModelProto, fmt) -> Dict[str, object]:
+    """name -> StoredWeight of every encoded weight: ``fmt``'s (the detected format, or None)
+    and anyone's ``sparse_initializer``; a damaged file is a ModelError."""
+    from . import REGISTRY
+
+    coo = REGISTRY["coo"]
+    with damaged_files(fmt.name if fmt is not None else coo.name):
+        stored = dict(fmt.stored(model)) if fmt is not None else {}
+        if fmt is not coo and len(model.graph.sparse_initializer):
+            stored.update(coo.stored(model))
+    return stored
+
+
 def csr_weights(model: onnx.ModelProto) -> Dict[str, object]:
     """Encoded weights of ``model`` as SciPy CSR matrices over their 2-D views.
 
@@ -70,16 +82,11 @@ def csr_weights(model: onnx.ModelProto) -> Dict[str, object]:
     """
     import scipy.sparse
 
-    from . import REGISTRY, detect
+    from . import detect
 
     _check_model_arg(model)
     out: Dict[str, scipy.sparse.csr_matrix] = {}
-    fmt = detect(model)
-    with damaged_files(fmt.name if fmt is not None else "encoded"):
-        stored = dict(fmt.stored(model)) if fmt is not None else {}
-    if fmt is not REGISTRY["coo"] and len(model.graph.sparse_initializer):
-        stored.update(REGISTRY["coo"].stored(model))
-    for name, sw in stored.items():
+    for name, sw in _stored(model, detect(model)).items():
         rows, cols = _view_2d(sw.dense.shape) if sw.dense.ndim else (1, 1)
         out[name] = scipy.sparse.csr_matrix(sw.dense.reshape(rows, cols))
     return out
@@ -105,15 +112,12 @@ def inspect_model(model: onnx.ModelProto) -> WeightTable:
     weight (decode nodes excluded); ``bits`` is the width of a stored value; ``prunable`` says
     "yes" or why admm-onnx would not prune a dense weight. ``.totals`` sums them.
     """
-    from . import REGISTRY, detect
+    from . import detect
 
     _check_model_arg(model)
     graph = model.graph
     fmt = detect(model)
-    with damaged_files(fmt.name if fmt is not None else "coo"):
-        stored = dict(fmt.stored(model)) if fmt is not None else {}
-        if fmt is not REGISTRY["coo"] and len(graph.sparse_initializer):
-            stored.update(REGISTRY["coo"].stored(model))
+    stored = _stored(model, fmt)
     skip = fmt.decode_nodes(model) if fmt is not None else set()
     consumers = _consumers(graph, skip)
     anchors = {sw.anchor: sw for sw in stored.values() if sw.anchor}

@@ -27,6 +27,7 @@ The user's graph is not touched: the original is written back with its own opset
 """
 from __future__ import annotations
 
+import logging
 from typing import List
 
 import onnx
@@ -35,6 +36,8 @@ from onnx import helper, version_converter
 from ..errors import ModelError
 from ._util import checked, opset_version
 from .shapes import light_copy
+
+log = logging.getLogger(__name__)
 
 #: Highest IR version ORT training 1.19.2 (and the onnx 1.17 checker) accept.
 MAX_IR_VERSION = 10
@@ -147,9 +150,7 @@ def within_runtime_versions(model: onnx.ModelProto) -> onnx.ModelProto:
     changes = lower_versions(lowered)
     if not changes:
         return model
-    import logging
-
-    logging.getLogger("admm_onnx").warning(
+    log.warning(
         "the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
         MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
     return lowered

@@ -16,18 +16,29 @@ _CPP_LAMBDA = re.compile(r"[\w:]*<lambda\((?:[^()]|\([^()]*\))*\)>")
 _CPP_SIGNATURE = re.compile(r"(?:[\w~]+::)+[\w~<>]+\((?:[^()]|\([^()]*\))*\)(?:\s*const)?")
 _CPP_LOCATION = re.compile(r"(?:[\w.~-]*/)*[\w.~-]+\.(?:cc|cpp|cxx|c|h|hpp|cu|inl):\d+")
 _ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+# What is left of a failed C++ check ("virtual OrtValue* ... status.IsOK() was false."): the
+# return type of a stripped signature and the check's expression.
+_CPP_RETURN_TYPE = re.compile(r"\b(?:virtual|static|inline)\s+(?:const\s+)?[\w:<>]+\s*[*&]*\s*(?=[\w~]+::)")
+_CPP_CHECK = re.compile(r"\b\w+(?:(?:\.|->)\w+)*\([^()]*\)\s+was false\.?")
 
 
 def clean_message(text: str) -> str:
     """One line of ``text`` without C++ source paths, signatures and ORT's error-code prefix."""
     text = _ORT_PREFIX.sub("", str(text))
+    text = _CPP_RETURN_TYPE.sub("", text)
     text = _CPP_LAMBDA.sub(" ", text)
     text = _CPP_SIGNATURE.sub(" ", text)
     text = _CPP_LOCATION.sub(" ", text)
+    text = _CPP_CHECK.sub(" ", text)
     text = " ".join(text.split())
     text = re.sub(r"\s+([:;,])", r"\1", text)
     text = re.sub(r"([:;])(?:\s*[:;])+", r"\1", text)
     return text.strip(" :;")
+
+
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """One line saying what ``exc`` says (see :func:`clean_message`), or its type's name."""
+    return clean_message(str(exc))[:limit] or type(exc).__name__
 
 
 class AdmmOnnxError(Exception):

@@ -116,8 +116,9 @@ def fit_array(x, spec: InputSpec, where: str = "data") -> np.ndarray:
 
 
 def fit_inputs(arrays: Dict[str, np.ndarray], specs: Sequence[InputSpec], where: str = "data",
-               forms: str = "") -> Dict[str, np.ndarray]:
-    """Arrays keyed by input name, fitted to ``specs`` (see :func:`fit_array`).
+               forms: str = "", note_extra: bool = True) -> Dict[str, np.ndarray]:
+    """Arrays keyed by input name, fitted to ``specs`` (see :func:`fit_array`); arrays that are no
+    input are ignored (logged once when ``note_extra``).
 
     A single unnamed-looking array (one key that is no input name) feeds a single-input model."""
     names = [s.name for s in specs]
@@ -130,7 +131,7 @@ def fit_inputs(arrays: Dict[str, np.ndarray], specs: Sequence[InputSpec], where:
             f"(the model takes {', '.join(names)}){forms}"
         )
     extra = sorted(set(arrays) - set(names))
-    if extra:
+    if extra and note_extra:
         log.warning("%s: arrays %s are not model inputs; ignored", where, ", ".join(extra))
     out = {s.name: fit_array(arrays[s.name], s, where) for s in specs}
     rows = {n: len(a) for n, a in out.items()}
@@ -204,8 +205,9 @@ class FeedDataset:
         """One set of arrays split into training and evaluation (``test_fraction`` held out)."""
         n = {len(a) for a in arrays.values()}
         if len(n) != 1:
-            raise DataError(f"{name}: arrays have different numbers of rows: "
-                            f"{ {k: len(a) for k, a in arrays.items()} }")
+            rows = {k: len(a) for k, a in arrays.items()}
+            raise DataError(f"{name}: arrays have different numbers of rows: {rows} (in a .npz keyed by input names "
+                            "every array but test/ ones holds one row per sample, extra arrays included)")
         n = n.pop()
         if n == 0:
             raise DataError(f"{name}: no samples")
@@ -255,7 +257,8 @@ def fit_dataset(data: FeedDataset, specs: Sequence[InputSpec]) -> FeedDataset:
     """``data`` with its inputs fitted to the model (:func:`fit_inputs`)."""
     forms = "; expected x_train and y_train (optionally x_test, y_test), x and y, or one array per model input " \
             "keyed by its name (plus labels)"
-    return FeedDataset(fit_inputs(data.train, specs, data.name, forms), fit_inputs(data.test, specs, data.name, forms),
+    return FeedDataset(fit_inputs(data.train, specs, data.name, forms),
+                       fit_inputs(data.test, specs, data.name, forms, note_extra=False),
                        data.y_train, data.y_test, name=data.name)
 
 

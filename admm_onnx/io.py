@@ -484,6 +484,8 @@ class OutputPlan:
         self.inputs: List[Tuple[Path, str]] = []
         self.outputs: List[Tuple[Path, str]] = []
         self.workdir: Optional[Path] = None
+        #: Outputs that did not exist when they were planned: the run's own if they exist later.
+        self.new: List[Path] = []
 
     # inputs ----------------------------------------------------------------------------
     def add_input(self, *paths: Optional[PathLike], what: str = "an input") -> None:
@@ -554,7 +556,22 @@ class OutputPlan:
         if model:
             self._check_companion(out, option, external)
         self.outputs.append((out, option))
+        if st is None:
+            self.new.append(out)
         return out
+
+    def remove_created(self) -> List[Path]:
+        """Delete the planned outputs that did not exist when planned and are regular files now
+        (what an unfinished run wrote: no half set of outputs is left); returns them."""
+        gone = []
+        for path in self.new:
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    gone.append(path)
+            except OSError:
+                continue
+        return gone
 
     def _check_companion(self, out: Path, option: str, external: Optional[bool]) -> None:
         data = out.parent / (out.name + ".data")
@@ -567,6 +584,9 @@ class OutputPlan:
         self.outputs.append((data, f"{option} external data"))
         try:
             st = os.stat(data)
+        except FileNotFoundError:
+            self.new.append(data)
+            return
         except OSError:
             return
         if not stat.S_ISREG(st.st_mode):

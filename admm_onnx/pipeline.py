@@ -35,7 +35,7 @@ from .admm import AdmmState
 from .config import PruneConfig, WeightPlan
 from .data import LABELS, ArrayReader, Dataset, DataReader
 from .feeds import FeedDataset, InputSpec, fit_dataset, input_specs, model_feed, reader_for
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, ModelError, error_text
 from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
@@ -46,7 +46,7 @@ from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions, within_runti
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
-from .io import check_output_path, load_model, save_model, uses_external_data
+from .io import check_output_path, check_window_attributes, load_model, save_model, uses_external_data
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import distill_kind, make_loss
 from .metrics import Evaluator
@@ -149,6 +149,7 @@ def prepare_model(
         return model_input
     if isinstance(model_input, onnx.ModelProto):
         original, external = model_input, False
+        check_window_attributes(original.graph)  # as load_model does for a file
     else:
         original = load_model(model_input)
         external = _file_used_external_data(model_input)
@@ -1068,7 +1069,7 @@ def _session(model_input: ModelInput):
         # the training sessions' options: intra-op spinning off (shared machines), denormals flushed
         return ort.InferenceSession(source, training.session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ModelError(f"ONNX Runtime cannot load the model: {error_text(exc)}") from exc
 
 
 def _model_feed(sess, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -1112,7 +1113,7 @@ def refresh_batchnorm(model: onnx.ModelProto, train_reader: DataReader, eval_rea
         nodes = recalibrate_batchnorm(candidate, counted(), max_batches=max_batches)
     except Exception as exc:  # the statistics are a refinement: never fail a finished run on them
         log.warning("BatchNorm running statistics not re-estimated (%s); the written model keeps the ones it came "
-                    "with", str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+                    "with", error_text(exc))
         return model, None, None
     finally:
         train_reader.rewind()

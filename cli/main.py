@@ -413,14 +413,9 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
                            channels=channels)
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
-        signum = getattr(exc, "signum", None)
-        how = f"by signal {signum}" if signum else ""
-        if (work / "progress.json").exists():
-            raise Interrupted(f"Interrupted{' ' + how if how else ''}. Progress is saved in {work}: "
-                              "run the same command with --resume to continue.", signum) from None
-        raise Interrupted(f"Interrupted{' ' + how if how else ''} before the first step completed; nothing to resume.",
-                          signum) from None
+        raise _prune_interrupted(exc, plan, work) from None
     except Exception as exc:
+        plan.remove_created()
         user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
         if user is None:
             raise
@@ -429,8 +424,37 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         if user is exc:
             raise
         raise user from exc
-    if not keep_workdir:
-        WorkDir(work).remove()  # only what the run wrote
+    # The outputs are written as one step: a signal now waits until they all are, and a failure
+    # takes back the ones this run created (the work directory stays for --resume).
+    from admm_onnx.interrupts import deferred
+
+    with deferred():
+        try:
+            _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
+        except (KeyboardInterrupt, click.exceptions.Abort) as exc:  # no signal handler (API use)
+            raise _prune_interrupted(exc, plan, work) from None
+        except Exception:
+            plan.remove_created()
+            raise
+        if not keep_workdir:
+            WorkDir(work).remove()  # only what the run wrote
+
+
+def _prune_interrupted(exc: BaseException, plan, work: Path) -> "Interrupted":
+    """The error of an interrupted prune, after taking back the outputs it created (e.g. -o
+    written just before the interrupt, without its --report)."""
+    signum = getattr(exc, "signum", None)
+    how = f" by signal {signum}" if signum else ""
+    removed = plan.remove_created()
+    if removed:
+        log.info("removed the unfinished run's outputs: %s", ", ".join(map(str, removed)))
+    if (work / "progress.json").exists():
+        return Interrupted(f"Interrupted{how}. Progress is saved in {work}: run the same command with --resume to "
+                           "continue.", signum)
+    return Interrupted(f"Interrupted{how} before the first step completed; nothing to resume.", signum)
+
+
+def _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0) -> None:
     report.phase_seconds["total"] = time.perf_counter() - t0
     report.command = shlex.join(["admm-onnx", *ctx.obj.get("argv", [])])
     click.echo(report.table())

@@ -124,6 +124,8 @@ PROBES = [
                                        *QUICK], "names a folder"),
     ("round-to-zero", _nothing, PRUNE + ["--sparsity", "0.5", "--structure", "channel", "--round-to", "0"],
      "--round-to"),
+    ("round-to-above-every-group", _nothing, PRUNE + ["--sparsity", "0.5", "--structure", "channel", "--round-to",
+                                                      "4096"], "no channel would be removed"),
     ("inspect-plot-names-its-option", _nothing, ["inspect", "@/m.onnx", "--plot", "@/nope/p.svg"], "--plot"),
 ]
 
@@ -325,3 +327,89 @@ def test_eval_reads_a_small_npz_keyed_by_input_name(room, capsys):  # noqa: F811
     np.savez(room / "k.npz", input=rng.standard_normal((100, 1, 8, 8)).astype(np.float32),
              labels=rng.integers(0, 4, 100))
     assert main(room.argv(["eval", "@/m.onnx", "-d", "@/k.npz"])) == 0
+
+
+def test_api_checks_window_attributes_of_a_model_proto(room):  # noqa: F811
+    """A ModelProto given to the Python API gets the check load_model gives a file (a stride of 0
+    crashes onnxruntime's shape code with SIGFPE)."""
+    from admm_onnx.errors import ModelError
+    from admm_onnx.pipeline import prepare_model
+
+    _zero_stride(room.root)
+    model = onnx.load(room.root / "z.onnx")
+    before = model.SerializeToString()
+    with pytest.raises(ModelError, match="strides"):
+        prepare_model(model)
+    assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. Name:'c' "
+     "Status Message: /onnxruntime_src/onnxruntime/core/framework/op_kernel.cc:83 virtual OrtValue* "
+     "onnxruntime::OpKernelContext::OutputMPtr(int, const onnxruntime::TensorShape&) status.IsOK() was false. "
+     "Shape mismatch attempting to re-use buffer.",
+     "Non-zero status code returned while running Conv node. Name:'c' Status Message: Shape mismatch attempting to "
+     "re-use buffer."),
+    ("the virtual machine was false positive", "the virtual machine was false positive"),  # plain words stay
+])
+def test_onnxruntime_messages_lose_their_cpp_remnants(raw, expected):
+    from admm_onnx.errors import clean_message
+
+    assert clean_message(raw) == expected
+
+
+# -- an interrupt or a failure while the outputs are written (2026-12-05, third session) ------------
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_prune_takes_back_its_outputs_when_the_last_writes_fail(room, monkeypatch, failure):  # noqa: F811
+    """-o is written inside the run; an interrupt or a failure before --report is written takes
+    -o back (this run created it) and keeps the work directory for --resume, which then finishes."""
+    import admm_onnx.cli.main as cli_main
+
+    real = cli_main._write_json
+
+    def failing(path, data):
+        raise failure
+
+    monkeypatch.setattr(cli_main, "_write_json", failing)
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--report", "@/r.json",
+            *QUICK]
+    code = main(room.argv(argv))
+    err = room.capsys.readouterr().err
+    assert code in (2, 130), err
+    assert not (room / "o.onnx").exists() and not (room / "r.json").exists()
+    assert (room / "o.onnx.admm-work" / "progress.json").exists()
+    monkeypatch.setattr(cli_main, "_write_json", real)
+    assert main(room.argv(argv + ["--resume"])) == 0
+    assert (room / "o.onnx").exists() and (room / "r.json").exists() and not (room / "o.onnx.admm-work").exists()
+
+
+def test_prune_keeps_an_earlier_output_it_did_not_create(room, monkeypatch):  # noqa: F811
+    """Only what this run created is taken back: a report that existed before stays."""
+    import admm_onnx.cli.main as cli_main
+
+    (room / "r.json").write_text("{}")
+
+    def failing(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "_write_json", failing)
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                           "--report", "@/r.json", *QUICK])) == 130
+    assert (room / "r.json").read_text() == "{}" and not (room / "o.onnx").exists()
+
+
+def test_output_plan_removes_only_files_it_planned_as_new(tmp_path):
+    from admm_onnx.io import OutputPlan
+
+    (tmp_path / "old.onnx").write_bytes(b"x")
+    plan = OutputPlan()
+    plan.add_output(tmp_path / "old.onnx", "-o", model=True)
+    plan.add_output(tmp_path / "new.json", "--report")
+    (tmp_path / "old.onnx").write_bytes(b"y")
+    (tmp_path / "old.onnx.data").write_bytes(b"d")  # created after planning: this run's
+    (tmp_path / "new.json").write_text("{}")
+    (tmp_path / "other.txt").write_text("user")
+    assert sorted(p.name for p in plan.remove_created()) == ["new.json", "old.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx", "other.txt"]

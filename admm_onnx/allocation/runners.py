@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, error_text
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class RayRunner:
                          logging_level=logging.WARNING, log_to_driver=False)
             except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on Ray's version
                 raise ConfigError(f"cannot connect to the Ray cluster at {self.address!r}: "
-                                  f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from None
+                                  f"{error_text(exc)}") from None
         try:
             processes = self.workers or int(ray.cluster_resources().get("CPU", 1))
             pool = Pool(processes=max(1, min(processes, len(tasks))), initializer=setup, initargs=setup_args)

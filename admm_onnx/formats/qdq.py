@@ -54,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import register
 from .base import Format
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError, error_text
 
 #: metadata_props key marking a file this format wrote (JSON facts).
 METADATA_KEY = "admm_onnx.qdq"
@@ -147,7 +147,7 @@ def calibrate(model: onnx.ModelProto, tensors: Sequence[str], calibration, max_s
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot run the model for calibration: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ModelError(f"ONNX Runtime cannot run the model for calibration: {error_text(exc)}") from exc
     inputs = [i.name for i in sess.get_inputs()]
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..admm import AdmmState
 from ..config import PruneConfig
+from ..errors import ConfigError
 from ..graph.penalty import AdmmPenalty
 from ..io import save_model
 from ..report import LayerRow, PruneReport
@@ -93,6 +94,13 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
 
         counts = targets.keep_counts(analysis)
         allocation = uniform_record(analysis, targets, counts)
+    by_id = {g.id: g for g in analysis.groups}
+    if counts and all(k >= by_id[gid].size for gid, k in counts.items()):
+        largest = max(by_id[gid].size for gid in counts)
+        raise ConfigError(
+            f"no channel would be removed: every prunable group keeps all its channels (largest group: {largest} "
+            f"channels, kept counts rounded up to a multiple of --round-to {targets.round_to})",
+            hint="lower --round-to (1 keeps exact counts) or raise --sparsity / lower --target-macs")
     trainable = set(prepared.info.trainable)
     constraint = ChannelGroups(analysis, counts, tensors=trainable)
     report = ChannelPruneReport(config=dict(config.to_dict(), channels=targets.__dict__))

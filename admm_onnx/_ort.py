@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import tempfile
 import types
 
 from .errors import AdmmOnnxError
@@ -90,5 +91,29 @@ def _quiet_gradient_builder() -> None:
 
 
 _quiet_gradient_builder()
+
+
+def _private_block_files() -> None:
+    """onnxblock's ``Block`` keeps a scratch file at ``<cwd>/temp.onnx`` (written only for models
+    over 2 GB) and its ``__del__`` deletes ``<cwd>/temp.onnx`` and ``temp.onnx.data`` whenever
+    they exist: a user's file of that name, even the input model or the output just written.
+    Every Block gets a scratch name of its own in the temp folder instead, which nothing else
+    uses (so ``__del__`` removes only what the Block itself wrote)."""
+    block = onnxblock.Block
+    init = block.__init__
+    if getattr(init, "_admm_private", False):
+        return
+
+    def private_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        name = f".admm-onnx-block-{os.getpid()}-{id(self):x}.onnx"
+        self.temp_onnx_file_path = os.path.join(tempfile.gettempdir(), name)
+        self.temp_external_data_file_name = name + ".data"
+
+    private_init._admm_private = True
+    block.__init__ = private_init
+
+
+_private_block_files()
 
 __all__ = ["artifacts", "onnxblock", "api"]

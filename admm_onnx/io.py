@@ -39,7 +39,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -441,6 +441,27 @@ def check_window_attributes(graph: onnx.GraphProto) -> None:
                 raise ModelError(f"{where} has {key} {attrs[key]}: each must be in 0..{MAX_PAD}")
 
 
+#: Files up to this size without an .onnx suffix are read to see whether they are a model.
+_SNIFF_BYTES = 64 << 20
+
+
+def looks_like_model(path: PathLike) -> bool:
+    """True for a regular file named ``*.onnx``, or a smaller one that starts as a serialized
+    ModelProto does (field 1, ``ir_version``: byte 0x08), e.g. ``model.bin``."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if str(path).lower().endswith(".onnx"):
+            return True
+        if st.st_size > _SNIFF_BYTES:
+            return False
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
 def model_files(path: PathLike) -> List[Path]:
     """The files a model occupies: ``path`` and its (checked) external data files.
 
@@ -489,7 +510,8 @@ class OutputPlan:
 
     # inputs ----------------------------------------------------------------------------
     def add_input(self, *paths: Optional[PathLike], what: str = "an input") -> None:
-        """Register files (or folders: every file under them counts) the run reads."""
+        """Register files (or folders: every file under them counts) the run reads; a file that
+        is an ONNX model (whatever its name) counts with its external data."""
         for p in paths:
             if p is None or str(p) == "":
                 continue
@@ -499,15 +521,17 @@ class OutputPlan:
                 with contextlib.suppress(OSError):
                     for child in sorted(p.iterdir())[:1000]:
                         self.inputs.append((child, what))
+            elif looks_like_model(p):
+                for data in model_files(p)[1:]:
+                    self.inputs.append((data, f"the external data of the model {p.name}"))
 
     def add_model_input(self, path: Optional[PathLike]) -> None:
         """Register a model file and its external data files."""
         if path is None:
             return
         files = model_files(path)
-        self.add_input(files[0], what="the input model")
-        for f in files[1:]:
-            self.add_input(f, what="the input model's external data")
+        self.inputs.append((files[0], "the input model"))
+        self.inputs.extend((f, "the input model's external data") for f in files[1:])
 
     def _clash(self, path: Path) -> Optional[str]:
         for other, what in self.inputs:
@@ -561,16 +585,18 @@ class OutputPlan:
         return out
 
     def remove_created(self) -> List[Path]:
-        """Delete the planned outputs that did not exist when planned and are regular files now
-        (what an unfinished run wrote: no half set of outputs is left); returns them."""
+        """Delete the planned outputs that did not exist when planned and that this process
+        wrote since (what an unfinished run wrote: no half set of outputs is left; a file another
+        program put there meanwhile stays); returns them."""
         gone = []
         for path in self.new:
-            try:
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    os.unlink(path)
-                    gone.append(path)
-            except OSError:
+            ident = _identity(path)
+            if ident is None or ident not in _WRITTEN:
                 continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                _WRITTEN.discard(ident)
+                gone.append(path)
         return gone
 
     def _check_companion(self, out: Path, option: str, external: Optional[bool]) -> None:
@@ -602,6 +628,11 @@ class OutputPlan:
         if path is None:
             return None
         work = Path(path)
+        try:
+            os.path.abspath(work).encode("utf-8")
+        except UnicodeEncodeError:
+            raise OutputError(f"{option}: the path {os.fsdecode(os.path.abspath(work))!r} is not valid UTF-8",
+                              hint="ONNX Runtime takes UTF-8 paths for its training files; choose another folder") from None
         parent = work.parent
         if not parent.is_dir():
             raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
@@ -620,6 +651,11 @@ class OutputPlan:
         return work
 
 
+def _previous(name: str) -> str:
+    """Where :func:`claim_output_folder` keeps an earlier run's file while a run writes."""
+    return f".{name}.admm-previous"
+
+
 @contextlib.contextmanager
 def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-o") -> Iterator[Path]:
     """An output folder a command writes the files ``names`` into: created if missing (its
@@ -631,6 +667,12 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise OutputError(f"{option}: {folder} exists and is not a folder")
     if folder.exists():
+        for name in names:  # a run killed outright (SIGKILL, power loss) left an earlier file aside
+            backup = folder / _previous(name)
+            if backup.is_file() and not backup.is_symlink():
+                with contextlib.suppress(OSError):
+                    os.replace(backup, folder / name)
+                    log.info("put back %s, set aside by a run that did not finish", folder / name)
         try:
             foreign = sorted(n for n in os.listdir(folder) if n not in names)
         except OSError as exc:
@@ -661,7 +703,7 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
             created = True
         for name in names:
             if before[name] is not None:
-                backup = folder / f".{name}.admm-previous"
+                backup = folder / _previous(name)
                 os.replace(folder / name, backup)
                 saved[name] = backup
         yield folder
@@ -700,12 +742,7 @@ def check_output_path(output: PathLike, *inputs: Optional[PathLike], option: str
 
     A shortcut for commands with one output; see :class:`OutputPlan` for the rules."""
     plan = OutputPlan()
-    for inp in inputs:
-        if inp is not None:
-            if str(inp).endswith(".onnx") and Path(inp).is_file():
-                plan.add_model_input(inp)
-            else:
-                plan.add_input(inp)
+    plan.add_input(*inputs)
     return plan.add_output(output, option)
 
 
@@ -716,6 +753,25 @@ def _disk_error(exc: OSError, target: Path) -> OutputError:
     return OutputError(f"cannot write {target}: {exc.strerror or exc}")
 
 
+#: (device, inode) of every file this process wrote through :func:`atomic_path` or
+#: :func:`save_model`: what :meth:`OutputPlan.remove_created` may take back.
+_WRITTEN: Set[Tuple[int, int]] = set()
+
+
+def _identity(path: PathLike) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _wrote(path: PathLike) -> None:
+    ident = _identity(path)
+    if ident is not None:
+        _WRITTEN.add(ident)
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success only.
@@ -723,8 +779,17 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     The temporary file is removed on every exit path; OS errors become :class:`OutputError`."""
     target = Path(target)
     prefix = f".{target.name}."
-    if len(prefix.encode()) + len(suffix) + 16 > 255:  # a long valid name: a shorter temporary one
-        prefix = f".{target.name.encode()[:180].decode(errors='ignore')}."
+    if len(os.fsencode(prefix)) + len(suffix) + 16 > 255:  # a long valid name: a shorter temporary one
+        name = os.fsencode(target.name)[:180]
+        while name:  # whole characters only (UTF-8 or not: os.fsdecode keeps any bytes)
+            try:
+                name.decode("utf-8")
+                break
+            except UnicodeDecodeError as exc:
+                if exc.start < len(name) - 3:  # not UTF-8 at all: any cut is as good
+                    break
+                name = name[: exc.start]
+        prefix = f".{os.fsdecode(name)}."
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=target.parent or ".")
     except OSError as exc:
@@ -735,6 +800,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
         yield tmp_path
         os.replace(tmp_path, target)
+        _wrote(target)
     except OSError as exc:
         raise _disk_error(exc, target) from exc
     finally:
@@ -791,7 +857,9 @@ def save_model(
                 onnx.checker.check_model(str(tmp_model))
             if (tmp_dir / data_name).exists():
                 os.replace(tmp_dir / data_name, data_target)
+                _wrote(data_target)
             os.replace(tmp_model, path)
+            _wrote(path)
         finally:
             for leftover in tmp_dir.iterdir():
                 leftover.unlink()

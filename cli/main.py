@@ -93,7 +93,7 @@ def _check_log_file(ctx, log_file: str) -> None:
     """--log-file is an output: a regular file (appended) that is none of the command's inputs
     or outputs. Every other word of the command line naming an existing file counts (a model
     with its external data), so ``--log-file m.onnx inspect m.onnx`` is refused."""
-    from admm_onnx.io import OutputPlan
+    from admm_onnx.io import OutputPlan, looks_like_model
 
     words = list((ctx.find_root().obj or {}).get("argv") or [])
     values, same = [], []
@@ -121,8 +121,8 @@ def _check_log_file(ctx, log_file: str) -> None:
                 values.append(candidate)
                 break
     plan = OutputPlan()
-    for value in values:
-        if value.lower().endswith(".onnx") and os.path.isfile(value):
+    for value in values:  # a model (whatever its name) counts with its external data
+        if looks_like_model(value):
             plan.add_model_input(value)
         else:
             plan.add_input(value, what="named on the command line")

@@ -106,12 +106,13 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     dataset = load_dataset(data)  # before the model's preparation logs anything: a bad file is one line
     if hasattr(dataset, "x_train"):
         x_all, y_all = dataset.x_train, dataset.y_train
-    elif metric == "kl" and len(getattr(dataset, "train", {})) == 1:  # no labels needed
-        x_all = next(iter(dataset.train.values()))
-        y_all = dataset.y_train if dataset.y_train is not None else np.zeros(len(x_all), np.int64)
-    else:
-        raise ConfigError("the sensitivity sweep takes single-input data with labels (x_train/y_train or x/y)"
-                          + ("" if metric == "kl" else "; --metric kl also takes one unlabeled input array"))
+    else:  # arrays keyed by input name (several inputs, or no labels)
+        x_all = dict(dataset.train)
+        y_all = dataset.y_train
+        if y_all is None and metric != "kl":
+            raise ConfigError(f"--metric {metric} needs labels, and the data has none", hint="use --metric kl")
+        if y_all is None:
+            y_all = np.zeros(len(next(iter(x_all.values()))), np.int64)
     prepared = prepare_model(model, output_name)
     import onnx
 
@@ -120,9 +121,14 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     if kind is not None and kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
         raise ConfigError(f"--model-output {prepared.output_name!r} is not a float output (scores or logits); "
                           "the sweep measures loss, top-1 or KL on one")
-    idx = np.random.default_rng(seed).permutation(len(x_all))[:samples]
+    idx = np.random.default_rng(seed).permutation(len(y_all))[:samples]
     idx.sort()
-    x = fit_to_input(x_all[idx], prepared.input_shape, prepared.input_name)
+    if isinstance(x_all, dict):
+        from admm_onnx.feeds import fit_inputs, input_specs
+
+        x = fit_inputs({k: a[idx] for k, a in x_all.items()}, input_specs(prepared.original), Path(data).stem)
+    else:
+        x = fit_to_input(x_all[idx], prepared.input_shape, prepared.input_name)
     y = y_all[idx]
     runner = make_runner(workers if workers is not None else usable_cores(), ray_address)
     cache = None if no_cache else (cache_dir or "default")

@@ -115,3 +115,18 @@ def test_api_prune_takes_a_calibration_reader(tmp_path, tokens):
     report = admm_onnx.prune(str(BERT), tmp_path / "p.onnx", CalibrationLikeReader(feed, labels), config,
                              eval_reader=CalibrationLikeReader(feed, labels))
     assert report.accuracy_after is not None and (tmp_path / "p.onnx").is_file()
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_bert_budget_and_sensitivity_take_several_inputs(tmp_path, tokens, capsys, with_labels):
+    """A budget's sensitivity sweep feeds every input (it used to feed the first only: an internal
+    error); without labels it measures KL from the dense model, as distillation does."""
+    feed, labels = tokens
+    np.savez(tmp_path / "t.npz", **feed, **({"labels": labels} if with_labels else {}))
+    out = tmp_path / "bert.budget.onnx"
+    assert main(["prune", str(BERT), "-d", str(tmp_path / "t.npz"), "-o", str(out), "--compression", "2x",
+                 *QUICK]) == 0
+    assert "Allocation for 2x compression" in capsys.readouterr().out
+    assert main(["sensitivity", str(BERT), "-d", str(tmp_path / "t.npz"), "--no-cache", "--workers", "1",
+                 "--samples", "16", "--levels", "50%", "--metric", "loss" if with_labels else "kl", "-q"]) == 0
+    assert "evaluation(s)" in capsys.readouterr().out

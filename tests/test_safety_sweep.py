@@ -7,6 +7,7 @@ group checks inputs that used to be mishandled and now work.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -126,6 +127,8 @@ PROBES = [
      "--round-to"),
     ("round-to-above-every-group", _nothing, PRUNE + ["--sparsity", "0.5", "--structure", "channel", "--round-to",
                                                       "4096"], "no channel would be removed"),
+    ("workdir-not-utf8", _nothing, PRUNE + ["--sparsity", "0.5", "--workdir", "@/wd" + os.fsdecode(b"\xff")],
+     "UTF-8"),
     ("inspect-plot-names-its-option", _nothing, ["inspect", "@/m.onnx", "--plot", "@/nope/p.svg"], "--plot"),
 ]
 
@@ -400,16 +403,84 @@ def test_prune_keeps_an_earlier_output_it_did_not_create(room, monkeypatch):  # 
     assert (room / "r.json").read_text() == "{}" and not (room / "o.onnx").exists()
 
 
-def test_output_plan_removes_only_files_it_planned_as_new(tmp_path):
-    from admm_onnx.io import OutputPlan
+def test_output_plan_removes_only_files_it_planned_as_new_and_wrote(tmp_path):
+    from admm_onnx.io import OutputPlan, write_text
 
     (tmp_path / "old.onnx").write_bytes(b"x")
     plan = OutputPlan()
     plan.add_output(tmp_path / "old.onnx", "-o", model=True)
     plan.add_output(tmp_path / "new.json", "--report")
-    (tmp_path / "old.onnx").write_bytes(b"y")
-    (tmp_path / "old.onnx.data").write_bytes(b"d")  # created after planning: this run's
-    (tmp_path / "new.json").write_text("{}")
+    plan.add_output(tmp_path / "theirs.svg", "--plot")
+    write_text(tmp_path / "old.onnx", "y")  # existed before: stays
+    write_text(tmp_path / "old.onnx.data", "d")  # new and written by this process
+    write_text(tmp_path / "new.json", "{}")
+    (tmp_path / "theirs.svg").write_text("another program's file")  # new, not written by the tool: stays
     (tmp_path / "other.txt").write_text("user")
     assert sorted(p.name for p in plan.remove_created()) == ["new.json", "old.onnx.data"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx", "other.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx", "other.txt", "theirs.svg"]
+
+
+def test_prune_interrupted_keeps_a_file_another_program_put_at_an_output_name(room, monkeypatch):  # noqa: F811
+    import admm_onnx.cli.main as cli_main
+
+    def someone_else_then_interrupt(path, data):
+        (room / "r.json").write_text("theirs")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "_write_json", someone_else_then_interrupt)
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                           "--report", "@/r.json", *QUICK])) == 130
+    assert (room / "r.json").read_text() == "theirs" and not (room / "o.onnx").exists()
+
+
+def test_output_names_that_are_not_utf8_are_written(tmp_path):
+    """Linux file names are bytes: a name that is not UTF-8 is a valid output."""
+    from admm_onnx.io import write_text
+
+    for name in (os.fsdecode(b"r\xff.json"), os.fsdecode(b"\xe9" * 250)):
+        write_text(tmp_path / name, "{}")
+        assert (tmp_path / name).read_text() == "{}"
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_user_files_named_temp_onnx_in_the_working_folder_survive(room):  # noqa: F811
+    """onnxblock's Block deletes <cwd>/temp.onnx(.data) when it is collected; admm_onnx._ort gives
+    every Block a private scratch name instead."""
+    import gc
+
+    (room / "temp.onnx").write_text("user file")
+    (room / "temp.onnx.data").write_text("user data")
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK])) == 0
+    assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 0
+    gc.collect()
+    assert (room / "temp.onnx").read_text() == "user file" and (room / "temp.onnx.data").read_text() == "user data"
+
+
+def _model_named(r, name, data):
+    """m.onnx saved as ``name`` (no .onnx suffix) with its weights in ``data``."""
+    onnx.save(onnx.load(r / "m.onnx"), r / name, save_as_external_data=True, location=data, size_threshold=0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["inspect", "@/e.model", "--plot", "@/w.svg"],
+    ["--log-file", "@/w.svg", "inspect", "@/e.model"],
+    ["export", "@/e.model", "-o", "@/w.svg", "--format", "csr"],
+])
+def test_external_data_of_a_model_not_named_onnx_is_an_input(room, argv):  # noqa: F811
+    _model_named(room.root, "e.model", "w.svg")
+    room.probe(argv, "external data")
+
+
+def test_output_folder_puts_back_what_a_killed_run_set_aside(tmp_path):
+    """demo killed with SIGKILL while writing: the earlier file sits under its hidden backup name;
+    the next run puts it back instead of refusing the folder as holding a foreign file."""
+    from admm_onnx.io import claim_output_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".report.json.admm-previous").write_text("earlier")
+    (out / "report.json").write_text("half of a killed run")
+    with pytest.raises(RuntimeError):
+        with claim_output_folder(out, ["report.json", "model.onnx"]):
+            raise RuntimeError("this run fails too")
+    assert sorted(os.listdir(out)) == ["report.json"] and (out / "report.json").read_text() == "earlier"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -34,8 +34,10 @@ def has_budget(config) -> bool:
     return any(getattr(config, f, None) is not None for f in ("compression", "target_params", "target_macs"))
 
 
-def reader_samples(reader, n: int, seed: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Up to ``n`` samples (a seeded subset) of the data behind ``reader``: read from the
+def reader_samples(reader, n: int, seed: int = 0) -> Tuple[Union[np.ndarray, Dict[str, np.ndarray]],
+                                                            Optional[np.ndarray]]:
+    """Up to ``n`` samples (a seeded subset) of the data behind ``reader`` (one array, or arrays
+    keyed by input name for a model with several inputs): read from the
     arrays of an ``ArrayReader`` (also inside wrappers that keep it as ``.reader``) without
     touching its position; any other reader is read batch by batch and rewound."""
     r = reader
@@ -45,6 +47,10 @@ def reader_samples(reader, n: int, seed: int = 0) -> Tuple[np.ndarray, Optional[
         x = getattr(r, "x", None)
         if isinstance(x, dict) and len(x) == 1:  # ArrayReader keeps its inputs by name
             x = next(iter(x.values()))
+        if isinstance(x, dict) and x and all(isinstance(a, np.ndarray) for a in x.values()):  # several inputs
+            idx = np.sort(np.random.default_rng(seed).permutation(len(next(iter(x.values()))))[:n])
+            y = getattr(r, "y", None)
+            return {k: a[idx] for k, a in x.items()}, (None if y is None else np.asarray(y)[idx])
         if isinstance(x, np.ndarray):
             idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
             y = getattr(r, "y", None)
@@ -61,16 +67,19 @@ def reader_samples(reader, n: int, seed: int = 0) -> Tuple[np.ndarray, Optional[
         feed = reader.get_next()
         if feed is None:
             break
-        name = next(k for k in feed if k not in (LABELS, "__valid__"))
-        valid = int(feed.get("__valid__", len(feed[name])))
-        xs.append(np.asarray(feed[name])[:valid])
+        names = [k for k in feed if k not in (LABELS, "__valid__")]
+        valid = int(feed.get("__valid__", len(feed[names[0]])))
+        xs.append({k: np.asarray(feed[k])[:valid] for k in names})
         if LABELS in feed:
             ys.append(np.asarray(feed[LABELS])[:valid])
         got += valid
     reader.rewind()
     if not xs:
         raise DataError("the training reader yielded no samples for the sensitivity sweep")
-    return np.concatenate(xs)[:n], (np.concatenate(ys)[:n] if ys else None)
+    ys = np.concatenate(ys)[:n] if ys else None
+    if len(xs[0]) == 1:
+        return np.concatenate([next(iter(b.values())) for b in xs])[:n], ys
+    return {k: np.concatenate([b[k] for b in xs])[:n] for k in xs[0]}, ys
 
 
 def _classify(config, info) -> Tuple[Dict[str, float], set, list]:
@@ -95,7 +104,7 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
         return config, None
     from ..config import Rule
     from .runners import make_runner
-    from .sensitivity import DEFAULT_LEVELS, joint_metric, run_sensitivity
+    from .sensitivity import DEFAULT_LEVELS, joint_metric, run_sensitivity, sample_count
 
     info = prepared.info
     costs = layer_costs(prepared.original, info)
@@ -127,9 +136,13 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
     x, y = reader_samples(train_reader, config.sensitivity_samples, seed=config.seed)
     from ..data import fit_to_input
 
-    x = fit_to_input(x, prepared.input_shape, prepared.input_name)
+    if not isinstance(x, dict):  # several inputs come fitted from their reader
+        x = fit_to_input(x, prepared.input_shape, prepared.input_name)
     runner = runner or make_runner(config.workers)
     metric = config.sensitivity_metric
+    if y is None and metric == "loss":  # no labels (distillation): the dense model's outputs are the reference
+        metric = "kl"
+        log.info("no labels: the sensitivity sweep measures KL divergence from the dense model's outputs")
     result = run_sensitivity(prepared, x, y, levels, metric, "element", free, runner, cache_dir)
     curves = {n: LayerCurve(tuple(result.curves[n].keep), tuple(result.curves[n].deltas(result.baseline))) for n in free}
     alloc = allocate(curves, {n: sizes[n] for n in free}, left, {n: unit[n] for n in free}, min_keep, max_keep)
@@ -144,7 +157,7 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
     kept_params = sum(kept.values())
     kept_macs = sum(kept[n] * costs[n].positions for n in sizes)
     record = {
-        "budget": budget.label, "kind": budget.kind, "metric": metric, "samples": int(len(x)),
+        "budget": budget.label, "kind": budget.kind, "metric": metric, "samples": sample_count(x),
         "dense_metric": result.baseline,
         "predicted_one_shot_metric": result.baseline + alloc.predicted_total,
         "measured_one_shot_metric": measured,

@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -90,6 +90,30 @@ def evaluation_model(prepared, extra: Sequence[str] = ()) -> onnx.ModelProto:
     return model
 
 
+#: Samples of the sweep: one array (a single-input model) or arrays keyed by input name.
+Samples = Union[np.ndarray, Dict[str, np.ndarray]]
+
+
+def as_inputs(x: Samples, input_name: str) -> Dict[str, np.ndarray]:
+    """``x`` keyed by input name, each array contiguous (one array feeds ``input_name``)."""
+    if isinstance(x, dict):
+        return {k: np.ascontiguousarray(v) for k, v in x.items()}
+    return {input_name: np.ascontiguousarray(x)}
+
+
+def sample_count(x: Samples) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _fingerprint_data(x: Dict[str, np.ndarray], labels: Optional[np.ndarray]) -> str:
+    """The data's part of the cache key (one input: the key of the single-input sweeps before)."""
+    y = labels if labels is not None else np.zeros(0)
+    if len(x) == 1:
+        return _fingerprint_arrays(next(iter(x.values())), y)
+    names = [np.frombuffer(k.encode(), np.uint8) for k in sorted(x)]
+    return _fingerprint_arrays(*names, *(x[k] for k in sorted(x)), y)
+
+
 def _fingerprint_arrays(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -133,15 +157,14 @@ def _setup(spec: dict) -> None:
 def _forward(feeds: Dict[str, np.ndarray]) -> np.ndarray:
     """Log-probabilities (n, classes) of the model on the worker's samples."""
     sess, x, batch = _W["sess"], _W["x"], _W["batch"]
-    out_name, input_name, softmax = _W["output"], _W["input"], _W["softmax"]
-    n = len(x)
+    out_name, softmax = _W["output"], _W["softmax"]
+    n = sample_count(x)
     parts = []
     for s in range(0, n, batch):
-        xb = x[s:s + batch]
-        valid = len(xb)
+        feed = {k: a[s:s + batch] for k, a in x.items()}
+        valid = min(batch, n - s)
         if _W["fixed_batch"] and valid < batch:
-            xb = np.concatenate([xb, np.repeat(xb[:1], batch - valid, axis=0)])
-        feed = {input_name: xb}
+            feed = {k: np.concatenate([a, np.repeat(a[:1], batch - valid, axis=0)]) for k, a in feed.items()}
         feed.update(feeds)
         (y,) = sess.run([out_name], feed)
         y = np.asarray(y)[:valid].reshape(valid, -1)
@@ -337,7 +360,8 @@ def run_sensitivity(
         raise ConfigError(f"structure must be one of {', '.join(STRUCTURES + ('groups',))}, got {structure!r}")
     if metric != "kl" and y is None:
         raise DataError(f"metric {metric!r} needs labels; use --metric kl for data without labels")
-    if len(x) == 0:
+    x = as_inputs(x, prepared.input_name)
+    if sample_count(x) == 0:
         raise DataError("no samples for the sensitivity sweep")
     levels = check_levels(levels)
     info = prepared.info
@@ -372,10 +396,9 @@ def run_sensitivity(
 
     view = output_view(prepared.original, prepared.output_name)
     labels = None if y is None else np.asarray(y, dtype=np.int64)
-    x = np.ascontiguousarray(x)
     key = hashlib.sha256(json.dumps({
         "model": hashlib.sha256(model_bytes).hexdigest(), "output": prepared.output_name,
-        "data": _fingerprint_arrays(x, labels if labels is not None else np.zeros(0)),
+        "data": _fingerprint_data(x, labels),
         "metric": metric, "batch": batch, "version": CACHE_VERSION,
     }, sort_keys=True).encode()).hexdigest()
     cache = _Cache(default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None), key)
@@ -389,9 +412,9 @@ def run_sensitivity(
     t0 = time.perf_counter()
     if tasks:
         spec = {"model": model_bytes, "x": x, "y": labels, "output": prepared.output_name,
-                "input": prepared.input_name, "softmax": view.softmax, "weights": weights,
+                "softmax": view.softmax, "weights": weights,
                 "metric": metric, "batch": batch, "fixed_batch": bool(prepared.fixed_batch), **group_spec}
-        log.info("sensitivity: %d evaluations of %d samples on %s (%d cached)", len(tasks), len(x), runner.describe(), cached)
+        log.info("sensitivity: %d evaluations of %d samples on %s (%d cached)", len(tasks), sample_count(x), runner.describe(), cached)
         done = 0
         for index, result in runner.run(_setup, (spec,), _dispatch, tasks):
             cache.data[_task_key(*tasks[index])] = list(result)
@@ -421,7 +444,7 @@ def run_sensitivity(
             nz = [keep_count(w.shape[axis], 1.0 - k) * (w.size // w.shape[axis]) for k in ks]
         curves[n] = Curve(n, w.size, costs[n].macs, ks + [1.0], [v[0] for v in vals] + [baseline],
                           [v[1] for v in vals] + [0.0], nz + [w.size])
-    return SensitivityResult(metric, structure, baseline, len(x), curves, list(levels), key, seconds,
+    return SensitivityResult(metric, structure, baseline, sample_count(x), curves, list(levels), key, seconds,
                              len(tasks), cached, runner.describe())
 
 
@@ -458,9 +481,9 @@ def joint_metric(prepared, x, y, keep: Dict[str, float], metric: str = "loss", s
     inits = {t.name: t for t in prepared.original.graph.initializer}
     weights = {n: (numpy_helper.to_array(inits[n]), info.prunable[n].out_axis, info.prunable[n].in_axis,
                    [(d, perm) for d, (src, perm) in info.derived.items() if src == n]) for n in keep}
-    spec = {"model": evaluation_model(prepared).SerializeToString(), "x": np.ascontiguousarray(x),
+    spec = {"model": evaluation_model(prepared).SerializeToString(), "x": as_inputs(x, prepared.input_name),
             "y": None if y is None else np.asarray(y, np.int64), "output": prepared.output_name,
-            "input": prepared.input_name, "softmax": output_view(prepared.original, prepared.output_name).softmax,
+            "softmax": output_view(prepared.original, prepared.output_name).softmax,
             "weights": weights, "metric": metric, "batch": prepared.fixed_batch or batch_size,
             "fixed_batch": bool(prepared.fixed_batch)}
     saved = dict(_W)

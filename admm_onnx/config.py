@@ -312,6 +312,9 @@ def _rule_from_dict(data: Any, index: int) -> Rule:
     unknown = set(data) - _RULE_KEYS
     if unknown:
         raise ConfigError(f"rule {index}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_RULE_KEYS))}")
+    for key in ("names", "op_types"):
+        if key in data and isinstance(data[key], (list, tuple)) and not data[key]:
+            raise ConfigError(f"rule {index}: {key} is empty; leave the key out to select every prunable weight")
     try:
         return Rule(**data)
     except ConfigError as exc:
@@ -403,7 +406,7 @@ def resolve_rules(config: PruneConfig, info: GraphInfo) -> Dict[str, WeightPlan]
             w
             for w in info.prunable.values()
             if (not rule.op_types or set(rule.op_types) & set(w.op_types))
-            and (not rule.names or any(fnmatch.fnmatchcase(w.name, p) for p in rule.names))
+            and (not rule.names or any(w.name == p or fnmatch.fnmatchcase(w.name, p) for p in rule.names))
         ]
         if not selected:
             raise ConfigError(f"rule {index} ({rule.describe()}) selects no prunable weight")

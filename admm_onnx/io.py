@@ -660,13 +660,47 @@ def _previous(name: str) -> str:
 def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-o") -> Iterator[Path]:
     """An output folder a command writes the files ``names`` into: created if missing (its
     parent must exist), or an existing folder whose files are all among ``names`` (a folder
-    with other files is refused). On failure, the files written and a folder created are removed."""
+    with other files is refused). The folder is locked while the block runs (a second run on it
+    is refused). On failure, the files written and a folder created are removed."""
     folder = Path(folder)
     names = tuple(names)
     created = False
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise OutputError(f"{option}: {folder} exists and is not a folder")
-    if folder.exists():
+    if not folder.exists():
+        parent = folder.parent
+        if not parent.is_dir():
+            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{option}: cannot create {folder} (no write permission in {parent})")
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            raise _disk_error(exc, folder) from None
+        created = True
+    lock = _lock_folder(folder, option)
+    if lock is None:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise OutputError(f"{option}: another admm-onnx run is writing into {folder}",
+                          hint="wait for it to finish, or choose another folder")
+    with _releasing(lock):
+        yield from _claimed(folder, names, option, created)
+
+
+@contextlib.contextmanager
+def _releasing(lock):
+    try:
+        yield
+    finally:
+        if lock is not False:
+            os.close(lock)  # releases the lock
+
+
+def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -> Iterator[Path]:
+    """The body of :func:`claim_output_folder`, with the folder locked."""
+    try:
         for name in names:  # a run killed outright (SIGKILL, power loss) left an earlier file aside
             backup = folder / _previous(name)
             if backup.is_file() and not backup.is_symlink():
@@ -687,20 +721,16 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
             target = folder / name
             if target.is_symlink() or (target.exists() and not target.is_file()):
                 raise OutputError(f"{option}: {target} exists and is not a regular file")
-    else:
-        parent = folder.parent
-        if not parent.is_dir():
-            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{option}: cannot create {folder} (no write permission in {parent})")
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     before = {n: _fingerprint_or_none(folder / n) for n in names}
     # Files of an earlier run are moved aside (same folder, hidden name) and put back if this
     # run fails: a failed or interrupted run leaves the folder as it found it.
     saved = {}
     try:
-        if not folder.exists():
-            folder.mkdir()
-            created = True
         for name in names:
             if before[name] is not None:
                 backup = folder / _previous(name)
@@ -727,6 +757,25 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
                 backup.unlink()  # replaced by this run
             else:
                 os.replace(backup, folder / name)  # not written this time: the earlier file stays
+
+
+def _lock_folder(folder: Path, option: str):
+    """An exclusive lock on ``folder`` (an open descriptor; closing it releases the lock), None
+    when another process holds it, False where the platform has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise OutputError(f"{option}: cannot open {folder}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _fingerprint_or_none(path: Path) -> Optional[int]:
@@ -756,6 +805,15 @@ def _disk_error(exc: OSError, target: Path) -> OutputError:
 #: (device, inode) of every file this process wrote through :func:`atomic_path` or
 #: :func:`save_model`: what :meth:`OutputPlan.remove_created` may take back.
 _WRITTEN: Set[Tuple[int, int]] = set()
+
+
+def _exists(path: PathLike) -> bool:
+    """``path`` exists (False, not an error, for a name the file system cannot hold)."""
+    try:
+        os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _identity(path: PathLike) -> Optional[Tuple[int, int]]:
@@ -835,7 +893,7 @@ def save_model(
                 onnx.save_model(model, str(tmp))
                 if check:
                     onnx.checker.check_model(str(tmp))
-            if data_target.exists():
+            if _exists(data_target):
                 log.info("left %s in place (the new %s does not use it)", data_target, path.name)
             return path
         # External data: onnx writes the data file under the name given in `location`,

@@ -91,6 +91,27 @@ def _strange(path: Path, name: str, top: bool) -> Optional[str]:
     return None
 
 
+#: Suffix of the default work directory beside the output (``OUT.admm-work``).
+SUFFIX = ".admm-work"
+
+
+def default_workdir(output) -> Path:
+    """``OUT.admm-work`` beside ``output``; a name too long for that (file names hold 255 bytes)
+    is cut to fit, without splitting a UTF-8 character."""
+    out = Path(output)
+    name = os.fsencode(out.name)
+    room = 255 - len(SUFFIX)
+    if len(name) <= room:
+        return out.parent / (out.name + SUFFIX)
+    name = name[:room]
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(name) - 3:  # a character cut in half at the end
+            name = name[: exc.start]
+    return out.parent / (os.fsdecode(name) + SUFFIX)
+
+
 def fingerprint_file(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

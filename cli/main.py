@@ -339,13 +339,20 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     from admm_onnx.data import dataset_paths, load_dataset
     from admm_onnx.io import OutputPlan, load_model, uses_external_data
     from admm_onnx.pipeline import make_readers, prepare_model, prune as run_prune
-    from admm_onnx.workdir import WorkDir
+    from admm_onnx.workdir import WorkDir, default_workdir
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
     config = load_config(config_path) if config_path else PruneConfig()
     channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation, admm_update_steps)
     if channels is not None:
+        if bits is not None:
+            raise ConfigError("--bits does not combine with --structure channel (channel pruning writes the smaller "
+                              "float model)", hint="prune the channels first, then run prune --bits on the result")
+        if config.rules or any(v is not None for v in (config.compression, config.target_params, config.target_macs)):
+            raise ConfigError("--structure channel takes --sparsity or --target-macs for whole channel groups; the "
+                              "--config file's weight rules and budgets do not apply to it",
+                              hint="drop them from the config file (the training settings there still apply)")
         sparsity = target_macs = allocation = None  # channel budgets, not weight rules
     elif allocation == "uniform":
         raise ConfigError("--allocation uniform is for --structure channel --target-macs")
@@ -380,7 +387,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         from admm_onnx.plot import plot_format
 
         plot_format(plot_path)  # fail on a bad suffix before training
-    work = Path(workdir) if workdir else Path(str(out) + ".admm-work")
+    work = Path(workdir) if workdir else default_workdir(out)
     # Every input and output of the run, checked against each other before anything is written.
     external = uses_external_data(load_model(model, load_external_data=False)) or None
     plan = OutputPlan()
@@ -391,6 +398,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     plan.add_output(sparse_output, "--sparse-output", model=True, external=external)
     plan.add_output(report_path, "--report")
     plan.add_output(plot_path, "--plot")
+    plan.add_output(ctx.find_root().obj.get("log_file"), "--log-file")  # not inside the work directory
     plan.add_workdir(work)
     dataset = load_dataset(data, labels_key)
     prepared = prepare_model(model, config.output)
@@ -526,6 +534,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     from admm_onnx.data import dataset_paths, load_dataset
     from admm_onnx.io import OutputPlan, load_model, uses_external_data
     from admm_onnx.pipeline import make_readers, prepare_model, train as run_train
+    from admm_onnx.workdir import default_workdir
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old, required=True)
@@ -539,7 +548,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     plan.add_model_input(model)
     plan.add_input(*dataset_paths(data), what="the -d data")
     plan.add_output(out, "-o", model=True, external=uses_external_data(load_model(model, load_external_data=False)) or None)
-    work = plan.add_workdir(Path(str(out) + ".admm-work"), option="-o")
+    work = plan.add_workdir(default_workdir(out), option="-o")
     dataset = load_dataset(data, labels_key)
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)

@@ -129,6 +129,13 @@ PROBES = [
                                                       "4096"], "no channel would be removed"),
     ("workdir-not-utf8", _nothing, PRUNE + ["--sparsity", "0.5", "--workdir", "@/wd" + os.fsdecode(b"\xff")],
      "UTF-8"),
+    ("log-file-in-the-workdir", lambda r: (r / "wd").mkdir(),
+     ["--log-file", "@/wd/my.log"] + PRUNE + ["--sparsity", "0.5", "--workdir", "@/wd"], "--log-file"),
+    ("channel-with-bits", _nothing, PRUNE + ["--sparsity", "0.5", "--structure", "channel", "--bits", "4"], "--bits"),
+    ("channel-with-config-rules", _config('[[rules]]\nnames = ["fc1.weight"]\nexclude = true\n'),
+     PRUNE + ["--sparsity", "0.5", "--structure", "channel", "--config", "@/k.toml"], "rules"),
+    ("rule-names-empty", lambda r: (r / "k.toml").write_text('[[rules]]\nnames = []\nsparsity = 0.9\n'),
+     PRUNE + ["--config", "@/k.toml"], "names is empty"),
     ("inspect-plot-names-its-option", _nothing, ["inspect", "@/m.onnx", "--plot", "@/nope/p.svg"], "--plot"),
 ]
 
@@ -484,3 +491,42 @@ def test_output_folder_puts_back_what_a_killed_run_set_aside(tmp_path):
         with claim_output_folder(out, ["report.json", "model.onnx"]):
             raise RuntimeError("this run fails too")
     assert sorted(os.listdir(out)) == ["report.json"] and (out / "report.json").read_text() == "earlier"
+
+
+def test_output_names_of_up_to_255_bytes_work_for_prune_and_export(room):  # noqa: F811
+    """OUT.data and OUT.admm-work do not fit beside a 250-byte name: neither may fail the run."""
+    name = "L" * 245 + ".onnx"
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", f"@/{name}", "--sparsity", "0.5", *QUICK])) == 0
+    assert main(room.argv(["export", f"@/{name}", "-o", "@/" + "E" * 250 + ".onnx", "--format", "csr"])) == 0
+    assert sorted(len(p.name) for p in room.root.iterdir() if p.name.startswith(("L", "E"))) == [250, 255]
+
+
+def test_a_rule_selects_a_weight_by_its_exact_name_even_with_glob_characters(room):  # noqa: F811
+    m = onnx.load(room / "m.onnx")
+    for t in m.graph.initializer:
+        if t.name == "fc1.weight":
+            t.name = "fc[1].weight"
+    for n in m.graph.node:
+        n.input[:] = ["fc[1].weight" if x == "fc1.weight" else x for x in n.input]
+    onnx.save(m, room / "g.onnx")
+    (room / "k.toml").write_text('[[rules]]\nnames = ["fc[1].weight"]\nsparsity = 0.9\n')
+    assert main(room.argv(["prune", "@/g.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--config", "@/k.toml",
+                           *QUICK])) == 0
+    w = {t.name: numpy_helper.to_array(t) for t in onnx.load(room / "o.onnx").graph.initializer}
+    assert np.mean(w["fc[1].weight"] == 0) >= 0.9 and np.mean(w["fc2.weight"] == 0) == 0
+
+
+def test_a_second_run_on_a_locked_output_folder_is_refused_and_changes_nothing(tmp_path):
+    from admm_onnx.errors import OutputError
+    from admm_onnx.io import claim_output_folder
+
+    out = tmp_path / "out"
+    with claim_output_folder(out, ["a.json"]) as folder:
+        (folder / "a.json").write_text("first run")
+        with pytest.raises(OutputError, match="another admm-onnx run"):
+            with claim_output_folder(out, ["a.json"]):
+                pass
+        assert sorted(os.listdir(out)) == ["a.json"]
+    with claim_output_folder(out, ["a.json"]):  # released at the end of the first
+        pass
+    assert (out / "a.json").read_text() == "first run"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import os
 import json
 import math
 from dataclasses import dataclass
@@ -326,6 +327,8 @@ def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a table/object at the top level")
     data = dict(data)
+    if not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"config keys must be strings, got {sorted(map(repr, data))[:5]}")
     if "model_output" in data:  # the model tensor, named like --model-output (``output`` is the old key)
         if "output" in data and data["output"] != data["model_output"]:
             raise ConfigError("both model_output and output given; use model_output only")
@@ -349,6 +352,8 @@ def load_config(path) -> PruneConfig:
     """Load a configuration from a ``.toml`` or ``.json`` file."""
     from .io import check_input_file
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"the config must be a file path, got {type(path).__name__}")
     p = check_input_file(path, "config", error=ConfigError)  # a regular file: never blocks on a FIFO
     if p.stat().st_size > 16 * 2**20:
         raise ConfigError(f"config file {p} is {p.stat().st_size / 2**20:.0f} MiB; a configuration is a few lines")

@@ -38,8 +38,23 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .errors import ConfigError
 from .projection import slice_mask, topk_mask
-from .quantization import QuantSpec, dequantize, fit_levels
+from .quantization import BITS, QuantSpec, dequantize, fit_levels
+
+
+def _sparsity(value) -> float:
+    """A constraint's sparsity, checked when it is built (not at its first projection)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"sparsity must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _axis(value, what: str = "axis") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
 
 Values = Mapping[str, np.ndarray]
 
@@ -87,7 +102,7 @@ class TopK(_Single):
 
     def __init__(self, tensor: str, sparsity: float):
         super().__init__(tensor)
-        self.sparsity = float(sparsity)
+        self.sparsity = _sparsity(sparsity)
 
     def _mask(self, x):
         return topk_mask(x, self.sparsity)
@@ -98,7 +113,7 @@ class Slices(_Single):
 
     def __init__(self, tensor: str, sparsity: float, axis: int):
         super().__init__(tensor)
-        self.sparsity, self.axis = float(sparsity), int(axis)
+        self.sparsity, self.axis = _sparsity(sparsity), _axis(axis)
 
     def _mask(self, x):
         return slice_mask(x, self.sparsity, self.axis)
@@ -119,10 +134,12 @@ class Levels(Constraint):
     freeze = True
 
     def __init__(self, tensor: str, bits: int, axis: Optional[int] = None, support: Optional[Constraint] = None):
+        if isinstance(bits, bool) or bits not in BITS:
+            raise ConfigError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
         self.name = tensor
         self.tensors = (tensor,)
         self.bits = int(bits)
-        self.axis = axis
+        self.axis = None if axis is None else _axis(axis)
         self.support = support
 
     def _keep(self, x: np.ndarray) -> Optional[np.ndarray]:

@@ -224,6 +224,11 @@ def dataset_paths(spec: str) -> List[Path]:
 def load_dataset(spec: str, labels_key: Optional[str] = None):
     """Load a data set from a spec string (see the module docstring): a :class:`Dataset`, or a
     :class:`~admm_onnx.feeds.FeedDataset` for a ``.npz`` keyed by input names."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise DataError(f"the data spec must be a string or a path ('digits', 'mnist:DIR', FILE.npz), got "
+                        f"{type(spec).__name__}")
     if spec == "digits":
         return load_digits()
     if spec.startswith("mnist:"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -143,6 +144,7 @@ def prepare_model(
 
     ``speedups=False`` leaves out the exact speed rewrites (graph/prepare.py ``SPEEDUPS``), so
     the training graph computes in the user's order (for comparisons and debugging)."""
+    _check_model_arg(model_input)
     if isinstance(model_input, PreparedModel):
         if output is not None and _output_list(output) != model_input.output_names:
             return prepare_model(model_input.original, output, speedups)
@@ -198,7 +200,29 @@ def _output_list(output) -> List[str]:
     """The selected outputs of a config's ``output`` (None, a name, or a list of names)."""
     if output is None:
         return []
-    return [output] if isinstance(output, str) else list(dict.fromkeys(output))
+    if isinstance(output, str):
+        return [output]
+    if not isinstance(output, (list, tuple)) or not all(isinstance(o, str) for o in output):
+        raise ConfigError(f"output must be an output name or a list of names, got {output!r}"[:200])
+    return list(dict.fromkeys(output))
+
+
+def _check_model_arg(model_input, what: str = "model") -> None:
+    """The API's model arguments: a path, an ``onnx.ModelProto`` or a :class:`PreparedModel`."""
+    if not isinstance(model_input, (PreparedModel, onnx.ModelProto, str, os.PathLike)):
+        raise ConfigError(f"{what} must be a file path or an onnx.ModelProto, got {type(model_input).__name__}")
+
+
+def _check_path_arg(path, what: str, optional: bool = False) -> None:
+    if path is None and optional:
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a file path, got {type(path).__name__}")
+
+
+def _check_count(value, what: str, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{what} must be a whole number >= {low}, got {value!r}")
 
 
 def _file_used_external_data(path) -> bool:
@@ -212,7 +236,11 @@ def with_weights(model: onnx.ModelProto, weights: Dict[str, np.ndarray]) -> onnx
     for i, tensor in enumerate(out.graph.initializer):
         if tensor.name in weights:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            value = np.asarray(weights[tensor.name], dtype=dtype).reshape(tuple(tensor.dims))
+            value = np.asarray(weights[tensor.name], dtype=dtype)
+            if value.size != int(np.prod(tensor.dims)):
+                raise ConfigError(f"the new value of {tensor.name!r} has shape {value.shape}, the weight "
+                                  f"{tuple(tensor.dims)}")
+            value = value.reshape(tuple(tensor.dims))
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, tensor.name))
     return out
 
@@ -252,7 +280,12 @@ def export_pruned(
     out = check_output_path(model_output, prepared.source)
     weights = _weights_for(prepared.original, weights)
     for name, m in (masks or {}).items():
-        weights[name] = np.where(np.asarray(m, dtype=bool), weights[name], np.zeros_like(weights[name]))
+        if name not in weights:
+            raise ConfigError(f"a mask names {name!r}, which has no weight among those given")
+        m = np.asarray(m, dtype=bool)
+        if m.shape != np.shape(weights[name]):
+            raise ConfigError(f"the mask for {name} has shape {m.shape}, the weight {np.shape(weights[name])}")
+        weights[name] = np.where(m, weights[name], np.zeros_like(weights[name]))
     save_model(output_model(prepared, weights), out, external_data=prepared.used_external_data or None)
     return out
 
@@ -261,7 +294,9 @@ def _weights_for(model: onnx.ModelProto, weights) -> Dict[str, np.ndarray]:
     """A dict of weights, from a dict or from the parameters of an ORT ``CheckpointState``."""
     if isinstance(weights, dict):
         return dict(weights)
-    params = getattr(weights, "state", weights).parameters
+    params = getattr(getattr(weights, "state", weights), "parameters", None)
+    if params is None:
+        raise ConfigError(f"weights must be a dict name -> array or an ORT CheckpointState, got {type(weights).__name__}")
     names = {t.name for t in model.graph.initializer}
     return {name: np.array(p.data) for name, p in params if name in names}
 
@@ -291,6 +326,11 @@ def make_readers(
     A model whose batch dimension is fixed (zoo models often have 1 baked in) is trained and
     evaluated at that batch size whatever was asked, and the log says so.
     """
+    if not isinstance(prepared, PreparedModel):
+        prepared = prepare_model(prepared)  # a path or ModelProto (checked there)
+    if not isinstance(data, (Dataset, FeedDataset)):
+        raise ConfigError(f"data must be a Dataset (load_dataset) or a FeedDataset, got {type(data).__name__}")
+    _check_count(batch_size, "batch_size")
     if isinstance(data, Dataset):
         if len(prepared.inputs) > 1:
             raise DataError(
@@ -528,9 +568,12 @@ def train(
     ``workdir``: where the training artifacts go (claimed like prune's, always removed after);
     a temporary folder by default. ``schedule``: "constant" (``config.lr`` throughout) or
     "cosine" (from ``config.lr`` down to 0 over the ``epochs``; needs a reader with a length)."""
-    config = config or PruneConfig()
+    config = _as_config(config or PruneConfig())
     if schedule not in ("constant", "cosine"):
         raise ConfigError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    _check_count(epochs, "epochs")
+    _check_path_arg(model_output, "model_output")
+    _check_path_arg(workdir, "workdir", optional=True)
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
@@ -648,6 +691,11 @@ def prune(
     Returns a :class:`PruneReport`.
     """
     config = _as_config(config)
+    _check_path_arg(model_output, "model_output")
+    _check_path_arg(workdir, "workdir", optional=True)
+    if loss is not None and not callable(getattr(loss, "build", None)):
+        raise ConfigError(f"loss must be an onnxblock Block (with a build method), got {type(loss).__name__}; "
+                          "name a built-in one with PruneConfig(loss=...)")
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     out = check_output_path(model_output, prepared.source)
@@ -1140,10 +1188,21 @@ def refresh_batchnorm(model: onnx.ModelProto, train_reader: DataReader, eval_rea
 
 
 def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[str] = None) -> EpochStats:
-    """Top-1 accuracy and cross-entropy of an inference model in an ORT ``InferenceSession``."""
+    """Top-1 accuracy and cross-entropy of an inference model in an ORT ``InferenceSession``.
+
+    ``reader``: any reader with ``get_next()`` (an admm-onnx reader, an ORT CalibrationDataReader)."""
+    _check_model_arg(model_input)
+    if isinstance(model_input, PreparedModel):
+        model_input = model_input.original
     sess = _session(model_input)
-    output_name = output_name or sess.get_outputs()[0].name
+    outputs = [o.name for o in sess.get_outputs()]
+    if output_name is not None and output_name not in outputs:
+        raise ConfigError(f"output {output_name!r} is not a model output; outputs: {', '.join(outputs)}")
+    output_name = output_name or outputs[0]
     graph = model_input if isinstance(model_input, onnx.ModelProto) else load_model(model_input, load_external_data=False)
+    reader = reader_for(reader, input_specs(graph), train=False)
+    if reader is None:
+        raise ConfigError("evaluate needs a reader (get_next() returning feed dicts), got None")
     view = output_view(graph, output_name)  # Softmax / (N, C, 1, 1) heads -> (N, C) logits
     t0 = time.perf_counter()
     correct, seen, nll, counted = 0, 0, 0.0, 0

@@ -69,3 +69,42 @@ def test_example_ort_training_loop_runs(lenet5_small, data_npz, tmp_path):
     w = _weights(out)
     for name in ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"):
         assert (w[name] == 0).mean() >= 0.8
+
+
+def test_api_arguments_of_the_wrong_kind_are_errors_of_the_tool(mlp_small, data, tmp_path):
+    """Misused entry points raise the tool's own errors with a sentence, not AttributeError or
+    KeyError from deep inside (third safety sweep, 2026-12-05); nothing is written."""
+    import pytest
+
+    from admm_onnx.errors import AdmmOnnxError
+
+    reader = admm_onnx.ArrayReader(data.x_train[:64], data.y_train[:64], 32)
+    calls = {
+        "prepare_model(None)": lambda: admm_onnx.prepare_model(None),
+        "prepare_model(int)": lambda: admm_onnx.prepare_model(3),
+        "prepare_model(output=5)": lambda: admm_onnx.prepare_model(str(mlp_small), 5),
+        "load_dataset(None)": lambda: admm_onnx.load_dataset(None),
+        "make_readers(data=dict)": lambda: admm_onnx.make_readers(admm_onnx.prepare_model(str(mlp_small)), {}, 32),
+        "make_readers(batch='8')": lambda: admm_onnx.make_readers(admm_onnx.prepare_model(str(mlp_small)), data, "8"),
+        "evaluate(reader=None)": lambda: admm_onnx.evaluate(str(mlp_small), None),
+        "evaluate(reader=list)": lambda: admm_onnx.evaluate(str(mlp_small), [1, 2]),
+        "evaluate(output='nope')": lambda: admm_onnx.evaluate(str(mlp_small), reader, "nope"),
+        "prune(output=None)": lambda: admm_onnx.prune(str(mlp_small), None, reader, {"sparsity": 0.5}),
+        "prune(loss='x')": lambda: admm_onnx.prune(str(mlp_small), tmp_path / "o.onnx", reader, {"sparsity": 0.5},
+                                                   loss="x"),
+        "train(epochs=None)": lambda: admm_onnx.train(str(mlp_small), tmp_path / "o.onnx", reader, None),
+        "export_pruned(weights=None)": lambda: admm_onnx.export_pruned(str(mlp_small), tmp_path / "o.onnx", None),
+        "export_pruned(mask unknown)": lambda: admm_onnx.export_pruned(str(mlp_small), tmp_path / "o.onnx", {},
+                                                                       {"nope": np.ones(3)}),
+        "insert_masks(unknown)": lambda: admm_onnx.insert_masks(onnx.load(str(mlp_small)), {"nope": np.ones(3)}),
+        "analyse(path)": lambda: admm_onnx.analyse(str(mlp_small)),
+        "load_config(None)": lambda: admm_onnx.load_config(None),
+        "config_from_dict({1: 2})": lambda: admm_onnx.config_from_dict({1: 2}),
+        "TopK(sparsity=2)": lambda: admm_onnx.TopK("w", 2.0),
+        "Levels(bits=1)": lambda: admm_onnx.Levels("w", 1),
+    }
+    for label, call in calls.items():
+        with pytest.raises(AdmmOnnxError):
+            call()
+            pytest.fail(label)
+    assert [p.name for p in tmp_path.iterdir()] == [mlp_small.name]

@@ -303,6 +303,10 @@ def analyse(model: onnx.ModelProto, output: "Optional[str] | Sequence[str]" = No
     ``output``: the output trained on, or several (default: the first graph output); a
     parameter is trainable if it reaches any of them.
     """
+    if not isinstance(model, onnx.ModelProto):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"analyse takes an onnx.ModelProto (onnx.load it first), got {type(model).__name__}")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     trained = [output] if isinstance(output, str) else [o for o in (output or ()) if o]

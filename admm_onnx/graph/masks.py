@@ -32,10 +32,17 @@ def insert_masks(model: onnx.ModelProto, masks: Dict[str, np.ndarray]) -> Dict[s
     created: Dict[str, str] = {}
     new_nodes = []
     for weight, mask in masks.items():
+        if weight not in inits:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"a mask names {weight!r}, which is no initializer of the model")
         tensor = inits[weight]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        mask = np.asarray(mask)
         if tuple(mask.shape) != tuple(tensor.dims):
-            raise ValueError(f"mask for {weight} has shape {mask.shape}, weight has {tuple(tensor.dims)}")
+            from ..errors import ConfigError
+
+            raise ConfigError(f"the mask for {weight} has shape {mask.shape}, the weight {tuple(tensor.dims)}")
         m_name = mask_name(weight)
         names.used.add(m_name)
         graph.initializer.append(numpy_helper.from_array(np.asarray(mask, dtype=dtype), m_name))

@@ -70,6 +70,9 @@ class Top1(Metric):
         z = np.moveaxis(z, axis, -1)
         keep = labels != IGNORE_INDEX
         y = np.where(keep, labels, 0)
+        if y.size and (y.max() >= z.shape[-1] or y.min() < 0):
+            raise DataError(f"labels go up to {int(y.max())} but the model output {self.output!r} has {z.shape[-1]} "
+                            "classes")
         logp = _log_softmax(z, -1)
         picked = np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
         self.correct += int(((np.argmax(z, axis=-1) == y) & keep).sum())

@@ -1230,6 +1230,9 @@ def evaluate(model_input: ModelInput, reader: DataReader, output_name: Optional[
             continue
         keep = labels != -100  # ignored (padding) positions
         labels = np.where(keep, labels, 0)
+        if labels.size and labels.max() >= logits.shape[-1]:
+            raise DataError(f"labels go up to {int(labels.max())} but the model output {output_name!r} has "
+                            f"{logits.shape[-1]} classes")
         correct += int(((np.argmax(logits, axis=-1) == labels) & keep).sum())
         logp = logits.astype(np.float64) - logits.max(-1, keepdims=True)
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))

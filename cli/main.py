@@ -553,7 +553,13 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
-    click.echo(f"Top-1 {100 * report.accuracy_after:.2f}% (loss {report.loss_after:.4f}) after {epochs} epoch(s); wrote {out}")
+    figures = []
+    if report.accuracy_after is not None:
+        figures.append(f"Top-1 {100 * report.accuracy_after:.2f}%")
+    if report.loss_after is not None:
+        figures.append(f"loss {report.loss_after:.4f}")
+    said = f"{figures[0]} ({figures[1]})" if len(figures) == 2 else (figures[0] if figures else "Trained")
+    click.echo(f"{said} after {epochs} epoch(s); wrote {out}")
 
 
 @cli.command("eval")

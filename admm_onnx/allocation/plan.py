@@ -140,9 +140,12 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
         x = fit_to_input(x, prepared.input_shape, prepared.input_name)
     runner = runner or make_runner(config.workers)
     metric = config.sensitivity_metric
-    if y is None and metric == "loss":  # no labels (distillation): the dense model's outputs are the reference
+    if metric == "loss" and (y is None or np.ndim(y) != 1 or np.asarray(y).dtype.kind not in "iu"):
+        # no labels (distillation), or labels that are no class per sample (tokens, regression):
+        # the dense model's outputs are the reference
         metric = "kl"
-        log.info("no labels: the sensitivity sweep measures KL divergence from the dense model's outputs")
+        log.info("the sensitivity sweep measures KL divergence from the dense model's outputs (%s)",
+                 "no labels" if y is None else "labels are not one class per sample")
     result = run_sensitivity(prepared, x, y, levels, metric, "element", free, runner, cache_dir)
     curves = {n: LayerCurve(tuple(result.curves[n].keep), tuple(result.curves[n].deltas(result.baseline))) for n in free}
     alloc = allocate(curves, {n: sizes[n] for n in free}, left, {n: unit[n] for n in free}, min_keep, max_keep)

@@ -177,6 +177,9 @@ def _forward(feeds: Dict[str, np.ndarray]) -> np.ndarray:
 
 def _per_sample(logp: np.ndarray) -> np.ndarray:
     metric, y = _W["metric"], _W["y"]
+    if metric != "kl" and len(y) and y.max() >= logp.shape[-1]:
+        raise DataError(f"labels go up to {int(y.max())} but the model output {_W['output']!r} has "
+                        f"{logp.shape[-1]} classes")
     if metric == "loss":
         return -logp[np.arange(len(y)), y]
     if metric == "top1":
@@ -360,6 +363,9 @@ def run_sensitivity(
         raise ConfigError(f"structure must be one of {', '.join(STRUCTURES + ('groups',))}, got {structure!r}")
     if metric != "kl" and y is None:
         raise DataError(f"metric {metric!r} needs labels; use --metric kl for data without labels")
+    if metric != "kl" and (np.ndim(y) != 1 or np.asarray(y).dtype.kind not in "iu"):
+        raise DataError(f"metric {metric!r} takes one class index per sample, and the labels have shape "
+                        f"{list(np.shape(y))} ({np.asarray(y).dtype}); use --metric kl (fidelity to the dense model)")
     x = as_inputs(x, prepared.input_name)
     if sample_count(x) == 0:
         raise DataError("no samples for the sensitivity sweep")

@@ -15,11 +15,11 @@ from typing import Optional
 _CPP_LAMBDA = re.compile(r"[\w:]*<lambda\((?:[^()]|\([^()]*\))*\)>")
 _CPP_SIGNATURE = re.compile(r"(?:[\w~]+::)+[\w~<>]+\((?:[^()]|\([^()]*\))*\)(?:\s*const)?")
 _CPP_LOCATION = re.compile(r"(?:[\w.~-]*/)*[\w.~-]+\.(?:cc|cpp|cxx|c|h|hpp|cu|inl):\d+")
-_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*|onnxruntime:common:Status\s*")
 # What is left of a failed C++ check ("virtual OrtValue* ... status.IsOK() was false."): the
 # return type of a stripped signature and the check's expression.
 _CPP_RETURN_TYPE = re.compile(r"\b(?:virtual|static|inline)\s+(?:const\s+)?[\w:<>]+\s*[*&]*\s*(?=[\w~]+::)")
-_CPP_CHECK = re.compile(r"\b\w+(?:(?:\.|->)\w+)*\([^()]*\)\s+was false\.?")
+_CPP_CHECK = re.compile(r"\b\w+(?:(?:\.|->)\w+)*\([^()]*\)\s+was false\.?|\bvoid\s+(?=\w)")
 
 
 def clean_message(text: str) -> str:
@@ -131,6 +131,12 @@ def as_user_error(exc: BaseException) -> "Optional[AdmmOnnxError]":
     if isinstance(exc, RuntimeError) and "Unexpected input data type" in str(exc):
         return DataError(f"the data does not have the type the model or loss takes: {clean_message(str(exc))[:200]}",
                          hint="class labels must be integers for cross_entropy; float targets need --loss mse")
+    if isinstance(exc, RuntimeError) and "Non-zero status code returned while running" in str(exc):
+        # the training API's own RuntimeError (a failed kernel during a step): the model or data's
+        if "SoftmaxCrossEntropyLoss" in str(exc) or "admm/ce" in str(exc):
+            return DataError(f"the loss cannot take these labels: {clean_message(str(exc))[:250]}",
+                             hint="labels need the model output's shape without its class axis")
+        return ModelError(f"ONNX Runtime cannot run the model: {clean_message(str(exc))[:300]}")
     import zipfile
     import zlib
 

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from .data import LABELS, ArrayReader, DataReader, WrappedReader
-from .errors import DataError
+from .errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ def input_specs(model: onnx.ModelProto) -> List[InputSpec]:
 
     specs = []
     for value in graph_inputs(model):
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape") and not tensor_type.shape.dim:
+            raise ModelError(f"model input {value.name!r} is a scalar (rank 0); admm-onnx feeds every input a batch of "
+                             "samples, so it cannot train or evaluate this model",
+                             hint="give the input a batch axis, or fold the scalar into the graph as a constant")
         elem = value.type.tensor_type.elem_type
         try:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))

@@ -243,6 +243,17 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from node_tensors(function.node)
 
 
+def check_in_memory(model: onnx.ModelProto) -> None:
+    """A ``ModelProto`` handed to the API must hold its weights: a tensor still pointing at an
+    external file would be read by ONNX Runtime relative to the working folder, from any path
+    it names (a file is only checked against its own folder when the model is read from disk)."""
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelError(
+                f"the model's tensor {tensor.name!r} keeps its data in an external file",
+                hint="pass the model's path instead, or onnx.load(path) it (which reads the data in)")
+
+
 def _tensor_nbytes(tensor: onnx.TensorProto) -> Optional[int]:
     """Bytes the raw data of ``tensor`` must hold, or None if the dtype has no fixed size."""
     count = 1

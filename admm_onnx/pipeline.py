@@ -47,7 +47,8 @@ from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions, within_runti
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
-from .io import check_output_path, check_window_attributes, load_model, save_model, uses_external_data
+from .io import (check_in_memory, check_output_path, check_window_attributes, load_model, save_model,
+                 uses_external_data)
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import distill_kind, make_loss
 from .metrics import Evaluator
@@ -151,6 +152,7 @@ def prepare_model(
         return model_input
     if isinstance(model_input, onnx.ModelProto):
         original, external = model_input, False
+        check_in_memory(original)
         check_window_attributes(original.graph)  # as load_model does for a file
     else:
         original = load_model(model_input)
@@ -1100,6 +1102,7 @@ def _session(model_input: ModelInput):
     training.flush_denormals()  # before the process's first session (training.flush_denormals)
 
     if isinstance(model_input, onnx.ModelProto):
+        check_in_memory(model_input)
         if model_input.ByteSize() >= 2**31 - 1:
             raise ModelError("models over 2 GB must be evaluated from a file path")
         source = model_input.SerializeToString()

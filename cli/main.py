@@ -587,8 +587,13 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
     _, eval_reader, _ = make_readers(prepared, dataset, max(1, min(batch_size, n_train)))
     stats = evaluate(model, eval_reader, prepared.output_name)
     if stats.accuracy is None:
-        raise DataError("eval measures top-1 against class labels; the data has none",
-                        hint="give labels (labels/y, --labels-key)")
+        labels = getattr(dataset, "y_test", None)
+        if labels is None:
+            raise DataError("eval measures top-1 against class labels; the data has none",
+                            hint="give labels (labels/y, --labels-key)")
+        raise DataError(f"eval measures top-1 against class labels; the labels ({labels.dtype}, shape "
+                        f"{list(labels.shape)}) are not class indices of output {prepared.output_name!r}",
+                        hint="one integer class per output position: the output's shape without its class axis")
     if as_json:
         finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
         click.echo(json.dumps({"accuracy": finite(stats.accuracy), "loss": finite(stats.loss), "samples": stats.samples}))

@@ -108,3 +108,23 @@ def test_api_arguments_of_the_wrong_kind_are_errors_of_the_tool(mlp_small, data,
             call()
             pytest.fail(label)
     assert [p.name for p in tmp_path.iterdir()] == [mlp_small.name]
+
+
+def test_a_model_proto_still_pointing_at_external_data_is_refused(mlp_small, data, tmp_path):
+    """onnxruntime would read the file the tensor names, from anywhere; a file model has its
+    external data checked against its folder, a ModelProto has no folder."""
+    import pytest
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    onnx.save(onnx.load(str(mlp_small)), str(outside / "m.onnx"), save_as_external_data=True,
+              location="w.data", size_threshold=0)
+    model = onnx.load(str(outside / "m.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str(outside / "w.data")  # absolute: outside any model folder
+    reader = admm_onnx.ArrayReader(data.x_train[:64], data.y_train[:64], 32)
+    for call in (lambda: admm_onnx.prepare_model(model), lambda: admm_onnx.evaluate(model, reader)):
+        with pytest.raises(admm_onnx.ModelError, match="external file"):
+            call()

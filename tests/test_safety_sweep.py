@@ -530,3 +530,39 @@ def test_a_second_run_on_a_locked_output_folder_is_refused_and_changes_nothing(t
     with claim_output_folder(out, ["a.json"]):  # released at the end of the first
         pass
     assert (out / "a.json").read_text() == "first run"
+
+
+def _scalar_input(r):
+    """m.onnx with a second, rank-0 input scaling the logits."""
+    m = onnx.load(r / "m.onnx")
+    out = m.graph.output[0].name
+    m.graph.input.append(helper.make_tensor_value_info("temp", TensorProto.FLOAT, []))
+    for n in m.graph.node:
+        n.output[:] = ["pre" if o == out else o for o in n.output]
+    m.graph.node.append(helper.make_node("Div", ["pre", "temp"], [out]))
+    onnx.save(m, r / "s.onnx")
+    x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    np.savez(r / "s.npz", input=x, temp=np.ones(40, np.float32), labels=np.zeros(40, np.int64))
+
+
+def _token_labels_too_short(r):
+    np.savez(r / "bad.npz", input=np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32),
+             labels=np.zeros((40, 3), np.int64))
+
+
+THIRD = [
+    ("scalar-input-prune", _scalar_input, ["prune", "@/s.onnx", "-d", "@/s.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                                           *QUICK], "scalar"),
+    ("scalar-input-eval", _scalar_input, ["eval", "@/s.onnx", "-d", "@/s.npz"], "scalar"),
+    ("labels-not-class-indices-eval", _token_labels_too_short, ["eval", "@/m.onnx", "-d", "@/bad.npz"],
+     "not class indices"),
+    ("labels-not-class-indices-sensitivity", _token_labels_too_short,
+     ["sensitivity", "@/m.onnx", "-d", "@/bad.npz", "--no-cache", "--workers", "1", "--samples", "20", "-q"],
+     "one class index per sample"),
+]
+
+
+@pytest.mark.parametrize("label, setup, argv, expect", THIRD, ids=[p[0] for p in THIRD])
+def test_third_sweep_inputs_are_one_clean_error(room, label, setup, argv, expect):  # noqa: F811
+    setup(room.root)
+    room.probe(argv, expect, label)

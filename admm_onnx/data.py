@@ -415,6 +415,9 @@ def fit_to_input(x: np.ndarray, shape: Sequence, name: str = "input") -> np.ndar
     :class:`DataError` naming both shapes when the data cannot fit.
     """
     sample = list(shape[1:])
+    if x.ndim > 1 and 0 in x.shape[1:]:
+        raise DataError(f"data for model input {name!r} has samples of shape {tuple(x.shape[1:])}: an axis of length 0 "
+                        "(e.g. empty sequences) holds no data to train or evaluate on")
     if all(isinstance(d, int) and d > 0 for d in sample):
         want = int(np.prod(sample)) if sample else 1
         have = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1

@@ -37,10 +37,26 @@ class Teacher:
         self.outputs = list(outputs)
         self.session = _session(model)
         self.inputs = [i.name for i in self.session.get_inputs()]
+        #: The batch size the model's inputs fix (zoo models often have 1), else None.
+        dims = {i.shape[0] for i in self.session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+        self.fixed_batch = dims.pop() if len(dims) == 1 else None
 
     def run(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        values = self.session.run(self.outputs, model_feed(feed, self.inputs))
-        return {teacher_name(o): np.asarray(v) for o, v in zip(self.outputs, values)}
+        feed = model_feed(feed, self.inputs)
+        rows = len(next(iter(feed.values()))) if feed else 0
+        fixed = self.fixed_batch
+        if not fixed or rows == fixed:
+            values = self.session.run(self.outputs, feed)
+            return {teacher_name(o): np.asarray(v) for o, v in zip(self.outputs, values)}
+        # a fixed batch: run the rows in pieces of that size, the last one padded with its first row
+        parts = []
+        for start in range(0, rows, fixed):
+            piece = {k: a[start:start + fixed] for k, a in feed.items()}
+            n = len(next(iter(piece.values())))
+            if n < fixed:
+                piece = {k: np.concatenate([a, np.repeat(a[:1], fixed - n, axis=0)]) for k, a in piece.items()}
+            parts.append([np.asarray(v)[:n] for v in self.session.run(self.outputs, piece)])
+        return {teacher_name(o): np.concatenate([p[i] for p in parts]) for i, o in enumerate(self.outputs)}
 
 
 class TeacherReader(WrappedReader):

@@ -566,3 +566,15 @@ THIRD = [
 def test_third_sweep_inputs_are_one_clean_error(room, label, setup, argv, expect):  # noqa: F811
     setup(room.root)
     room.probe(argv, expect, label)
+
+
+def test_a_fixed_batch_model_is_pruned_without_labels(room):  # noqa: F811
+    """Distillation's teacher runs the dense model on every row: in pieces of the model's fixed
+    batch (1 here), the last one padded, not 4 batches at a time."""
+    m = onnx.load(room / "m.onnx")
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(m, room / "b1.onnx")
+    x = np.random.default_rng(0).standard_normal((10, 1, 8, 8)).astype(np.float32)
+    np.savez(room / "x.npz", input=x)
+    assert main(room.argv(["prune", "@/b1.onnx", "-d", "@/x.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                           "--admm-iters", "1", "--retrain-epochs", "1", "-q"])) == 0

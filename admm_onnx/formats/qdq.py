@@ -391,6 +391,8 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
         if s.w in replaced:
             continue
         w = numpy_helper.to_array(inits[s.w]).astype(np.float32)
+        if w.size == 0:
+            continue  # nothing to quantize: the (empty) weight stays float
         q, w_scale, axis, is_exact = _weight_integers(w, specs.get(s.w), s.axis, s.w)
         (exact if is_exact else post).append(s.w)
         # The DequantizeLinear output takes the weight's own name (the float initializer goes).

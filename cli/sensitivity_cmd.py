@@ -73,7 +73,7 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     level with every other weight dense (ONNX Runtime inference; cached; parallel)."""
     from admm_onnx.allocation.runners import make_runner
     from admm_onnx.allocation.sensitivity import DEFAULT_LEVELS, check_levels, run_sensitivity, write_plot
-    from admm_onnx.data import fit_to_input, load_dataset
+    from admm_onnx.data import load_dataset
     from admm_onnx.errors import ConfigError
     from admm_onnx.data import dataset_paths
     from admm_onnx.io import OutputPlan
@@ -128,7 +128,9 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
 
         x = fit_inputs({k: a[idx] for k, a in x_all.items()}, input_specs(prepared.original), Path(data).stem)
     else:
-        x = fit_to_input(x_all[idx], prepared.input_shape, prepared.input_name)
+        from admm_onnx.feeds import fit_array
+
+        x = fit_array(x_all[idx], prepared.inputs[0], Path(data).stem)  # the input's dtype and shape
     y = y_all[idx]
     runner = make_runner(workers if workers is not None else usable_cores(), ray_address)
     cache = None if no_cache else (cache_dir or "default")

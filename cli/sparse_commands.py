@@ -193,19 +193,27 @@ def _calibration(model: onnx.ModelProto, data: Optional[str], samples: int, acti
     """qdq's encode options: the training images of ``data`` fitted to the model's input."""
     import numpy as np
 
-    from admm_onnx.data import Dataset, fit_to_input, load_dataset
-    from admm_onnx.graph.analysis import graph_inputs, value_shape
+    from admm_onnx.data import Dataset, load_dataset
+    from admm_onnx.feeds import fit_array, input_specs
 
     if data is None:
         raise ConfigError("--format qdq needs calibration data: add -d DATA (the images the model will see)")
     if samples < 1:
         raise ConfigError(f"--calibration-samples must be at least 1, got {samples}")
     dataset = load_dataset(data)
-    inputs = graph_inputs(model)
-    if not isinstance(dataset, Dataset) or len(inputs) != 1:
-        raise ConfigError("qdq calibration from -d supports single-input models and x/y data sets")
-    x = dataset.x_train[np.random.default_rng(0).permutation(len(dataset.x_train))[:samples]]
-    x = fit_to_input(x, value_shape(inputs[0]), inputs[0].name)
+    specs = input_specs(model)
+    if len(specs) != 1:
+        raise ConfigError(f"qdq calibration from -d supports single-input models; this one takes {len(specs)} inputs "
+                          f"({', '.join(s.name for s in specs)})")
+    if isinstance(dataset, Dataset):
+        x_all = dataset.x_train
+    elif len(dataset.train) == 1:  # a .npz keyed by the input's name (labels are not needed)
+        x_all = next(iter(dataset.train.values()))
+    else:
+        raise ConfigError(f"qdq calibration needs one array for input {specs[0].name!r}; -d holds "
+                          f"{', '.join(sorted(dataset.train))}")
+    x = x_all[np.random.default_rng(0).permutation(len(x_all))[:samples]]
+    x = fit_array(x, specs[0], Path(data).stem)  # the input's dtype (token ids stay integers) and shape
     return {"calibration": x, "activations": activations, "max_samples": samples}
 
 

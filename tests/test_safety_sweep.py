@@ -578,3 +578,18 @@ def test_a_fixed_batch_model_is_pruned_without_labels(room):  # noqa: F811
     np.savez(room / "x.npz", input=x)
     assert main(room.argv(["prune", "@/b1.onnx", "-d", "@/x.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
                            "--admm-iters", "1", "--retrain-epochs", "1", "-q"])) == 0
+
+
+def test_single_int64_input_with_x_y_data_feeds_integers(room):  # noqa: F811
+    """x/y data for a token model: sensitivity and qdq calibration cast to the input's int64, as
+    prune and eval do (they fed float32: ONNX Runtime refused the type)."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "torch_mlp_tied.onnx", room / "tok.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(room / "ids.npz", x=rng.integers(0, 50, (40, 8)), y=rng.integers(0, 10, 40))
+    assert main(room.argv(["sensitivity", "@/tok.onnx", "-d", "@/ids.npz", "--no-cache", "--workers", "1",
+                           "--samples", "16", "--levels", "50%", "-q"])) == 0
+    assert main(room.argv(["export", "@/tok.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/ids.npz",
+                           "--calibration-samples", "16"])) == 0

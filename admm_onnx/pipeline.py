@@ -36,7 +36,7 @@ from .admm import AdmmState
 from .config import PruneConfig, WeightPlan
 from .data import LABELS, ArrayReader, Dataset, DataReader
 from .feeds import FeedDataset, InputSpec, fit_dataset, input_specs, model_feed, reader_for
-from .errors import ConfigError, DataError, ModelError, error_text
+from .errors import ConfigError, DataError, ModelError, clean_message, error_text
 from .graph.analysis import GraphInfo, analyse, graph_inputs, value_shape
 from .graph.masks import insert_masks, mask_name
 from .graph.penalty import AdmmPenalty
@@ -158,6 +158,9 @@ def prepare_model(
         original = load_model(model_input)
         external = _file_used_external_data(model_input)
     original = _decoded(original)
+    if any(op.domain in ("", "ai.onnx") for op in original.opset_import) and opset_version(original) < 7:
+        raise ModelError(f"the model uses opset {opset_version(original)}; ONNX Runtime runs opset 7 and newer",
+                         hint="convert it first: onnx.version_converter.convert_version(model, 17)")
     _check_precision(original)
     original = within_runtime_versions(original)  # the user's graph too: it is run in ORT 1.19 and written
     if any(n.domain == "ai.onnx.ml" and n.op_type in ML_LINEAR_OPS for n in original.graph.node):
@@ -207,6 +210,21 @@ def _output_list(output) -> List[str]:
     if not isinstance(output, (list, tuple)) or not all(isinstance(o, str) for o in output):
         raise ConfigError(f"output must be an output name or a list of names, got {output!r}"[:200])
     return list(dict.fromkeys(output))
+
+
+def _check_writable(prepared: "PreparedModel") -> None:
+    """The user's graph passes the ONNX checker, as every model written is checked: an invalid
+    one is refused before training, not after it."""
+    model = prepared.original
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model)
+    except ValueError:  # over 2 GB in memory: checked when written
+        return
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"the model is not valid ONNX, and the pruned model would not be either: "
+                         f"{clean_message(str(exc))[:250]}",
+                         hint="check it with onnx.checker.check_model(model)") from None
 
 
 def _check_model_arg(model_input, what: str = "model") -> None:
@@ -578,6 +596,7 @@ def train(
     _check_path_arg(workdir, "workdir", optional=True)
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
+    _check_writable(prepared)
     out = check_output_path(model_output, prepared.source)
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
@@ -700,6 +719,7 @@ def prune(
                           "name a built-in one with PruneConfig(loss=...)")
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
+    _check_writable(prepared)
     out = check_output_path(model_output, prepared.source)
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     probe_report = PruneReport()

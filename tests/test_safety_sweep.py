@@ -550,7 +550,28 @@ def _token_labels_too_short(r):
              labels=np.zeros((40, 3), np.int64))
 
 
+def _opset6(r):
+    m = onnx.load(r / "m.onnx")
+    del m.opset_import[:]
+    m.opset_import.append(helper.make_opsetid("", 6))
+    m.ir_version = 3
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    onnx.save(m, r / "o6.onnx")
+
+
+def _ir3_invalid(r):
+    m = onnx.load(r / "m.onnx")
+    m.ir_version = 3  # IR 3 needs every initializer listed as a graph input; these are not
+    onnx.save(m, r / "ir3.onnx")
+
+
 THIRD = [
+    ("opset-6-prune", _opset6, ["prune", "@/o6.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK],
+     "opset 6"),
+    ("opset-6-train", _opset6, ["train", "@/o6.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--epochs", "1", "-q"],
+     "opset 6"),
+    ("invalid-ir3-prune", _ir3_invalid, ["prune", "@/ir3.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                                         *QUICK], "not valid ONNX"),
     ("scalar-input-prune", _scalar_input, ["prune", "@/s.onnx", "-d", "@/s.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
                                            *QUICK], "scalar"),
     ("scalar-input-eval", _scalar_input, ["eval", "@/s.onnx", "-d", "@/s.npz"], "scalar"),

@@ -105,7 +105,9 @@ def _private_block_files() -> None:
         return
 
     def private_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
+        # What Block.__init__ (onnxruntime-training 1.19, the last release) sets, without its
+        # os.getcwd(): that fails in a deleted working folder, and names the folder we avoid.
+        self.base = None
         name = f".admm-onnx-block-{os.getpid()}-{id(self):x}.onnx"
         self.temp_onnx_file_path = os.path.join(tempfile.gettempdir(), name)
         self.temp_external_data_file_name = name + ".data"

@@ -159,15 +159,16 @@ def _find(directory: Path, stem: str) -> Path:
     raise DataError(f"{directory}: missing {stem}.gz (expected the four standard MNIST IDX files)")
 
 
+#: The four files of an MNIST-style folder (each also read gzipped, ``.gz``).
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
 def load_idx_dir(directory) -> Dataset:
     """MNIST-style IDX files (train/t10k images and labels, gzipped or not) in ``directory``."""
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"data directory not found: {d}")
-    x_tr = _read_idx(_find(d, "train-images-idx3-ubyte"))
-    y_tr = _read_idx(_find(d, "train-labels-idx1-ubyte"))
-    x_te = _read_idx(_find(d, "t10k-images-idx3-ubyte"))
-    y_te = _read_idx(_find(d, "t10k-labels-idx1-ubyte"))
+    x_tr, y_tr, x_te, y_te = (_read_idx(_find(d, stem)) for stem in IDX_STEMS)
     return Dataset(
         _as_float(x_tr)[:, None], y_tr.astype(np.int64), _as_float(x_te)[:, None], y_te.astype(np.int64), name=d.name
     )
@@ -216,9 +217,10 @@ def dataset_paths(spec: str) -> List[Path]:
     """The files and folders a data spec reads (for output-path checks); [] for ``digits``."""
     if spec == "digits":
         return []
-    if spec.startswith("mnist:"):
-        return [Path(spec[len("mnist:") :])]
-    return [Path(spec)]
+    folder = Path(spec[len("mnist:") :]) if spec.startswith("mnist:") else Path(spec)
+    if spec.startswith("mnist:") or folder.is_dir():  # the IDX files it reads, whatever else the folder holds
+        return [folder] + [folder / (stem + ext) for stem in IDX_STEMS for ext in ("", ".gz")]
+    return [folder]
 
 
 def load_dataset(spec: str, labels_key: Optional[str] = None):

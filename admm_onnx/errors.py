@@ -131,6 +131,10 @@ def as_user_error(exc: BaseException) -> "Optional[AdmmOnnxError]":
     if isinstance(exc, RuntimeError) and "Unexpected input data type" in str(exc):
         return DataError(f"the data does not have the type the model or loss takes: {clean_message(str(exc))[:200]}",
                          hint="class labels must be integers for cross_entropy; float targets need --loss mse")
+    if isinstance(exc, RuntimeError) and ("Failed to save checkpoint" in str(exc) or "Failed to load checkpoint" in
+                                          str(exc)):
+        return OutputError(f"ONNX Runtime cannot write or read the training checkpoint: {clean_message(str(exc))[:200]}",
+                           hint="the work directory must stay in place (and have room) while the run goes on")
     if isinstance(exc, RuntimeError) and "Non-zero status code returned while running" in str(exc):
         # the training API's own RuntimeError (a failed kernel during a step): the model or data's
         if "SoftmaxCrossEntropyLoss" in str(exc) or "admm/ce" in str(exc):

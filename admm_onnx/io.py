@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
@@ -456,6 +457,25 @@ def check_window_attributes(graph: onnx.GraphProto) -> None:
 _SNIFF_BYTES = 64 << 20
 
 
+def check_onnx_path(path: PathLike, option: str) -> None:
+    """A path ONNX and ONNX Runtime (C++, UTF-8 strings) can take: its bytes are UTF-8, and this
+    Python can pass them as such (not with an ASCII locale, where names are escaped)."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise OutputError(f"{option}: the path {text!r} is not valid UTF-8",
+                          hint="ONNX and ONNX Runtime take UTF-8 paths; choose another name") from None
+    raise OutputError(f"{option}: the path {os.fsencode(text).decode('utf-8')!r} is UTF-8, but this Python reads file names as "
+                      f"{sys.getfilesystemencoding()} (the locale), so it cannot hand it to ONNX Runtime",
+                      hint="run with PYTHONUTF8=1 or a UTF-8 locale (LC_ALL=C.UTF-8)")
+
+
 def looks_like_model(path: PathLike) -> bool:
     """True for a regular file named ``*.onnx``, or a smaller one that starts as a serialized
     ModelProto does (field 1, ``ir_version``: byte 0x08), e.g. ``model.bin``."""
@@ -565,11 +585,7 @@ class OutputPlan:
         if str(path) == "" or out.name in ("", ".", ".."):
             raise OutputError(f"{option}: {str(path)!r} is not a file name")
         if model:
-            try:
-                os.fspath(out).encode("utf-8")
-            except UnicodeEncodeError:
-                raise OutputError(f"{option}: the file name {os.fspath(out)!r} is not valid UTF-8",
-                                  hint="ONNX and ONNX Runtime take UTF-8 paths; rename it") from None
+            check_onnx_path(out, option)
         parent = out.parent
         if not parent.is_dir():
             raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
@@ -639,11 +655,7 @@ class OutputPlan:
         if path is None:
             return None
         work = Path(path)
-        try:
-            os.path.abspath(work).encode("utf-8")
-        except UnicodeEncodeError:
-            raise OutputError(f"{option}: the path {os.fsdecode(os.path.abspath(work))!r} is not valid UTF-8",
-                              hint="ONNX Runtime takes UTF-8 paths for its training files; choose another folder") from None
+        check_onnx_path(Path(os.path.abspath(work)), option)
         parent = work.parent
         if not parent.is_dir():
             raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
@@ -894,6 +906,7 @@ def save_model(
     An existing ``<name>.data`` is left alone when the model is written without external data.
     """
     path = Path(path)
+    check_onnx_path(path, "the output")
     if external_data is None:
         external_data = model.ByteSize() >= PROTOBUF_LIMIT
     data_name = path.name + ".data"

@@ -565,7 +565,18 @@ def _ir3_invalid(r):
     onnx.save(m, r / "ir3.onnx")
 
 
+def _mnist_folder_with_many_files(r):
+    from test_safety_probes import _mnist
+
+    _mnist("ok")(r)
+    for i in range(1005):  # more than the 1,000 folder entries counted as inputs
+        (r / "mn" / f"a{i:04d}.txt").write_text("")
+
+
 THIRD = [
+    ("report-onto-an-idx-file-of-a-big-folder", _mnist_folder_with_many_files,
+     ["prune", "@/m.onnx", "-d", "mnist:@/mn", "-o", "@/o.onnx", "--sparsity", "0.5", "--report",
+      "@/mn/train-labels-idx1-ubyte.gz", *QUICK], "-d data"),
     ("opset-6-prune", _opset6, ["prune", "@/o6.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK],
      "opset 6"),
     ("opset-6-train", _opset6, ["train", "@/o6.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--epochs", "1", "-q"],
@@ -614,3 +625,13 @@ def test_single_int64_input_with_x_y_data_feeds_integers(room):  # noqa: F811
                            "--samples", "16", "--levels", "50%", "-q"])) == 0
     assert main(room.argv(["export", "@/tok.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/ids.npz",
                            "--calibration-samples", "16"])) == 0
+
+
+def test_prune_and_train_run_from_a_deleted_working_folder(room, monkeypatch):  # noqa: F811
+    """onnxblock's Block called os.getcwd() (FileNotFoundError there); every path here is absolute."""
+    gone = room.root / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK])) == 0
+    assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 0

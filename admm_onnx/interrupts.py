@@ -10,11 +10,13 @@ processes (a child reading a half-written start-up message prints a traceback).
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from typing import Iterator, Optional
 
 _depth = 0
 _pending: Optional[int] = None
+_finished = False
 
 
 class Signalled(KeyboardInterrupt):
@@ -40,9 +42,13 @@ def handler(signum, frame) -> None:  # pragma: no cover - exercised through subp
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP (when :func:`handler` is installed) until the block ends."""
-    global _depth, _pending
+def deferred(final: bool = False) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP (when :func:`handler` is installed) until the block ends.
+
+    ``final``: the block finishes the command (its last outputs): a signal held meanwhile is
+    dropped when the block completes (the work it asked to stop is done; logged), and every
+    later one too, until the process exits."""
+    global _depth, _pending, _finished
     _depth += 1
     ok = False
     try:
@@ -50,7 +56,27 @@ def deferred() -> Iterator[None]:
         ok = True
     finally:
         _depth -= 1
-        if _depth == 0 and _pending is not None:
+        if ok and final:
+            _finished = True
+            _depth += 1  # from now on every signal is held, then dropped: the command is complete
+            if _pending is not None:
+                logging.getLogger(__name__).warning(
+                    "signal %d arrived while the last outputs were written; they are complete", _pending)
+            _pending = None
+        elif _depth == 0 and _pending is not None:
             signum, _pending = _pending, None
             if ok:
                 _raise(signum)
+
+
+def finished() -> bool:
+    """True once a ``deferred(final=True)`` block completed."""
+    return _finished
+
+
+def reset() -> None:
+    """Forget a completed final block (a new command in the same process, e.g. tests)."""
+    global _depth, _pending, _finished
+    if _finished:
+        _depth = max(0, _depth - 1)
+    _finished, _pending = False, None

@@ -599,6 +599,9 @@ class OutputPlan:
             raise OutputError(f"{option}: cannot use {out}: {exc.strerror}") from None
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{option}: {out} is {_kind(st.st_mode)}; outputs are only written as regular files")
+        if st is not None and not st.st_mode & 0o222:
+            raise OutputError(f"{option}: {out} is read-only; refusing to replace it",
+                              hint="make it writable (chmod u+w) or choose another path")
         clash = self._clash(out)
         if clash:
             raise OutputError(f"{option}: {out} is {clash} of this run", hint=f"choose another {option} path")
@@ -878,7 +881,11 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
+        try:  # a file replaced keeps its permissions (a private 0600 output stays private)
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except OSError:
+            mode = _FILE_MODE  # a new file: mkstemp makes 0600, outputs get the usual umask-based mode
+        os.chmod(tmp_path, mode)
         yield tmp_path
         os.replace(tmp_path, target)
         _wrote(target)

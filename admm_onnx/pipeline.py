@@ -387,18 +387,19 @@ def _num_classes(prepared: PreparedModel) -> Optional[int]:
 
 # -- phases --------------------------------------------------------------------------------
 @contextmanager
-def _workdir(path: Optional[Path], keep: bool = True, resume: bool = False) -> Iterator[Path]:
+def _workdir(path: Optional[Path], keep: bool = True, resume: bool = False,
+             resumable: bool = True) -> Iterator[Path]:
     """A work directory for one run: ``path`` claimed (created, marked, locked: see
     workdir.WorkDir.claim) or a temporary folder. What the run wrote is removed on the way out
-    unless ``keep`` and there is progress to resume from; a failed ``resume`` leaves the
-    folder as it found it."""
+    unless ``keep`` and there is progress to resume from (never for a run that cannot be
+    resumed, ``resumable=False``); a failed ``resume`` leaves the folder as it found it."""
     if path is not None:
         work = WorkDir(path)
         work.claim()
         try:
             yield Path(path)
         except BaseException:
-            if not (keep and work.has_progress()) and (work.created or not resume):
+            if not (keep and resumable and work.has_progress()) and (work.created or not resume):
                 work.remove()  # nothing to resume from: leave no debris
             raise
         else:
@@ -624,6 +625,11 @@ def train(
         report.phase_seconds["train"] = time.perf_counter() - t0
         weights = {n: trainer.get(n) for n in prepared.info.trainable}
         trainer.close()
+    bad = [n for n, w in weights.items() if np.issubdtype(np.asarray(w).dtype, np.floating) and
+           not np.isfinite(w).all()]
+    if bad or (last is not None and last.loss is not None and not math.isfinite(last.loss)):
+        raise TrainingError(f"training diverged: {'the weights ' + ', '.join(bad[:3]) + ' are' if bad else 'the loss is'} "
+                            "not finite after training; nothing was written", hint="lower --lr")
     if last is not None:
         report.accuracy_after, report.loss_after = last.accuracy, last.loss
     final, report.batchnorm, after = refresh_batchnorm(output_model(prepared, weights), train_reader, eval_reader,
@@ -1062,7 +1068,7 @@ class ZUUpdates:
                       r.dual, state.rho[n])
         if any(not math.isfinite(r.primal) or r.primal > 1e3 for r in residuals.values()):
             raise TrainingError(f"ADMM residuals exploded at update {state.iteration}{self.where}",
-                                hint="lower --rho (or --rho-growth with --rho-mode growth)")
+                                hint="lower --lr, or --rho (--rho-growth with --rho-mode growth)")
         return state.converged()
 
     def after_step(self, label: str):

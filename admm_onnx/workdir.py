@@ -230,7 +230,7 @@ class WorkDir:
         p = self.path
         if not p.is_dir() or p.is_symlink():
             return
-        created = True
+        created = self.created  # without a readable marker: only a folder this object created
         with contextlib.suppress(Exception):
             created = bool(json.loads((p / MARKER).read_text(encoding="utf-8")).get("created_folder", True))
         for name in os.listdir(p):
@@ -250,9 +250,10 @@ class WorkDir:
             log.warning("left %s in place: it holds files admm-onnx did not write (%s)", p, ", ".join(rest[:5]))
             return
         with contextlib.suppress(OSError):
-            (p / MARKER).unlink()
-            if created:
-                p.rmdir()
+            (p / MARKER).unlink()  # absent when it could not be written (a full disk)
+        if created:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only when empty
 
     # -- identity -------------------------------------------------------------------------
     @property

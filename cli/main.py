@@ -5,6 +5,7 @@ Every :class:`~admm_onnx.errors.AdmmOnnxError` becomes one line on stderr and ex
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,6 +62,26 @@ class ClickProgress(Progress):
         self._ctx = self._bar = None
 
 
+class _LogFile(logging.FileHandler):
+    """--log-file: a write that fails (a full disk) stops the file log with one line on stderr,
+    instead of logging's traceback for every record after it."""
+
+    failed = False
+
+    def handleError(self, record) -> None:
+        if not self.failed:
+            self.failed = True
+            exc = sys.exc_info()[1]
+            sys.stderr.write(f"warning: --log-file {self.baseFilename} could not be written "
+                             f"({getattr(exc, 'strerror', None) or exc}); the file log stops here\n")
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def emit(self, record) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 def _setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
@@ -73,7 +94,7 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
         _check_log_file(ctx, log_file)
         # The whole log at INFO (DEBUG with --debug) with times, whatever -q says; appended.
         try:
-            fh = logging.FileHandler(log_file, encoding="utf-8", delay=True)  # created when first used
+            fh = _LogFile(log_file, encoding="utf-8", delay=True)  # created when first used
         except OSError as exc:
             raise ConfigError(f"cannot write the --log-file {log_file}: {exc.strerror or exc}") from None
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -421,9 +442,13 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
                            channels=channels)
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
-        raise _prune_interrupted(exc, plan, work) from None
+        if channels is not None:
+            WorkDir(work).remove()  # a channel run does not resume: nothing of it stays
+        raise _prune_interrupted(exc, plan, work, resumable=channels is None) from None
     except Exception as exc:
         plan.remove_created()
+        if channels is not None:
+            WorkDir(work).remove()
         user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
         if user is None:
             raise
@@ -436,7 +461,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     # takes back the ones this run created (the work directory stays for --resume).
     from admm_onnx.interrupts import deferred
 
-    with deferred():
+    with deferred(final=True):
         try:
             _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
         except (KeyboardInterrupt, click.exceptions.Abort) as exc:  # no signal handler (API use)
@@ -448,7 +473,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             WorkDir(work).remove()  # only what the run wrote
 
 
-def _prune_interrupted(exc: BaseException, plan, work: Path) -> "Interrupted":
+def _prune_interrupted(exc: BaseException, plan, work: Path, resumable: bool = True) -> "Interrupted":
     """The error of an interrupted prune, after taking back the outputs it created (e.g. -o
     written just before the interrupt, without its --report)."""
     signum = getattr(exc, "signum", None)
@@ -456,6 +481,8 @@ def _prune_interrupted(exc: BaseException, plan, work: Path) -> "Interrupted":
     removed = plan.remove_created()
     if removed:
         log.info("removed the unfinished run's outputs: %s", ", ".join(map(str, removed)))
+    if not resumable:
+        return Interrupted(f"Interrupted{how}. Channel pruning does not resume; nothing of the run was kept.", signum)
     if (work / "progress.json").exists():
         return Interrupted(f"Interrupted{how}. Progress is saved in {work}: run the same command with --resume to "
                            "continue.", signum)
@@ -811,8 +838,26 @@ def main(argv=None) -> int:
                    f"(this is a bug; run with --debug for the traceback)", err=True)
         return 1
     finally:
-        _restore_signal_handlers(previous)
+        from admm_onnx import interrupts
+
+        if argv is None:  # the admm-onnx process: the command is over, a signal now would only cut the exit short
+            _ignore_signals()
+        else:  # called in-process (tests, scripts): hand the signals back
+            _restore_signal_handlers(previous)
+            interrupts.reset()
     return 0
+
+
+def _ignore_signals() -> None:
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, OSError):
+                pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -137,6 +137,21 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
     result = run_sensitivity(prepared, x, y, level_list, metric, structure, None, runner, cache)
     click.echo(result.table())
     click.echo(f"{result.computed} evaluation(s) in {result.seconds:.1f} s on {result.runner}, {result.cached} from the cache")
+    from admm_onnx.interrupts import deferred
+
+    # --plot and --json are one set: a signal waits until both are written, a failure takes back
+    # the one this run created.
+    with deferred(final=True):
+        try:
+            _write_outputs(result, plot_path, json_path, write_plot)
+        except BaseException:
+            plan.remove_created()
+            raise
+
+
+def _write_outputs(result, plot_path, json_path, write_plot) -> None:
+    from .main import _write_json
+
     if plot_path:  # first: a sweep that cannot be drawn (NaN scores) leaves neither file
         try:
             write_plot(result, plot_path)

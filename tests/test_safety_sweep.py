@@ -635,3 +635,66 @@ def test_prune_and_train_run_from_a_deleted_working_folder(room, monkeypatch):  
     gone.rmdir()
     assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK])) == 0
     assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 0
+
+
+def test_an_output_keeps_its_mode_and_a_read_only_one_is_refused(room):  # noqa: F811
+    args = ["export", "@/q.onnx", "-o", "@/p.onnx", "--format", "csr"]
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/q.onnx", "--sparsity", "0.5", *QUICK])) == 0
+    (room / "p.onnx").write_text("old")
+    os.chmod(room / "p.onnx", 0o600)
+    assert main(room.argv(args)) == 0
+    assert oct(os.stat(room / "p.onnx").st_mode & 0o777) == "0o600"  # a private file stays private
+    os.chmod(room / "p.onnx", 0o444)
+    room.probe(args, "read-only")
+
+
+def test_train_that_diverges_writes_nothing(room):  # noqa: F811
+    room.probe(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "--lr", "1e30", "-q"],
+               "diverged")
+
+
+def test_an_interrupted_channel_run_leaves_no_work_directory(room, monkeypatch):  # noqa: F811
+    """Channel pruning does not resume: an interrupt after its ADMM phase keeps nothing."""
+    import admm_onnx.structured.phase as phase
+
+    from admm_onnx.models import build
+
+    onnx.save(build("lenet5", input_shape=(1, 8, 8), num_classes=4), room / "c.onnx")
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase, "verify", interrupt)
+    code = main(room.argv(["prune", "@/c.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--structure", "channel",
+                           "--sparsity", "0.5", "--round-to", "1", *QUICK]))
+    assert code == 130 and "does not resume" in room.capsys.readouterr().err
+    assert not (room / "o.onnx").exists() and not (room / "o.onnx.admm-work").exists()
+
+
+def test_a_sensitivity_cache_that_cannot_be_written_is_a_warning(room):  # noqa: F811
+    (room / "cache").mkdir()
+    args = ["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--workers", "1", "--samples", "16", "--levels", "50%", "-q",
+            "--cache", "@/cache", "--json", "@/s.json"]
+    assert main(room.argv(args)) == 0
+    (cached,) = list((room / "cache").iterdir())
+    cached.unlink()
+    cached.mkdir()  # the cache file's name is now taken by a folder: writing it fails
+    (room / "s.json").unlink()
+    assert main(room.argv(args)) == 0 and (room / "s.json").exists()
+    assert "sensitivity cache not written" in room.capsys.readouterr().err
+
+
+def test_a_signal_during_the_final_writes_is_dropped_once_they_are_done():
+    from admm_onnx import interrupts
+
+    try:
+        with interrupts.deferred(final=True):
+            interrupts.handler(2, None)  # held
+        assert interrupts.finished()
+        interrupts.handler(15, None)  # after the command is complete: held and dropped, no exception
+    finally:
+        interrupts.reset()
+    assert not interrupts.finished()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            interrupts.handler(2, None)

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError, clean_message
 from ..projection import STRUCTURES, keep_count, projection_mask
 from .costs import LayerCost, layer_costs
 from .runners import SerialRunner
@@ -332,11 +332,17 @@ class _Cache:
     def save(self) -> None:
         if self.path is None:
             return
+        from ..errors import AdmmOnnxError
         from ..io import atomic_path
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "key": self.key, "results": self.data}), encoding="utf-8")
+        try:
+            self.path.parent.mkdir(exist_ok=True)  # inside the cache folder, which must exist
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps({"version": CACHE_VERSION, "key": self.key, "results": self.data}),
+                               encoding="utf-8")
+        except (OSError, AdmmOnnxError) as exc:  # the cache is an optimisation: the sweep goes on without it
+            log.warning("sensitivity cache not written (%s); the sweep goes on without it", clean_message(str(exc)))
+            self.path = None
 
 
 def run_sensitivity(

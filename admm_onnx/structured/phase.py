@@ -111,7 +111,7 @@ def prune_channels(prepared, out: Path, train_reader, config: PruneConfig, targe
     from ..pipeline import base_loss
 
     loss = base_loss(prepared, config, train_reader)
-    with _workdir(workdir) as work:
+    with _workdir(workdir, resumable=False) as work:  # channel runs do not resume: no debris on failure
         penalty = AdmmPenalty(loss, list(constraint.tensors))
         trainer = _trainer(prepared, prepared.training, work / "admm", config, penalty, penalty.frozen_params, config.lr)
         state = AdmmState([constraint], policy=config.rho_policy(), rho=config.rho)

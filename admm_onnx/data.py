@@ -235,7 +235,7 @@ def load_dataset(spec: str, labels_key: Optional[str] = None):
         return load_digits()
     if spec.startswith("mnist:"):
         return load_idx_dir(spec[len("mnist:") :])
-    if spec.endswith(".npz"):
+    if spec.lower().endswith(".npz"):
         return load_npz(spec, labels_key)
     if os.path.isdir(spec):
         return load_idx_dir(spec)

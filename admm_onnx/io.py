@@ -87,7 +87,8 @@ def check_input_file(path: PathLike, what: str = "input", error=ModelError) -> P
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise error(f"{what} file not found: {path}") from None
+        shown = repr(str(path)) if str(path) != str(path).strip() else str(path)  # a stray space shows
+        raise error(f"{what} file not found: {shown}") from None
     except OSError as exc:
         raise error(f"cannot access {what} file {path}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode) and error is ModelError:
@@ -664,7 +665,10 @@ class OutputPlan:
             raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
         if not os.access(parent, os.W_OK | os.X_OK) and not work.is_dir():
             raise OutputError(f"{option}: cannot create {work} (no write permission in {parent})")
-        if work.exists() and (not work.is_dir() or work.is_symlink()):
+        if work.is_symlink():
+            raise OutputError(f"{option}: {work} is a symbolic link; give the folder itself (a link could lead the "
+                              "tool's writes elsewhere)")
+        if work.exists() and not work.is_dir():
             raise OutputError(f"{option}: {work} exists and is not a directory")
         if work.is_dir() and not os.access(work, os.W_OK | os.X_OK):
             raise OutputError(f"{option}: cannot write in {work} (permission denied)")

@@ -760,7 +760,8 @@ def prune(
         else:
             if work.has_progress():
                 raise ConfigError(
-                    f"{path} holds an unfinished run", hint="add --resume to continue it, or delete the directory"
+                    f"{path} holds an earlier run's state (unfinished, or kept by --keep-workdir)",
+                    hint="add --resume to continue an unfinished run, or delete the directory"
                 )
             work.start(identity)
             saved = {"phase": "admm", "step": 0}

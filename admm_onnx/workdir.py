@@ -177,10 +177,10 @@ class WorkDir:
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             refused = OutputError(f"work directory {p} holds files admm-onnx did not write ({shown}); refusing to use it",
-                                  hint="give --workdir a new or empty folder")
+                                  hint="use a new or empty folder (--workdir, or another -o)")
         elif not created and not (p / MARKER).is_file() and any(True for _ in os.scandir(p)):
             refused = OutputError(f"work directory {p} is not empty and has no {MARKER} marker: admm-onnx did not "
-                                  "make it; refusing to use it", hint="give --workdir a new or empty folder")
+                                  "make it; refusing to use it", hint="use a new or empty folder (--workdir, or another -o)")
         if refused is not None:
             refused.resumable = False
             raise refused

@@ -319,7 +319,7 @@ def _common_training_options(f):
 @click.option("--retrain-epochs", type=int, default=None, help="Masked retraining epochs (0 allowed).  [default: 4]")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Quantize every prunable weight to symmetric k-bit levels (with --sparsity: both).")
-@click.option("--quant-scale", type=click.Choice(["channel", "tensor"]), default="channel",
+@click.option("--quant-scale", type=click.Choice(["channel", "tensor"]), default=None,
               help="With --bits: one scale per output channel or one per weight tensor.  [default: channel]")
 @click.option("--rho", type=float, default=None, help="Initial ADMM penalty rho.  [default: auto, per layer from the loss gradient]")
 @click.option("--rho-mode", type=click.Choice(["balance", "growth"]), default=None,
@@ -364,6 +364,13 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old) or default_output(model)
+    if workdir == "":
+        raise ConfigError("--workdir is empty; give a folder name")
+    if quant_scale is not None and bits is None:
+        raise ConfigError("--quant-scale applies with --bits only")
+    quant_scale = quant_scale or "channel"
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"--sparsity must be in [0, 1), got {sparsity} (0.9 zeroes 90% of the weights)")
     config = load_config(config_path) if config_path else PruneConfig()
     channels = _channel_targets(structure, sparsity, target_macs, round_to, allocation, admm_update_steps)
     if channels is not None:
@@ -659,7 +666,10 @@ def models_build(name, out, out_old, input_shape, classes, seed):
     check_output_path(out)
     try:
         model = build(name, input_shape=shape, num_classes=classes, seed=seed)
-    except (ValueError, ZeroDivisionError, KeyError) as exc:
+    except ZeroDivisionError:
+        raise ConfigError(f"cannot build {name} for --input-shape {input_shape}: the input is too small for its "
+                          "convolutions and pooling", hint="give a larger height and width, e.g. 1x28x28") from None
+    except (ValueError, KeyError) as exc:
         raise ConfigError(f"cannot build {name} for --input-shape {input_shape}: {exc}") from None
     save_model(model, out)
     click.echo(f"Wrote {out}")
@@ -793,6 +803,10 @@ def _usage_line(exc: click.exceptions.UsageError) -> str:
 
 def main(argv=None) -> int:
     args, debug = _split_debug(argv)
+    if not [a for a in args if a != "--debug"]:  # no command: the help, as for --help
+        with click.Context(cli, info_name="admm-onnx") as ctx:
+            click.echo(cli.get_help(ctx))
+        return 0
     previous = _install_signal_handlers()
     try:
         with warnings.catch_warnings():

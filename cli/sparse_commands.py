@@ -35,7 +35,7 @@ def _plan_output(model_path: Path, output: Path, external: bool, *inputs) -> Non
     plan.add_model_input(model_path)
     for extra in inputs:
         if extra is not None:
-            plan.add_input(*dataset_paths(str(extra)), what="an input of this command")
+            plan.add_input(*dataset_paths(str(extra)), what="an input")
     plan.add_output(output, "-o", model=True, external=True if external else None)
 
 

@@ -63,7 +63,7 @@ def test_crash_then_resume_gives_the_uninterrupted_result(mlp_small, data, tmp_p
     progress = json.loads((work / "progress.json").read_text())
     assert progress["phase"] == ("admm" if crash_epoch < 3 else "retrain")
 
-    with pytest.raises(ConfigError, match="unfinished run"):
+    with pytest.raises(ConfigError, match="earlier run.s state"):
         prune(prepared, tmp_path / "resumed.onnx", train_reader, CONFIG, eval_reader, workdir=work)
     report = prune(prepared, tmp_path / "resumed.onnx", train_reader, CONFIG, eval_reader, workdir=work, resume=True)
     assert len(report.residuals) == 3

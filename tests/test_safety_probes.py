@@ -510,7 +510,7 @@ OUTPUT_PROBES = [
     ("-o whose .data links to the model", lambda r: os.symlink(r / "m.onnx", r / "o.onnx.data"),
      _prune_o("-o", "@/o.onnx"), "input model"),
     ("--workdir a symlink", lambda r: os.symlink(r.parent, r / "wd"), _prune_o("-o", "@/o.onnx", "--workdir", "@/wd"),
-     "not a directory"),
+     "symbolic link"),
     ("unknown command", None, ["frobnicate"], "no such command"),
     ("unknown option", None, ["prune", "--frob"], "no such option"),
     ("missing argument", None, ["prune"], "missing argument"),

@@ -574,6 +574,11 @@ def _mnist_folder_with_many_files(r):
 
 
 THIRD = [
+    ("workdir-empty", _nothing, PRUNE + ["--sparsity", "0.5", "--workdir", ""], "--workdir is empty"),
+    ("quant-scale-without-bits", _nothing, PRUNE + ["--sparsity", "0.5", "--quant-scale", "tensor"], "--bits"),
+    ("sparsity-out-of-range-names-the-option", _nothing, PRUNE + ["--sparsity", "1.5"], "--sparsity must be"),
+    ("models-build-too-small", _nothing, ["models", "build", "lenet5", "--input-shape", "1x1x1", "-o", "@/l.onnx"],
+     "too small"),
     ("report-onto-an-idx-file-of-a-big-folder", _mnist_folder_with_many_files,
      ["prune", "@/m.onnx", "-d", "mnist:@/mn", "-o", "@/o.onnx", "--sparsity", "0.5", "--report",
       "@/mn/train-labels-idx1-ubyte.gz", *QUICK], "-d data"),
@@ -698,3 +703,11 @@ def test_a_signal_during_the_final_writes_is_dropped_once_they_are_done():
     with pytest.raises(KeyboardInterrupt):
         with interrupts.deferred():
             interrupts.handler(2, None)
+
+
+def test_no_command_prints_the_help_and_upper_case_npz_is_data(room, capsys):  # noqa: F811
+    assert main([]) == 0 and "Commands:" in capsys.readouterr().out
+    import shutil
+
+    shutil.copy(room / "d.npz", room / "D.NPZ")
+    assert main(room.argv(["eval", "@/m.onnx", "-d", "@/D.NPZ"])) == 0

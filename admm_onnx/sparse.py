@@ -1,6 +1,6 @@
 """Sparse deployment export (compatibility module): the formats live in :mod:`admm_onnx.formats`.
 
-``export_sparse(model, fmt, min_sparsity, values)`` is ``formats.get(fmt).encode(...)`` for the
+``export_sparse(model, fmt, min_sparsity, values)`` is ``formats.export(model, fmt, ...)`` for the
 sparse formats; ``densify``, ``inspect_model``, ``csr_weights``, ``sample_feeds`` and
 ``max_output_change`` work on every registered format. See :mod:`admm_onnx.formats.csr`
 (CSR arrays + a decode function onnxruntime folds at load), :mod:`admm_onnx.formats.coo`
@@ -14,7 +14,7 @@ from typing import Tuple
 import onnx
 
 from .errors import ConfigError
-from .formats import REGISTRY, get
+from .formats import REGISTRY, export
 from .formats.base import METADATA_KEY, ExportReport, WeightRow, WeightTable
 from .formats.csr import (
     DECODE_OP,
@@ -50,7 +50,7 @@ def export_sparse(
         options["values"] = values
     elif values != "fp32":
         raise ConfigError(f"{fmt} does not take --values {values}; --values fp16 needs --format csr or packed")
-    return get(fmt).encode(model, min_sparsity=min_sparsity, **options)
+    return export(model, fmt, min_sparsity=min_sparsity, **options)
 
 
 __all__ = [

@@ -711,3 +711,17 @@ def test_no_command_prints_the_help_and_upper_case_npz_is_data(room, capsys):  #
 
     shutil.copy(room / "d.npz", room / "D.NPZ")
     assert main(room.argv(["eval", "@/m.onnx", "-d", "@/D.NPZ"])) == 0
+
+
+@pytest.mark.parametrize("fmt", ["csr", "packed", "qdq"])
+def test_weights_listed_as_graph_inputs_are_exported_as_constants(room, fmt):  # noqa: F811
+    """torch's keep_initializers_as_inputs: export used to skip every weight ("no sparse
+    weights", or an invalid qdq graph)."""
+    m = onnx.load(room / "m.onnx")
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    onnx.save(m, room / "ii.onnx")
+    assert main(room.argv(["prune", "@/ii.onnx", "-d", "@/d.npz", "-o", "@/q.onnx", "--sparsity", "0.6", *QUICK])) == 0
+    extra = ["-d", "@/d.npz", "--calibration-samples", "16"] if fmt == "qdq" else []
+    assert main(room.argv(["export", "@/q.onnx", "-o", "@/e.onnx", "--format", fmt, *extra])) == 0
+    out = onnx.load(room / "e.onnx")
+    assert [i.name for i in out.graph.input] == [m.graph.input[0].name]

@@ -11,6 +11,7 @@ says what other tools and runtime settings do to its files.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional, Tuple
 
 import onnx
@@ -51,8 +52,32 @@ def detect(model: onnx.ModelProto) -> Optional[Format]:
 
 
 def export(model: onnx.ModelProto, fmt: str = "csr", **options) -> Tuple[onnx.ModelProto, ExportReport]:
-    """``get(fmt).encode(model, **options)``; the input model is never modified."""
-    return get(fmt).encode(model, **options)
+    """``get(fmt).encode(model, **options)``; the input model is never modified.
+
+    Weights also listed as graph inputs (exporters' "keep initializers as inputs") are written
+    as constants first: a deployment file does not let them be overridden, and onnxruntime
+    folds or quantizes only constants (it warns about such inputs for the same reason)."""
+    return get(fmt).encode(constant_weights(model), **options)
+
+
+def constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose initializers are no longer also graph inputs (IR >= 4)."""
+    if not isinstance(model, onnx.ModelProto):
+        return model  # the format's encode says what it takes
+    inits = {t.name for t in model.graph.initializer}
+    listed = [v.name for v in model.graph.input if v.name in inits]
+    if not listed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [v for v in out.graph.input if v.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    out.ir_version = max(out.ir_version, 4)  # below IR 4 every initializer had to be an input
+    logging.getLogger(__name__).info(
+        "%d initializer(s) listed as graph inputs written as constants: %s", len(listed),
+        ", ".join(listed[:5]) + (", ..." if len(listed) > 5 else ""))
+    return out
 
 
 def decode(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -725,3 +725,15 @@ def test_weights_listed_as_graph_inputs_are_exported_as_constants(room, fmt):  #
     assert main(room.argv(["export", "@/q.onnx", "-o", "@/e.onnx", "--format", fmt, *extra])) == 0
     out = onnx.load(room / "e.onnx")
     assert [i.name for i in out.graph.input] == [m.graph.input[0].name]
+
+
+def test_a_channel_macs_budget_works_without_labels(room):  # noqa: F811
+    """The channel allocation's sweep measures KL from the dense model when there are no labels
+    (it asked for --metric kl, an option prune does not have)."""
+    from admm_onnx.models import build
+
+    onnx.save(build("lenet5", input_shape=(1, 8, 8), num_classes=4), room / "c.onnx")
+    x = np.random.default_rng(0).standard_normal((96, 1, 8, 8)).astype(np.float32)
+    np.savez(room / "x.npz", input=x)
+    assert main(room.argv(["prune", "@/c.onnx", "-d", "@/x.npz", "-o", "@/o.onnx", "--structure", "channel",
+                           "--target-macs", "0.5", "--round-to", "1", *QUICK])) == 0

@@ -82,6 +82,21 @@ def reader_samples(reader, n: int, seed: int = 0) -> Tuple[Union[np.ndarray, Dic
     return {k: np.concatenate([b[k] for b in xs])[:n] for k in xs[0]}, ys
 
 
+def sweep_samples(prepared, x, y, metric: str):
+    """(samples fitted to the model, metric) of a budget's sweep: the configured metric, or KL
+    from the dense model's outputs when the default ``loss`` has no class per sample to use
+    (no labels, as in distillation; token labels; regression targets)."""
+    if not isinstance(x, dict):  # several inputs come fitted from their reader
+        from ..data import fit_to_input
+
+        x = fit_to_input(x, prepared.input_shape, prepared.input_name)
+    if metric == "loss" and (y is None or np.ndim(y) != 1 or np.asarray(y).dtype.kind not in "iu"):
+        metric = "kl"
+        log.info("the sensitivity sweep measures KL divergence from the dense model's outputs (%s)",
+                 "no labels" if y is None else "labels are not one class per sample")
+    return x, metric
+
+
 def _classify(config, info) -> Tuple[Dict[str, float], set, list]:
     """(pinned name -> sparsity, excluded names, free names) under the config's rules."""
     from ..config import Rule, resolve_rules
@@ -134,18 +149,8 @@ def apply_budget(prepared, config, train_reader, cache_dir="default", runner=Non
     bound_counts(free, sizes, left, unit, min_keep, max_keep)  # an unreachable budget fails before the sweep
 
     x, y = reader_samples(train_reader, config.sensitivity_samples, seed=config.seed)
-    from ..data import fit_to_input
-
-    if not isinstance(x, dict):  # several inputs come fitted from their reader
-        x = fit_to_input(x, prepared.input_shape, prepared.input_name)
+    x, metric = sweep_samples(prepared, x, y, config.sensitivity_metric)
     runner = runner or make_runner(config.workers)
-    metric = config.sensitivity_metric
-    if metric == "loss" and (y is None or np.ndim(y) != 1 or np.asarray(y).dtype.kind not in "iu"):
-        # no labels (distillation), or labels that are no class per sample (tokens, regression):
-        # the dense model's outputs are the reference
-        metric = "kl"
-        log.info("the sensitivity sweep measures KL divergence from the dense model's outputs (%s)",
-                 "no labels" if y is None else "labels are not one class per sample")
     result = run_sensitivity(prepared, x, y, levels, metric, "element", free, runner, cache_dir)
     curves = {n: LayerCurve(tuple(result.curves[n].keep), tuple(result.curves[n].deltas(result.baseline))) for n in free}
     alloc = allocate(curves, {n: sizes[n] for n in free}, left, {n: unit[n] for n in free}, min_keep, max_keep)

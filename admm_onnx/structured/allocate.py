@@ -51,10 +51,9 @@ def allocate_channels(prepared, analysis, targets, train_reader, config, cache_d
                       runner=None) -> Tuple[Dict[int, int], dict]:
     """(group id -> kept channels, allocation record) for ``targets.target_macs``."""
     from ..allocation.allocator import LayerCurve
-    from ..allocation.plan import reader_samples
+    from ..allocation.plan import reader_samples, sweep_samples
     from ..allocation.runners import make_runner
     from ..allocation.sensitivity import run_sensitivity
-    from ..data import fit_to_input
 
     if targets.target_macs is None:
         raise ConfigError("a channel allocation needs a MACs budget (--target-macs)")
@@ -62,10 +61,9 @@ def allocate_channels(prepared, analysis, targets, train_reader, config, cache_d
     if not groups:
         raise ConfigError("the model has no prunable channel group", hint="run 'admm-onnx groups MODEL' to see why")
     x, y = reader_samples(train_reader, config.sensitivity_samples, seed=config.seed)
-    x = fit_to_input(x, prepared.input_shape, prepared.input_name)
+    x, metric = sweep_samples(prepared, x, y, config.sensitivity_metric)
     runner = runner or make_runner(config.workers)
-    result = run_sensitivity(prepared, x, y, CHANNEL_LEVELS, config.sensitivity_metric, "groups", list(groups),
-                             runner, cache_dir)
+    result = run_sensitivity(prepared, x, y, CHANNEL_LEVELS, metric, "groups", list(groups), runner, cache_dir)
     curves = {n: LayerCurve(tuple(result.curves[n].keep), tuple(result.curves[n].deltas(result.baseline)))
               for n in groups}
     counts, alloc = counts_from_curves(analysis, targets, curves)

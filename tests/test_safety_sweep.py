@@ -737,3 +737,36 @@ def test_a_channel_macs_budget_works_without_labels(room):  # noqa: F811
     np.savez(room / "x.npz", input=x)
     assert main(room.argv(["prune", "@/c.onnx", "-d", "@/x.npz", "-o", "@/o.onnx", "--structure", "channel",
                            "--target-macs", "0.5", "--round-to", "1", *QUICK])) == 0
+
+
+def _mlp(first_output_is_table: bool = False, through_sequence: bool = False):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"])]
+    if through_sequence:
+        nodes += [helper.make_node("SequenceConstruct", ["h"], ["s"], name="seq"),
+                  helper.make_node("SequenceAt", ["s", "zero"], ["h2"], name="at")]
+    nodes += [helper.make_node("MatMul", ["h2" if through_sequence else "h", "w2"], ["logits"])]
+    inits = [w1, w2] + ([numpy_helper.from_array(np.array(0, np.int64), "zero")] if through_sequence else [])
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])]
+    if first_output_is_table:
+        outputs.insert(0, helper.make_tensor_value_info("w1", TensorProto.FLOAT, [16, 8]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])], outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_default_output_is_computed_not_an_initializer_passed_through(room):  # noqa: F811
+    onnx.save(_mlp(first_output_is_table=True), room / "t.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(room / "v.npz", x=rng.standard_normal((64, 16)).astype(np.float32), y=rng.integers(0, 4, 64))
+    assert main(room.argv(["prune", "@/t.onnx", "-d", "@/v.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK])) == 0
+
+
+def test_a_weight_behind_a_sequence_is_refused_before_training(room):  # noqa: F811
+    onnx.save(_mlp(through_sequence=True), room / "s.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(room / "v.npz", x=rng.standard_normal((64, 16)).astype(np.float32), y=rng.integers(0, 4, 64))
+    err = room.probe(["prune", "@/s.onnx", "-d", "@/v.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK],
+                     "SequenceConstruct")
+    assert "resume" not in err

@@ -82,6 +82,11 @@ def _has_gradient(node: onnx.NodeProto) -> bool:
     return False
 
 
+#: Ops that build or read tensor sequences: values pass through them, gradients do not (1.19.2).
+SEQUENCE_OPS = frozenset({"SequenceConstruct", "SequenceInsert", "SequenceAt", "SequenceErase", "SplitToSequence",
+                          "ConcatFromSequence", "SequenceEmpty", "SequenceLength"})
+
+
 def undifferentiable_nodes(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> List[onnx.NodeProto]:
     """Nodes between a ``trainable`` parameter and ``output`` (through float tensors) that ORT
     training 1.19.2 cannot differentiate, in graph order."""
@@ -103,8 +108,8 @@ def undifferentiable_nodes(model: onnx.ModelProto, trainable: Sequence[str], out
             if id(node) in forward:
                 continue
             forward.add(id(node))
-            for o in node.output:
-                if o and is_float(o) and o not in live:
+            for o in node.output:  # a sequence made of live tensors carries them on (no gradient through it)
+                if o and (is_float(o) or node.op_type in SEQUENCE_OPS) and o not in live:
                     live.add(o)
                     todo.append(o)
     # Backward from the output through float tensors.
@@ -158,6 +163,6 @@ def explain_gradient_error(exc: BaseException, model: Optional[onnx.ModelProto] 
     if m:
         return TrainingError(
             f"parameter {m.group(1)!r} does not affect the trained output",
-            hint="choose the output it feeds with --output, or exclude it",
+            hint="choose the output it feeds with --model-output, or exclude it",
         )
     return None

@@ -166,8 +166,9 @@ def default_output(model: onnx.ModelProto) -> str:
     weights = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES and int(np.prod(t.dims)) > 1}
     floats = [o.name for o in graph.output
               if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in FLOAT_TYPES]
-    for name in floats:
-        if _reaching(graph, name) & weights:
+    produced = {o for n in graph.node for o in n.output}
+    for name in floats:  # an initializer passed straight through (an embedding table) is not computed
+        if name in produced and _reaching(graph, name) & weights:
             return name
     if floats:
         return floats[0]

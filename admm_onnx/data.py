@@ -174,10 +174,12 @@ def load_idx_dir(directory) -> Dataset:
     )
 
 
-def load_npz(path, labels_key: Optional[str] = None):
+def load_npz(path, labels_key: Optional[str] = None, inputs: Sequence[str] = ()):
     """Arrays from a ``.npz``: ``x_train``/``y_train`` (+ ``x_test``/``y_test``) or ``x``/``y``
     (a :class:`Dataset`); otherwise arrays keyed by input names (a
-    :class:`~admm_onnx.feeds.FeedDataset`, labels optional under ``labels_key``)."""
+    :class:`~admm_onnx.feeds.FeedDataset`, labels optional under ``labels_key``). ``inputs``: the
+    model's input names, when known: a file holding an array for each of them is read keyed by
+    input names even if they are called x and y (and an input named like a label key is no label)."""
     from .io import read_npz
 
     p = Path(path)
@@ -189,6 +191,13 @@ def load_npz(path, labels_key: Optional[str] = None):
         if x_key in arrays and y_key in arrays and len(arrays[x_key]) != len(arrays[y_key]):
             raise DataError(f"{p}: {len(arrays[x_key])} inputs in {x_key!r} but {len(arrays[y_key])} labels in {y_key!r}")
     keys = set(arrays)
+    # x/y names that are the model's own inputs (a model taking x and y, or y_train...): read by input name
+    by_input = bool(inputs) and set(inputs) <= keys and (
+        bool(set(inputs) & {"y", "y_train", "x_test", "y_test"}) or (len(inputs) > 1 and bool(set(inputs) & {"x", "x_train"})))
+    if by_input:
+        from .feeds import load_feed_npz
+
+        return load_feed_npz(arrays, p.stem, labels_key, inputs)
     if labels_key is None and {"x_train", "y_train"} <= keys:
         x_tr, y_tr = _numeric(arrays["x_train"]), arrays["y_train"]
         if {"x_test", "y_test"} <= keys:
@@ -205,7 +214,7 @@ def load_npz(path, labels_key: Optional[str] = None):
     else:
         from .feeds import load_feed_npz
 
-        return load_feed_npz(arrays, p.stem, labels_key)
+        return load_feed_npz(arrays, p.stem, labels_key, inputs)
     return Dataset(x_tr, y_tr, x_te, y_te, name=p.stem)
 
 
@@ -223,7 +232,7 @@ def dataset_paths(spec: str) -> List[Path]:
     return [folder]
 
 
-def load_dataset(spec: str, labels_key: Optional[str] = None):
+def load_dataset(spec: str, labels_key: Optional[str] = None, inputs: Sequence[str] = ()):
     """Load a data set from a spec string (see the module docstring): a :class:`Dataset`, or a
     :class:`~admm_onnx.feeds.FeedDataset` for a ``.npz`` keyed by input names."""
     if isinstance(spec, os.PathLike):
@@ -236,7 +245,7 @@ def load_dataset(spec: str, labels_key: Optional[str] = None):
     if spec.startswith("mnist:"):
         return load_idx_dir(spec[len("mnist:") :])
     if spec.lower().endswith(".npz"):
-        return load_npz(spec, labels_key)
+        return load_npz(spec, labels_key, inputs)
     if os.path.isdir(spec):
         return load_idx_dir(spec)
     raise DataError(f"unknown data spec {spec!r}; use 'digits', 'mnist:DIR' or FILE.npz")

@@ -240,11 +240,13 @@ def pick_labels_key(keys, labels_key: Optional[str], inputs: Sequence[str] = ())
     return None
 
 
-def load_feed_npz(arrays: Dict[str, np.ndarray], name: str, labels_key: Optional[str] = None) -> FeedDataset:
-    """A FeedDataset from the arrays of a ``.npz`` keyed by input names (see module docstring)."""
+def load_feed_npz(arrays: Dict[str, np.ndarray], name: str, labels_key: Optional[str] = None,
+                  inputs: Sequence[str] = ()) -> FeedDataset:
+    """A FeedDataset from the arrays of a ``.npz`` keyed by input names (see module docstring);
+    ``inputs``: the model's input names when known (an input named like a label key stays an input)."""
     test = {k[len(TEST_PREFIX):]: v for k, v in arrays.items() if k.startswith(TEST_PREFIX)}
     train = {k: v for k, v in arrays.items() if not k.startswith(TEST_PREFIX)}
-    key = pick_labels_key(train, labels_key)
+    key = pick_labels_key(train, labels_key, inputs)
     y = train.pop(key) if key else None
     if not train:
         raise DataError(f"{name}: no input arrays (only labels)")

@@ -153,6 +153,19 @@ def _check_log_file(ctx, log_file: str) -> None:
                           "lost or the output overwritten", hint="give the log its own file")
 
 
+def _input_names(model) -> list:
+    """The model's input names (graph inputs that are no initializer), read from its header; []
+    when it cannot be read (the command's own load says why)."""
+    from admm_onnx.errors import AdmmOnnxError
+    from admm_onnx.graph.analysis import graph_inputs
+    from admm_onnx.io import load_model
+
+    try:
+        return [v.name for v in graph_inputs(load_model(model, load_external_data=False))]
+    except (AdmmOnnxError, OSError, ValueError):
+        return []
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity), at least 1."""
     import os
@@ -428,7 +441,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     plan.add_output(plot_path, "--plot")
     plan.add_output(ctx.find_root().obj.get("log_file"), "--log-file")  # not inside the work directory
     plan.add_workdir(work)
-    dataset = load_dataset(data, labels_key)
+    dataset = load_dataset(data, labels_key, _input_names(model))
     prepared = prepare_model(model, config.output)
     if channels is not None:
         if resume:
@@ -583,7 +596,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     plan.add_input(*dataset_paths(data), what="the -d data")
     plan.add_output(out, "-o", model=True, external=uses_external_data(load_model(model, load_external_data=False)) or None)
     work = plan.add_workdir(default_workdir(out), option="-o")
-    dataset = load_dataset(data, labels_key)
+    dataset = load_dataset(data, labels_key, _input_names(model))
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
@@ -612,7 +625,7 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     prepared = prepare_model(model, output_name)
-    dataset = load_dataset(data, labels_key)
+    dataset = load_dataset(data, labels_key, _input_names(model))
     # Only the evaluation reader is used: the (unused) training reader must not refuse a data
     # set smaller than one batch.
     train = getattr(dataset, "train", None)  # a .npz keyed by input names (FeedDataset)

@@ -103,7 +103,9 @@ def sensitivity(ctx, model, data, levels, samples, metric, structure, workers, r
         plot_format(plot_path)  # a bad suffix, or PNG without matplotlib: stop before the sweep
     import numpy as np
 
-    dataset = load_dataset(data)  # before the model's preparation logs anything: a bad file is one line
+    from .main import _input_names
+
+    dataset = load_dataset(data, None, _input_names(model))  # before the model's preparation logs anything: a bad file is one line
     if hasattr(dataset, "x_train"):
         x_all, y_all = dataset.x_train, dataset.y_train
     else:  # arrays keyed by input name (several inputs, or no labels)

@@ -770,3 +770,23 @@ def test_a_weight_behind_a_sequence_is_refused_before_training(room):  # noqa: F
     err = room.probe(["prune", "@/s.onnx", "-d", "@/v.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK],
                      "SequenceConstruct")
     assert "resume" not in err
+
+
+def _two_inputs(names):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Add", list(names), ["s"]), helper.make_node("MatMul", ["s", "w"], ["logits"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 16]) for n in names],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("names", [("x", "y"), ("a", "labels")])
+def test_inputs_named_like_label_keys_are_inputs(room, names):  # noqa: F811
+    """Label-free data for a model whose inputs are called x and y (or labels): they are its
+    inputs, not a data set's features and labels."""
+    onnx.save(_two_inputs(names), room / "t.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(room / "t.npz", **{n: rng.standard_normal((64, 16)).astype(np.float32) for n in names})
+    assert main(room.argv(["prune", "@/t.onnx", "-d", "@/t.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
+                           "--admm-iters", "1", "--retrain-epochs", "1", "--batch-size", "16", "-q"])) == 0

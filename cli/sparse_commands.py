@@ -14,7 +14,7 @@ import click
 import onnx
 
 from admm_onnx import formats, io, sparse
-from admm_onnx.errors import ConfigError
+from admm_onnx.errors import ConfigError, ModelError
 
 
 def _load(path: Path) -> Tuple[onnx.ModelProto, bool]:
@@ -144,7 +144,18 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
             raise ConfigError("--quantization is a packed option; add --format packed")
         io.check_input_file(quant_path, "quantization report", error=ConfigError)
         options["quantization"] = quant_path
-    result, report = sparse.export_sparse(model, fmt=fmt, min_sparsity=min_sparsity, values=values, **options)
+    try:
+        result, report = sparse.export_sparse(model, fmt=fmt, min_sparsity=min_sparsity, values=values, **options)
+    except ModelError as exc:
+        if not (slimmed and str(exc).startswith("no sparse weights")):
+            raise
+        # the zeros were whole dead channels: removing them left a smaller dense model, which is the result
+        from admm_onnx import formats
+
+        result, report = formats.export(model, "dense")
+        click.echo(f"no weight is left sparse enough for {fmt} once the dead channels are gone: writing the model "
+                   "without them, dense")
+        fmt = "dense"
     io.save_model(result, output, external_data=True if external else None)
     rows = report.rows
     click.echo(format_table(rows, rows.totals))

@@ -790,3 +790,15 @@ def test_inputs_named_like_label_keys_are_inputs(room, names):  # noqa: F811
     np.savez(room / "t.npz", **{n: rng.standard_normal((64, 16)).astype(np.float32) for n in names})
     assert main(room.argv(["prune", "@/t.onnx", "-d", "@/t.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
                            "--admm-iters", "1", "--retrain-epochs", "1", "--batch-size", "16", "-q"])) == 0
+
+
+def test_remove_dead_channels_that_leaves_nothing_sparse_writes_the_dense_model(room):  # noqa: F811
+    m = onnx.load(room / "m.onnx")
+    for t in m.graph.initializer:
+        if t.name == "fc2.weight":
+            a = numpy_helper.to_array(t).copy()
+            a[:, : a.shape[1] // 2] = 0  # fc1 units nothing reads: dead channels, and no other zeros
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, room / "dead.onnx")
+    assert main(room.argv(["export", "@/dead.onnx", "-o", "@/e.onnx", "--format", "csr", "--remove-dead-channels"])) == 0
+    assert "without them, dense" in room.capsys.readouterr().out

@@ -368,7 +368,14 @@ _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint6
 
 def check_tensors(model: onnx.ModelProto, path: PathLike = "the model") -> None:
     """Every tensor stored in the model: known dtype, non-negative dims, at most 2 GiB, and
-    exactly as many bytes (or values) as its shape needs. Raises :class:`ModelError`."""
+    exactly as many bytes (or values) as its shape needs; no two initializers of the main graph
+    with one name. Raises :class:`ModelError`."""
+    seen = set()
+    for t in model.graph.initializer:
+        if t.name in seen:
+            raise ModelError(f"{path}: two initializers are named {t.name!r}; ONNX names each value once",
+                             hint="the model file is damaged, or its exporter wrote it twice")
+        seen.add(t.name)
     for tensor in _all_tensors(model):
         name = tensor.name or "<unnamed>"
         if any(int(d) < 0 for d in tensor.dims):

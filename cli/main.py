@@ -114,7 +114,7 @@ def _check_log_file(ctx, log_file: str) -> None:
     """--log-file is an output: a regular file (appended) that is none of the command's inputs
     or outputs. Every other word of the command line naming an existing file counts (a model
     with its external data), so ``--log-file m.onnx inspect m.onnx`` is refused."""
-    from admm_onnx.io import OutputPlan, looks_like_model
+    from admm_onnx.io import OutputPlan
 
     words = list((ctx.find_root().obj or {}).get("argv") or [])
     values, same = [], []
@@ -142,11 +142,7 @@ def _check_log_file(ctx, log_file: str) -> None:
                 values.append(candidate)
                 break
     plan = OutputPlan()
-    for value in values:  # a model (whatever its name) counts with its external data
-        if looks_like_model(value):
-            plan.add_model_input(value)
-        else:
-            plan.add_input(value, what="named on the command line")
+    plan.add_input(*values, what="named on the command line")  # a model counts with its external data
     plan.add_output(log_file, "--log-file")
     if same:  # an output of the command (not written yet): the log would be replaced or overwrite it
         raise ConfigError(f"--log-file {log_file} is also an output of the command ({same[0]}); the log would be "

@@ -451,7 +451,7 @@ OUTPUT_PROBES = [
     ("--workdir a file", None, _prune_o("-o", "@/o.onnx", "--workdir", "@/c.toml"), ""),
     ("--workdir under a file", _file_txt, _prune_o("-o", "@/o.onnx", "--workdir", "@/file.txt/wd"), "does not exist"),
     ("--workdir /dev/shm", None, _prune_o("-o", "@/o.onnx", "--workdir", "/dev/shm"), ""),
-    ("--log-file the model", None, ["--log-file", "@/m.onnx", *_prune_o("-o", "@/o.onnx")], "input model"),
+    ("--log-file the model", None, ["--log-file", "@/m.onnx", *_prune_o("-o", "@/o.onnx")], "named on the command line"),
     ("--log-file a folder", _mkdir("lg"), ["--log-file", "@/lg", *_prune_o("-o", "@/o.onnx")], ""),
     ("--workers 0", None, _prune_o("-o", "@/o.onnx", "--workers", "0"), "workers"),
     ("--workers -1", None, _prune_o("-o", "@/o.onnx", "--workers", "-1"), "workers"),
@@ -827,7 +827,7 @@ def test_an_existing_log_file_is_appended_but_an_input_never_is(room, capsys):
     (room / "run.log").write_text("earlier\n")
     assert main(room.argv(["--log-file", "@/run.log", "inspect", "@/m.onnx"])) == 0
     assert (room / "run.log").read_text().startswith("earlier\n")
-    room.probe(["inspect", "@/m.onnx", "--log-file=@/m.onnx"], "input model", "--log-file= the model")
+    room.probe(["inspect", "@/m.onnx", "--log-file=@/m.onnx"], "named on the command line", "--log-file= the model")
     room.probe(["--log-file", "@/ext.onnx.data", "inspect", "@/ext.onnx"], "external data", "--log-file the .data")
 
 

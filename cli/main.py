@@ -482,9 +482,16 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
         except (KeyboardInterrupt, click.exceptions.Abort) as exc:  # no signal handler (API use)
             raise _prune_interrupted(exc, plan, work) from None
-        except Exception:
+        except Exception as exc:
             plan.remove_created()
-            raise
+            user = as_user_error(exc)
+            if user is None or channels is not None:
+                raise
+            user.hint = (user.hint + "; " if user.hint else "") + \
+                f"the training is done and kept in {work}: the same command with --resume writes the outputs"
+            if user is exc:
+                raise
+            raise user from exc
         if not keep_workdir:
             WorkDir(work).remove()  # only what the run wrote
 

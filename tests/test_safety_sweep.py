@@ -388,6 +388,7 @@ def test_prune_takes_back_its_outputs_when_the_last_writes_fail(room, monkeypatc
     code = main(room.argv(argv))
     err = room.capsys.readouterr().err
     assert code in (2, 130), err
+    assert "--resume" in err
     assert not (room / "o.onnx").exists() and not (room / "r.json").exists()
     assert (room / "o.onnx.admm-work" / "progress.json").exists()
     monkeypatch.setattr(cli_main, "_write_json", real)

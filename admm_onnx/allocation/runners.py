@@ -70,6 +70,22 @@ def _main_not_reimported():
 from ..interrupts import deferred  # noqa: E402
 
 
+def _worker_setup(parent: int, setup, setup_args) -> None:
+    """A worker's start: a watchdog that ends it when the run that started it is gone (a
+    ``kill -9`` leaves no one to shut the pool down: the workers would sit idle, holding their
+    memory), then the task's own ``setup``."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="admm-onnx-parent-watch", daemon=True).start()
+    setup(*setup_args)
+
+
 class ProcessRunner:
     name = "processes"
 
@@ -81,7 +97,8 @@ class ProcessRunner:
             return
         workers = min(self.workers, len(tasks))
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=setup, initargs=setup_args) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
+                                 initargs=(os.getpid(), setup, setup_args)) as pool:
             # The workers start here; a signal waits until they have their start-up message.
             with _main_not_reimported(), deferred():
                 futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}

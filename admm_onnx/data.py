@@ -153,9 +153,13 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _find(directory: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+    names = (f"{stem}.gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx"))
+    for name in names:
         if (directory / name).is_file():
             return directory / name
+    for name in names:  # there, but no regular file (a FIFO, a folder): say so, never read it
+        if os.path.lexists(directory / name):
+            raise DataError(f"{directory / name} is not a regular file")
     raise DataError(f"{directory}: missing {stem}.gz (expected the four standard MNIST IDX files)")
 
 

@@ -119,17 +119,12 @@ def _check_log_file(ctx, log_file: str) -> None:
     words = list((ctx.find_root().obj or {}).get("argv") or [])
     values, same = [], []
     target = os.path.realpath(log_file)
-    skip_own = True
     for i, word in enumerate(words):
         if word is None:
             continue
-        if word.startswith("--log-file="):
-            if skip_own:
-                skip_own = False
-                continue
-            word = word.split("=", 1)[1]
-        elif word == "--log-file" and skip_own:
-            skip_own = False
+        if word.startswith("--log-file="):  # its own option (given once or more: the last counts)
+            continue
+        if word == "--log-file":
             words[i + 1 : i + 2] = [None] if i + 1 < len(words) else []
             continue
         if not word:

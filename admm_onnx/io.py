@@ -535,6 +535,15 @@ def _references(model_path: Path, data_path: Path) -> bool:
         return False
 
 
+def _check_parent(path: Path, option: str, denied: str) -> None:
+    """The folder ``path`` goes in exists and this process may write there (``denied``: what to
+    say when it may not)."""
+    if not path.parent.is_dir():
+        raise OutputError(f"{option}: the folder {path.parent} does not exist", hint="create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option}: {denied}")
+
+
 class OutputPlan:
     """Every input and output of one run, checked against each other before any work is done.
 
@@ -594,11 +603,7 @@ class OutputPlan:
             raise OutputError(f"{option}: {str(path)!r} is not a file name")
         if model:
             check_onnx_path(out, option)
-        parent = out.parent
-        if not parent.is_dir():
-            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{option}: cannot write in {parent} (permission denied)")
+        _check_parent(out, option, f"cannot write in {out.parent} (permission denied)")
         try:
             st = os.stat(out)
         except FileNotFoundError:
@@ -667,11 +672,8 @@ class OutputPlan:
             return None
         work = Path(path)
         check_onnx_path(Path(os.path.abspath(work)), option)
-        parent = work.parent
-        if not parent.is_dir():
-            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
-        if not os.access(parent, os.W_OK | os.X_OK) and not work.is_dir():
-            raise OutputError(f"{option}: cannot create {work} (no write permission in {parent})")
+        if not work.is_dir():
+            _check_parent(work, option, f"cannot create {work} (no write permission in {work.parent})")
         if work.is_symlink():
             raise OutputError(f"{option}: {work} is a symbolic link; give the folder itself (a link could lead the "
                               "tool's writes elsewhere)")
@@ -705,11 +707,7 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise OutputError(f"{option}: {folder} exists and is not a folder")
     if not folder.exists():
-        parent = folder.parent
-        if not parent.is_dir():
-            raise OutputError(f"{option}: the folder {parent} does not exist", hint="create it first")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{option}: cannot create {folder} (no write permission in {parent})")
+        _check_parent(folder, option, f"cannot create {folder} (no write permission in {folder.parent})")
         try:
             folder.mkdir()
         except OSError as exc:

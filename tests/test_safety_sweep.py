@@ -396,19 +396,24 @@ def test_prune_takes_back_its_outputs_when_the_last_writes_fail(room, monkeypatc
     assert (room / "o.onnx").exists() and (room / "r.json").exists() and not (room / "o.onnx.admm-work").exists()
 
 
-def test_prune_keeps_an_earlier_output_it_did_not_create(room, monkeypatch):  # noqa: F811
-    """Only what this run created is taken back: a report that existed before stays."""
+@pytest.mark.parametrize("when", ["before the run", "during the run"])
+def test_prune_interrupted_keeps_a_report_it_did_not_write(room, monkeypatch, when):  # noqa: F811
+    """Only what this run wrote is taken back: a file at the --report name stays, whether it was
+    there before or another program put it there while the run trained."""
     import admm_onnx.cli.main as cli_main
 
-    (room / "r.json").write_text("{}")
+    if when == "before the run":
+        (room / "r.json").write_text("theirs")
 
-    def failing(path, data):
+    def interrupt(path, data):
+        if when == "during the run":
+            (room / "r.json").write_text("theirs")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_main, "_write_json", failing)
+    monkeypatch.setattr(cli_main, "_write_json", interrupt)
     assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
                            "--report", "@/r.json", *QUICK])) == 130
-    assert (room / "r.json").read_text() == "{}" and not (room / "o.onnx").exists()
+    assert (room / "r.json").read_text() == "theirs" and not (room / "o.onnx").exists()
 
 
 def test_output_plan_removes_only_files_it_planned_as_new_and_wrote(tmp_path):
@@ -426,19 +431,6 @@ def test_output_plan_removes_only_files_it_planned_as_new_and_wrote(tmp_path):
     (tmp_path / "other.txt").write_text("user")
     assert sorted(p.name for p in plan.remove_created()) == ["new.json", "old.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx", "other.txt", "theirs.svg"]
-
-
-def test_prune_interrupted_keeps_a_file_another_program_put_at_an_output_name(room, monkeypatch):  # noqa: F811
-    import admm_onnx.cli.main as cli_main
-
-    def someone_else_then_interrupt(path, data):
-        (room / "r.json").write_text("theirs")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli_main, "_write_json", someone_else_then_interrupt)
-    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5",
-                           "--report", "@/r.json", *QUICK])) == 130
-    assert (room / "r.json").read_text() == "theirs" and not (room / "o.onnx").exists()
 
 
 def test_output_names_that_are_not_utf8_are_written(tmp_path):

@@ -118,6 +118,9 @@ def _decoded(model: onnx.ModelProto) -> onnx.ModelProto:
     from . import formats
 
     fmt = formats.detect(model)
+    if fmt is not None and fmt.name == "qdq":
+        raise ModelError("the model is an int8 qdq deployment file: it trains and prunes no more",
+                         hint="work on the float model it was exported from")
     if fmt is None or fmt.name not in ("csr", "coo", "packed"):
         return model
     log.info("the model stores its weights as %s: decoded to dense initializers first", fmt.name)

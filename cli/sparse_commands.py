@@ -126,6 +126,13 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
     from admm_onnx.graph.opset import within_runtime_versions
 
     model = within_runtime_versions(model)  # the checks run in onnx's checker and onnxruntime 1.19
+    from admm_onnx import formats
+
+    stored = formats.detect(model)
+    if stored is not None:
+        raise ConfigError(f"{model_path} is already an exported {stored.name} file",
+                          hint=("densify it first (admm-onnx densify), then export" if stored.name != "qdq" else
+                                "export from the float model it came from"))
     if remove_dead and quant_path is not None:
         raise ConfigError("--remove-dead-channels uses the quantization specs recorded in PRUNED.onnx; "
                           "drop --quantization")

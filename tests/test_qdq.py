@@ -163,3 +163,50 @@ def test_residual_network_batchnorm_folded_levels_kept_all_convs_fused(deploy_en
     assert not set(ops) & (FLOAT_COMPUTE | {"Add", "BatchNormalization"}), sorted(set(ops))
     f, i8 = res.outputs["float"][0], res.outputs["qdq"][0]
     assert np.abs(f - i8).max() <= 0.1 * np.abs(f).max()
+
+
+def _conv_bn_pairs(names, shared: bool, gamma_sign: float = 1.0, bits: bool = False):
+    """x -> Conv(w_i) -> BatchNorm_i -> y_i for each name (one weight for all when ``shared``)."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    inits, nodes, outputs, specs = [], [], [], {}
+    for k, name in enumerate(names):
+        w_name = names[0] if shared else name
+        if not shared or k == 0:
+            w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+            if bits:
+                q, s = fit_levels(w, 4, 0)
+                w = dequantize(q, s, 0)
+                specs[w_name] = QuantSpec(4, tuple(map(float, s)), 0)
+            inits.append(numpy_helper.from_array(w, w_name))
+        g = (gamma_sign * rng.uniform(0.5, 1.5, 4)).astype(np.float32)
+        bn = [numpy_helper.from_array(v.astype(np.float32), f"{name}.bn.{p}") for p, v in
+              zip(("g", "b", "m", "v"), (g, rng.uniform(-1, 1, 4), rng.uniform(-1, 1, 4), rng.uniform(0.5, 2, 4)))]
+        inits += bn
+        nodes += [helper.make_node("Conv", ["x", w_name], [f"c{k}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{k}"] + [t.name for t in bn], [f"y{k}"])]
+        outputs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, ["N", 4, 6, 6]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    if specs:
+        mark_model(model, specs)
+    return model
+
+
+@pytest.mark.parametrize("names, shared, sign, bits", [
+    (("w", "w"), True, 1.0, False),  # one weight, two Conv+BN pairs: each Conv keeps its own BN's values
+    (("enc.w1", "enc.w2"), False, 1.0, False),  # names alike up to the last dot: biases used to collide
+    (("w",), False, -1.0, True),  # negative gamma on trained levels: integers flip, scales stay positive
+])
+def test_batchnorm_folding_keeps_every_conv_its_own_values(names, shared, sign, bits):
+    import onnxruntime as ort
+
+    model = _conv_bn_pairs(names, shared, sign, bits)
+    x = np.random.default_rng(1).random((40, 2, 6, 6)).astype(np.float32)
+    out, _ = formats.export(model, "qdq", calibration=x[:32])
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": x[32:]})
+    for f, q in zip(run(model), run(out)):
+        assert np.abs(f - q).max() <= 0.05 * np.abs(f).max()

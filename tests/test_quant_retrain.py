@@ -127,3 +127,12 @@ def test_pruned_and_quantized_weights_are_retrained_on_their_levels(lenet5_small
     moved_off = numpy_helper.to_array(model.graph.initializer[i]) * np.float32(1.1) + np.float32(1e-3)
     model.graph.initializer[i].CopyFrom(numpy_helper.from_array(moved_off, "conv1.weight"))
     assert set(model_quantization(model)) == set(specs) - {"conv1.weight"}
+
+
+def test_quantized_weights_hold_no_negative_zero():
+    """rint(-0.3) is -0.0: the level 0 must be +0.0, as float32(0) * scale is (sparse formats
+    store zeros by position and give +0.0 back)."""
+    from admm_onnx.graph.fake_quant import quantize_like_graph
+
+    q, w = quantize_like_graph(np.array([-0.3, 0.3, -2.0], np.float32), np.float32(1.0), 7)
+    assert q.tolist() == [0, 0, -2] and not np.signbit(w[0])

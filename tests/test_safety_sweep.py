@@ -795,3 +795,39 @@ def test_remove_dead_channels_that_leaves_nothing_sparse_writes_the_dense_model(
     onnx.save(m, room / "dead.onnx")
     assert main(room.argv(["export", "@/dead.onnx", "-o", "@/e.onnx", "--format", "csr", "--remove-dead-channels"])) == 0
     assert "without them, dense" in room.capsys.readouterr().out
+
+
+def test_qdq_calibrates_a_fixed_batch_model_in_its_batch(room):  # noqa: F811
+    m = onnx.load(room / "m.onnx")
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(m, room / "b1.onnx")
+    assert main(room.argv(["export", "@/b1.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/d.npz",
+                           "--calibration-samples", "40", "--min-sparsity", "0"])) == 0
+
+
+def test_qdq_refuses_a_float16_model(room):  # noqa: F811
+    from onnx import TensorProto as T
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float16), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info(
+        "x", T.FLOAT16, ["N", 4])], [helper.make_tensor_value_info("y", T.FLOAT16, ["N", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), room / "h.onnx")
+    np.savez(room / "h.npz", x=np.ones((8, 4), np.float32), y=np.zeros(8, np.int64))
+    room.probe(["export", "@/h.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/h.npz"], "float32 models")
+
+
+def test_a_weight_exactly_at_min_sparsity_is_exported(room):  # noqa: F811
+    m = onnx.load(room / "m.onnx")
+    for t in m.graph.initializer:
+        if t.name == "fc2.weight":
+            a = numpy_helper.to_array(t).copy().reshape(-1)
+            a[: a.size // 5] = 0  # exactly 20% zeros (1 - nz/n rounds just below 0.2)
+            t.CopyFrom(numpy_helper.from_array(a.reshape(tuple(t.dims)), t.name))
+    onnx.save(m, room / "z.onnx")
+    assert main(room.argv(["export", "@/z.onnx", "-o", "@/e.onnx", "--format", "csr", "--min-sparsity", "0.2"])) == 0
+
+
+def test_an_exported_file_is_not_exported_again(room):  # noqa: F811
+    assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/p.onnx", "--sparsity", "0.6", *QUICK])) == 0
+    assert main(room.argv(["export", "@/p.onnx", "-o", "@/c.onnx", "--format", "csr"])) == 0
+    room.probe(["export", "@/c.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/d.npz"], "densify it first")

@@ -29,7 +29,8 @@ then stayed float, and the int8 file ran 1.9x slower than fp32 (uint8: every con
 
 BatchNormalization after a Conv is folded into it first (as ORT's tool does): a weight on
 trained levels keeps its integers, its scale absorbs ``gamma / sqrt(var + eps)``; the folded
-weights are named ``<weight>/bn_folded``.
+weights are named ``<weight>/bn_folded`` (and ``<weight>/bn_folded2``... when one weight feeds
+several Conv+BatchNorm pairs), their biases ``<weight>/bias_bn_folded``.
 
 Graph outputs stay float. onnxruntime (1.32 checked by tests/test_qdq.py) fuses the pairs
 into QLinearConv, QGemm/QLinearMatMul/MatMulIntegerToFloat and int8 MaxPool at session
@@ -130,6 +131,23 @@ def _feeds(calibration, input_names: Sequence[str], max_samples: int) -> Iterabl
         calibration.rewind()
 
 
+def _run_in_batches(sess, names: Sequence[str], feed: Dict[str, np.ndarray], fixed: Optional[int]) -> Dict[str, np.ndarray]:
+    """``names`` computed for ``feed``; with a fixed batch size, in pieces of it (the last padded
+    with copies of its first row, which leave every min and max as they are)."""
+    rows = len(next(iter(feed.values())))
+    if not fixed or rows == fixed:
+        return dict(zip(names, sess.run(list(names), feed)))
+    parts: Dict[str, List[np.ndarray]] = {t: [] for t in names}
+    for start in range(0, rows, fixed):
+        piece = {k: v[start:start + fixed] for k, v in feed.items()}
+        got = len(next(iter(piece.values())))
+        if got < fixed:
+            piece = {k: np.concatenate([v, np.repeat(v[:1], fixed - got, axis=0)]) for k, v in piece.items()}
+        for t, v in zip(names, sess.run(list(names), piece)):
+            parts[t].append(np.asarray(v))
+    return {t: np.concatenate([np.ravel(v) for v in vs]) for t, vs in parts.items()}
+
+
 def calibrate(model: onnx.ModelProto, tensors: Sequence[str], calibration, max_samples: int = 1000) -> Dict[str, Tuple[float, float]]:
     """Min and max of each of ``tensors`` over the calibration data, the float model run in an
     onnxruntime InferenceSession (the training package's: any onnxruntime computes the same)."""
@@ -149,13 +167,15 @@ def calibrate(model: onnx.ModelProto, tensors: Sequence[str], calibration, max_s
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot run the model for calibration: {error_text(exc)}") from exc
     inputs = [i.name for i in sess.get_inputs()]
+    fixed = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    fixed = fixed.pop() if len(fixed) == 1 else None  # a batch size the model fixes (zoo models: 1)
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
     n = 0
+    computed = [t for t in tensors if t not in graph_inputs]
     for feed in _feeds(calibration, inputs, max_samples):
         feed = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feed.items()}
-        computed = [t for t in tensors if t not in graph_inputs]
-        values = dict(zip(computed, sess.run(computed, feed)))
+        values = _run_in_batches(sess, computed, feed, fixed)
         values.update({t: feed[t] for t in tensors if t in graph_inputs})
         for t, v in values.items():
             if v.size:
@@ -194,7 +214,18 @@ def _fold_batchnorm(model: onnx.ModelProto, specs) -> Tuple[Dict[str, object], i
             readers[i] = readers.get(i, 0) + 1
     producer = {o: n for n in graph.node for o in n.output}
     graph_outputs = {o.name for o in graph.output}
+    given = dict(specs)  # a weight shared by two Convs folds twice, from its own spec each time
     specs = dict(specs)
+    taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+
+    def fresh(name: str) -> str:
+        out, k = name, 1
+        while out in taken:
+            k += 1
+            out = f"{name}{k}"
+        taken.add(out)
+        return out
+
     drop, folded = set(), 0
     for k, bn in enumerate(graph.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
@@ -206,24 +237,28 @@ def _fold_batchnorm(model: onnx.ModelProto, specs) -> Tuple[Dict[str, object], i
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
         f = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
-        spec = specs.get(conv.input[1])
+        weight = conv.input[1]
+        w = numpy_helper.to_array(inits[weight]).astype(np.float32)
+        spec = given.get(weight)
+        new_spec = None
         if spec is not None and (spec.axis in (0, None)):
+            # q * s * f: a negative factor flips the integers (the levels are symmetric), a zero
+            # one zeroes the channel; the scale stays positive
             s = np.broadcast_to(np.asarray(spec.scale, np.float64), (w.shape[0],))
-            scale = (s * f).astype(np.float32)
-            q = spec.integers(w)
-            specs[conv.input[1]] = QuantSpec(spec.bits, tuple(float(x) for x in scale), 0)
+            sign = np.where(f < 0, -1, 1).reshape((-1,) + (1,) * (w.ndim - 1))
+            scale = np.where(f != 0, s * np.abs(f), s).astype(np.float32)
+            q = spec.integers(w).astype(np.int32) * sign * (f != 0).reshape(sign.shape)
+            new_spec = QuantSpec(spec.bits, tuple(float(x) for x in scale), 0)
             w_new = dequantize(q, scale, 0)
         else:
-            specs.pop(conv.input[1], None)
             w_new = (w.astype(np.float64) * f.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
         b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2]
              else np.zeros(w.shape[0]))
         b_new = ((b - mean) * f + beta).astype(np.float32)
-        w_name, b_name = conv.input[1] + "/bn_folded", conv.input[1].rsplit(".", 1)[0] + ".bias/bn_folded"
+        w_name, b_name = fresh(weight + "/bn_folded"), fresh(weight + "/bias_bn_folded")  # one pair per Conv
         graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
-        if conv.input[1] in specs:
-            specs[w_name] = specs.pop(conv.input[1])
+        if new_spec is not None:
+            specs[w_name] = new_spec
         conv.input[1] = w_name
         if len(conv.input) > 2:
             conv.input[2] = b_name
@@ -240,6 +275,7 @@ def _fold_batchnorm(model: onnx.ModelProto, specs) -> Tuple[Dict[str, object], i
         keep = [t for t in graph.initializer if t.name in read]
         del graph.initializer[:]
         graph.initializer.extend(keep)
+        specs = {n: sp for n, sp in specs.items() if n in read}  # a weight no longer read has no spec
     return specs, folded
 
 
@@ -278,6 +314,11 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
         raise ConfigError(f"activations must be one of {', '.join(_ACT)}, got {activations!r}")
     if calibration is None:
         raise ConfigError("the qdq format needs calibration data (the user's inputs) for the activation ranges")
+    half = [v.name for v in model.graph.input if v.type.tensor_type.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16)]
+    half += [t.name for t in model.graph.initializer if t.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16)]
+    if half:
+        raise ConfigError(f"the qdq format quantizes float32 models; this one holds float16 ({', '.join(half[:3])})",
+                          hint="export it as csr, coo or packed, or convert it to float32 first")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     if opset < 13:
         raise ModelError(f"the qdq format needs opset >= 13 (per-channel DequantizeLinear); the model has {opset}")

@@ -297,6 +297,17 @@ def _label(node: onnx.NodeProto) -> Tuple[str, str]:
     return node.op_type, node.name or node.output[0]
 
 
+def _subgraph_reads(graph: onnx.GraphProto) -> set:
+    """Names the subgraphs of ``graph``'s nodes read (outer-scope values included)."""
+    out = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                out.update(i for n in g.node for i in n.input)
+                out |= _subgraph_reads(g)
+    return out
+
+
 def analyse(model: onnx.ModelProto, output: "Optional[str] | Sequence[str]" = None) -> GraphInfo:
     """Find prunable weights and trainable parameters of ``model``'s main graph.
 
@@ -318,13 +329,16 @@ def analyse(model: onnx.ModelProto, output: "Optional[str] | Sequence[str]" = No
     consts = _constants(graph)
     graph_outputs = {o.name for o in graph.output}
     reaching = set().union(*(_reaching(graph, o) for o in trained)) if trained else set()
+    sub_reads = None
 
     for name, tensor in inits.items():
         is_float = tensor.data_type in FLOAT_TYPES
         shape = tuple(int(d) for d in tensor.dims)
         size = int(np.prod(shape)) if shape else 1
         if not consumers.get(name):
-            info.not_prunable[name] = "unused"
+            if sub_reads is None:
+                sub_reads = _subgraph_reads(graph)
+            info.not_prunable[name] = "read only inside a subgraph (If/Loop/Scan body)" if name in sub_reads else "unused"
             continue
         uses = _uses(name, shape, consumers, consts)
         trainable = False

@@ -59,7 +59,7 @@ def quantize_like_graph(w: np.ndarray, scale: np.ndarray, bits_max: int) -> Tupl
     ``q = clip(rint(float32(w) / scale), -L, L)`` (round half to even, like ONNX ``Round``)."""
     s = np.asarray(scale, dtype=np.float32)
     a = np.asarray(w, dtype=np.float32) / s
-    q = np.clip(np.rint(a), -bits_max, bits_max)
+    q = np.clip(np.rint(a), -bits_max, bits_max) + np.float32(0.0)  # + 0: rint(-0.3) is -0.0, a level is +0.0
     return q.astype(np.int32), (q.astype(np.float32) * s).astype(np.float32)
 
 

@@ -47,6 +47,7 @@ from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions, within_runti
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
+from .interrupts import deferred
 from .io import (check_in_memory, check_output_path, check_window_attributes, load_model, save_model,
                  uses_external_data)
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
@@ -702,8 +703,12 @@ def prune(
     resume: bool = False,
     channels=None,
     loss=None,
+    keep_workdir: bool = False,
 ) -> PruneReport:
     """ADMM-prune ``model_input`` and write the pruned model to ``model_output``.
+
+    ``keep_workdir``: keep ``workdir`` (what the run wrote there) after success; by default it
+    is removed, as the CLI does without ``--keep-workdir``.
 
     ``channels``: a :class:`~admm_onnx.structured.targets.ChannelTargets` removes whole
     channels instead (structured/phase.py: ADMM over channel groups, shrink + verify, dense
@@ -757,8 +762,12 @@ def prune(
             saved = work.read_progress()
             try:
                 report = PruneReport.from_dict(saved["report"])
+                report.to_dict()  # every field readable back as the run will write it
             except (TypeError, ValueError, KeyError, AttributeError, IndexError):
                 raise work.damaged(work.progress_file) from None
+            last = config.admm_iters if saved["phase"] == "admm" else config.retrain_epochs
+            if saved["step"] > last:
+                raise work.damaged(work.progress_file, f"step {saved['step']} of {saved['phase']}, which has {last}")
             log.info("resuming %s: %s", path, saved["phase"] if saved["phase"] != "admm" else f"ADMM iteration {saved['step'] + 1}")
         else:
             if work.has_progress():
@@ -816,6 +825,8 @@ def prune(
             report.accuracy_after, report.loss_after = after.accuracy, after.loss
         log.info("after pruning: %s", _phase_line(report.accuracy_after, report.fidelity_after))
     report.finished = utc_now()
+    if workdir is not None and not keep_workdir:
+        WorkDir(workdir).remove()  # only what the run wrote
     return report
 
 
@@ -834,8 +845,13 @@ class _PruneRun:
         self.prepared, self.plan, self.config, self.work = prepared, plan, config, work
         self.report, self.train_reader, self.eval_reader, self.progress = report, train_reader, eval_reader, progress
 
-    def _commit(self, phase: str, step: int) -> None:
-        self.work.write_progress({"phase": phase, "step": step, "report": self.report.to_dict()})
+    def _commit(self, phase: str, step: int, checkpoint: Optional[str] = None) -> None:
+        """Record the completed step; with ``checkpoint`` (a phase folder), also which checkpoint
+        file goes with it (a resume refuses another one: a kill between the two writes)."""
+        progress = {"phase": phase, "step": step, "report": self.report.to_dict()}
+        if checkpoint is not None:
+            progress["checkpoint"] = self.work.checkpoint_stamp(checkpoint)
+        self.work.write_progress(progress)
 
     def admm(self, start: int) -> None:
         """ADMM iterations ``start``..``admm_iters``, then the hard prune."""
@@ -885,9 +901,10 @@ class _PruneRun:
                     break
             updates.end_iteration(label)
             report.phase_seconds["admm"] = report.phase_seconds.get("admm", 0.0) + time.perf_counter() - t0
-            work.save_checkpoint(trainer, "admm")
-            work.save_state(state)
-            self._commit("admm", it + 1)
+            with deferred():  # the step's files and its commit are one step: a signal waits for all three
+                work.save_checkpoint(trainer, "admm")
+                work.save_state(state)
+                self._commit("admm", it + 1, checkpoint="admm")
         _admm_outcome(state, c, report)
 
         state.disable(trainer)
@@ -917,6 +934,8 @@ class _PruneRun:
         c, work, report = self.config, self.work, self.report
         arrays = work.load_arrays("pruned.npz")
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+        if set(weights) != set(self.prepared.info.trainable):
+            raise work.damaged(work.path / "pruned.npz", "it does not hold every trained weight")
         masks = {k[2:]: v.astype(bool) for k, v in arrays.items() if k.startswith("m/")}
         quant = read_quantization(report.to_dict())  # the hard step's levels
         # Fixed entirely; quantized weights instead retrain through fake quantization (STE).
@@ -944,8 +963,9 @@ class _PruneRun:
             fq.refit(trainer)  # scales fitted to the latent weights; the epoch trains and evaluates with them
             _epoch(trainer, self.train_reader, self.eval_reader, label, self.progress, report)
             report.phase_seconds["retrain"] = report.phase_seconds.get("retrain", 0.0) + time.perf_counter() - t0
-            work.save_checkpoint(trainer, "retrain")
-            self._commit("retrain", e + 1)
+            with deferred():
+                work.save_checkpoint(trainer, "retrain")
+                self._commit("retrain", e + 1, checkpoint="retrain")
         weights = {n: trainer.get(n) for n in self.prepared.info.trainable}
         for n, m in masks.items():
             weights[n] = np.where(m, weights[n], np.zeros_like(weights[n]))

@@ -311,6 +311,11 @@ class Trainer:
                             hint="give labels, or a label-free loss (distillation)")
         labels = np.asarray(feed[LABELS])
         if self.loss_kind == "mse" and labels.dtype.kind in "iu":
+            if (labels < 0).any():
+                raise DataError("--loss mse takes class labels as one-hot targets, and -100 (an ignored position) "
+                                "has none", hint="use --loss cross_entropy, which skips -100, or drop those labels")
+            if labels.size and labels.max() >= self.num_classes:
+                raise DataError(f"labels go up to {int(labels.max())} but the output has {self.num_classes} classes")
             onehot = np.zeros((*labels.shape, self.num_classes), np.float32)
             np.put_along_axis(onehot, labels[..., None], 1.0, axis=-1)
             return onehot

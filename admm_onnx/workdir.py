@@ -291,6 +291,8 @@ class WorkDir:
             raise ConfigError(f"{self.path} holds a run on different training data",
                               hint="resume with the same -d data, or delete the work directory")
         old = saved.get("config") or {}
+        if not isinstance(old, dict):
+            raise self.damaged(self.run_file, "its config is not a table")
         new = json.loads(json.dumps(identity.get("config") or {}, default=float))  # as saved: lists, floats
         for key in RESUME_MAY_CHANGE:  # a lower learning rate is how a diverged run goes on
             if key in old and key in new and old[key] != new[key]:
@@ -367,8 +369,22 @@ class WorkDir:
         trainer.save_checkpoint(tmp)
         os.replace(tmp, target)
 
-    def existing_checkpoint(self, phase: str) -> Optional[Path]:
+    def checkpoint_stamp(self, phase: str) -> Dict[str, Any]:
+        """The digest of the phase's checkpoint, recorded with the step it ends (a copied or moved
+        work directory keeps it)."""
+        return {"phase": phase, "sha256": fingerprint_file(self.checkpoint(phase))}
+
+    def existing_checkpoint(self, phase: str) -> Path:
+        """The checkpoint a resumed ``phase`` starts from: it must exist and be the one the last
+        committed step recorded (not a newer one written by a run killed before its commit)."""
         path = self.checkpoint(phase)
         if path.is_symlink():  # the tool writes regular files only: never read through a planted link
             raise self.damaged(path, "a symbolic link")
-        return path if path.is_file() else None
+        if not path.is_file():
+            raise self.damaged(path, "missing")
+        stamp = self.read_progress().get("checkpoint")
+        if isinstance(stamp, dict) and stamp.get("phase") == phase:
+            if fingerprint_file(path) != stamp.get("sha256"):
+                raise self.damaged(path, "not the checkpoint of the last completed step: the run was stopped while "
+                                         "saving it")
+        return path

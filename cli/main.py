@@ -448,10 +448,12 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
                               hint="raise --sparsity, or use admm-onnx export (--min-sparsity, --format packed) "
                                    "on the pruned model")
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
+    from admm_onnx.interrupts import deferred
+
     t0 = time.perf_counter()
     try:
         report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
-                           channels=channels)
+                           channels=channels, keep_workdir=True)  # removed here once every output is written
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
         if channels is not None:
             WorkDir(work).remove()  # a channel run does not resume: nothing of it stays
@@ -470,8 +472,6 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         raise user from exc
     # The outputs are written as one step: a signal now waits until they all are, and a failure
     # takes back the ones this run created (the work directory stays for --resume).
-    from admm_onnx.interrupts import deferred
-
     with deferred(final=True):
         try:
             _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
@@ -579,7 +579,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     from admm_onnx.data import dataset_paths, load_dataset
     from admm_onnx.io import OutputPlan, load_model, uses_external_data
     from admm_onnx.pipeline import make_readers, prepare_model, train as run_train
-    from admm_onnx.workdir import default_workdir
+    from admm_onnx.workdir import WorkDir, default_workdir
 
     _setup_logging(quiet, ctx.obj["debug"])
     out = _merge_output(out, out_old, required=True)
@@ -597,7 +597,11 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     dataset = load_dataset(data, labels_key, _input_names(model))
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
-    report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
+    try:
+        report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
+    except BaseException:
+        WorkDir(work).remove()  # train does not resume: none of its training files stay
+        raise
     figures = []
     if report.accuracy_after is not None:
         figures.append(f"Top-1 {100 * report.accuracy_after:.2f}%")

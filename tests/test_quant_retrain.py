@@ -100,7 +100,7 @@ def test_pruned_and_quantized_weights_are_retrained_on_their_levels(lenet5_small
     tr, ev, _ = make_readers(prepared, data, config.batch_size, config.seed)
     work = tmp_path / "work"
     out = tmp_path / "pq.onnx"
-    report = prune(prepared, out, tr, config, ev, workdir=work)
+    report = prune(prepared, out, tr, config, ev, workdir=work, keep_workdir=True)
     written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     specs = read_quantization(json.loads(json.dumps(report.to_dict(), default=float)))
     assert set(specs) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}

@@ -831,3 +831,47 @@ def test_an_exported_file_is_not_exported_again(room):  # noqa: F811
     assert main(room.argv(["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/p.onnx", "--sparsity", "0.6", *QUICK])) == 0
     assert main(room.argv(["export", "@/p.onnx", "-o", "@/c.onnx", "--format", "csr"])) == 0
     room.probe(["export", "@/c.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/d.npz"], "densify it first")
+
+
+def test_resume_refuses_a_checkpoint_newer_than_the_last_commit(room, monkeypatch):  # noqa: F811
+    """A stop between saving an ADMM iteration's checkpoint and committing it: resuming would
+    replay that iteration on weights that already had it; the recorded digest refuses it."""
+    import admm_onnx.workdir as wdm
+
+    real = wdm.WorkDir.save_checkpoint
+    count = {"n": 0}
+
+    def save_then_stop(self, trainer, phase):
+        real(self, trainer, phase)
+        count["n"] += phase == "admm"
+        if count["n"] == 2:
+            raise KeyboardInterrupt
+
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "3",
+            "--retrain-epochs", "1", "--batch-size", "32", "-q"]
+    monkeypatch.setattr(wdm.WorkDir, "save_checkpoint", save_then_stop)
+    assert main(room.argv(argv)) == 130
+    monkeypatch.setattr(wdm.WorkDir, "save_checkpoint", real)
+    room.capsys.readouterr()
+    assert main(room.argv(argv + ["--resume"])) == 2
+    assert "stopped while saving it" in room.capsys.readouterr().err
+
+
+def test_train_interrupted_leaves_no_work_directory(room, monkeypatch):  # noqa: F811
+    import admm_onnx.pipeline as pipeline
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "refresh_batchnorm", interrupt)  # after the last epoch
+    assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 130
+    assert not (room / "t.onnx.admm-work").exists() and not (room / "t.onnx").exists()
+
+
+def test_mse_with_ignored_labels_is_one_line(room):  # noqa: F811
+    y = np.zeros(200, np.int64)
+    y[:10] = -100
+    x = np.random.default_rng(0).standard_normal((200, 1, 8, 8)).astype(np.float32)
+    np.savez(room / "ign.npz", input=x, labels=y)  # keyed by input name: -100 marks ignored positions
+    room.probe(["train", "@/m.onnx", "-d", "@/ign.npz", "-o", "@/t.onnx", "--epochs", "1", "--loss", "mse", "-q"],
+               "-100")

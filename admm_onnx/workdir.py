@@ -366,8 +366,12 @@ class WorkDir:
     def save_checkpoint(self, trainer, phase: str) -> None:
         target = self.checkpoint(phase)
         tmp = target.with_name(target.name + ".tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, target)
+        try:
+            trainer.save_checkpoint(tmp)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a half-written one (a full disk) must not keep the space the error asks for
 
     def checkpoint_stamp(self, phase: str) -> Dict[str, Any]:
         """The digest of the phase's checkpoint, recorded with the step it ends (a copied or moved

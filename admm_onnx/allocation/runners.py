@@ -74,8 +74,13 @@ def _worker_setup(parent: int, setup, setup_args) -> None:
     """A worker's start: a watchdog that ends it when the run that started it is gone (a
     ``kill -9`` leaves no one to shut the pool down: the workers would sit idle, holding their
     memory), then the task's own ``setup``."""
+    import signal
     import threading
     import time
+
+    # Ctrl-C in a terminal reaches the whole process group: the run that owns the pool answers it
+    # (one line) and stops the workers; they stay quiet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
         while os.getppid() == parent:

@@ -29,7 +29,7 @@ then stayed float, and the int8 file ran 1.9x slower than fp32 (uint8: every con
 
 BatchNormalization after a Conv is folded into it first (as ORT's tool does): a weight on
 trained levels keeps its integers, its scale absorbs ``gamma / sqrt(var + eps)``; the folded
-weights are named ``<weight>/bn_folded`` (and ``<weight>/bn_folded2``... when one weight feeds
+weights are named ``<weight>/bn_folded`` (and ``<weight>/bn_folded_2``... when one weight feeds
 several Conv+BatchNorm pairs), their biases ``<weight>/bias_bn_folded``.
 
 Graph outputs stay float. onnxruntime (1.32 checked by tests/test_qdq.py) fuses the pairs
@@ -56,6 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import register
 from .base import Format
 from ..errors import ConfigError, DataError, ModelError, error_text
+from ..graph._util import NameScope
 
 #: metadata_props key marking a file this format wrote (JSON facts).
 METADATA_KEY = "admm_onnx.qdq"
@@ -160,6 +161,9 @@ def calibrate(model: onnx.ModelProto, tensors: Sequence[str], calibration, max_s
     for t in tensors:
         if t not in present and t not in graph_inputs:
             probe.graph.output.append(helper.make_empty_tensor_value_info(t))
+    from .. import training
+
+    training.flush_denormals()  # before the process's first session (training.flush_denormals)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
@@ -216,15 +220,7 @@ def _fold_batchnorm(model: onnx.ModelProto, specs) -> Tuple[Dict[str, object], i
     graph_outputs = {o.name for o in graph.output}
     given = dict(specs)  # a weight shared by two Convs folds twice, from its own spec each time
     specs = dict(specs)
-    taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-
-    def fresh(name: str) -> str:
-        out, k = name, 1
-        while out in taken:
-            k += 1
-            out = f"{name}{k}"
-        taken.add(out)
-        return out
+    fresh = NameScope(graph)
 
     drop, folded = set(), 0
     for k, bn in enumerate(graph.node):
@@ -397,15 +393,7 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
     elem, np_type, _, _ = _ACT[activations]
     params: Dict[str, Tuple[np.float32, int]] = {t: activation_params(*group_range[find(t)], activations) for t in tensors}
 
-    used = {t.name for t in graph.initializer} | {n.name for n in graph.node} | set(producer) | {i.name for i in graph.input}
-
-    def fresh(base):
-        name, i = base, 1
-        while name in used:
-            i += 1
-            name = f"{base}_{i}"
-        used.add(name)
-        return name
+    fresh = NameScope(graph)
 
     new_inits: List[onnx.TensorProto] = []
     pairs: Dict[str, str] = {}  # tensor -> its DequantizeLinear output

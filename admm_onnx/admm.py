@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: rho used when a variable has neither a number nor a calibration (low-level use only).
 FALLBACK_RHO = 1e-3
+#: The largest rho an update makes (the bound a configured rho has): residual balancing keeps
+#: doubling rho once the dual residual is 0 (Z settled), until the penalty overflows.
+RHO_MAX = 1e6
 
 
 def _parameters(state):
@@ -233,11 +236,14 @@ class AdmmState:
             residuals[name] = r
             prev = self.history[-1].get(name) if self.history else None
             f = self.policy.factor(r, prev)
+            old = self.rho[name] if self.rho[name] is not None else FALLBACK_RHO
+            if old * f > RHO_MAX:  # balancing doubles rho while the dual residual sits at 0: hold it
+                f = max(1.0, RHO_MAX / old)
             for t in c.tensors:
                 u = self.U[t] + weights[t] - z_new[t]
                 self.Z[t] = z_new[t]
                 self.U[t] = u / f if f != 1.0 else u
-            self.rho[name] = (self.rho[name] if self.rho[name] is not None else FALLBACK_RHO) * f
+            self.rho[name] = old * f
         self.iteration += 1
         self.history.append(residuals)
         self.write(state)

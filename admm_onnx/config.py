@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from .admm import RHO_MAX
 from .errors import ConfigError
 from .graph.analysis import PRUNABLE_OPS, GraphInfo
 from .losses import LOSSES
@@ -213,8 +214,8 @@ class PruneConfig:
         _check_positive(self.retrain_epochs, "retrain_epochs", allow_zero=True, integer=True)
         if self.rho is not None:
             _check_positive(self.rho, "rho")
-            if self.rho > 1e6:
-                raise ConfigError(f"rho must be at most 1e6, got {self.rho!r}")
+            if self.rho > RHO_MAX:
+                raise ConfigError(f"rho must be at most {RHO_MAX:g}, got {self.rho!r}")
         if self.rho_mode not in RHO_MODES:
             raise ConfigError(f"rho_mode must be one of {', '.join(RHO_MODES)}, got {self.rho_mode!r}")
         _check_positive(self.rho_growth, "rho_growth")

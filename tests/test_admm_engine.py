@@ -107,3 +107,23 @@ def test_defaults_make_admm_reach_the_sparse_set_on_a_short_run(tmp_path):
     assert report.hard_prune_gap < 0.02
     assert report.accuracy_hard_pruned >= dense.accuracy_after - 0.1
     assert report.accuracy_after >= dense.accuracy_after - 0.06
+
+
+def test_residual_balancing_never_raises_rho_past_its_bound():
+    """Once Z has settled the dual residual is 0 and balancing doubles rho at every update: it
+    used to reach 1e22 and overflow the loss (--admm-tol 0); it stops at RHO_MAX."""
+    from types import SimpleNamespace
+
+    from admm_onnx.admm import RHO_MAX, AdmmState, RhoPolicy
+    from admm_onnx.constraints import TopK
+    from admm_onnx.graph.penalty import rho_name, target_name
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    param = lambda a: SimpleNamespace(data=np.array(a, np.float32))  # noqa: E731
+    params = {"w": param(w), target_name("w"): param(np.zeros_like(w)), rho_name("w"): param(np.zeros(1))}
+    state = AdmmState([TopK("w", 0.5)], policy=RhoPolicy(), rho=RHO_MAX / 3)
+    state.initialize({"w": w})
+    ckpt = SimpleNamespace(parameters=params)
+    for _ in range(6):
+        state.update(ckpt)  # the weights never move: primal > 0, dual 0 after the first update
+    assert state.rho["w"] <= RHO_MAX and np.isfinite(params[rho_name("w")].data).all()

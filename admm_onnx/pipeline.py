@@ -753,6 +753,11 @@ def prune(
     with _workdir(workdir, resume=resume) as path:
         work = WorkDir(path)
         run_config = {k: v for k, v in config.to_dict().items() if k not in ("threads", "workers")}  # may change on --resume
+        # what the defaults resolved to: "--model-output logits" or "--loss cross_entropy" that only
+        # spell them out are the same run
+        run_config["output"] = list(prepared.output_names)
+        if run_config.get("loss") == "auto" and getattr(loss, "resolved_name", None):
+            run_config["loss"] = loss.resolved_name
         identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": run_config}
         data = _data_fingerprint(train_reader)
         if data is not None:

@@ -60,6 +60,10 @@ _TEMP = re.compile(r"^\.(run\.json|progress\.json|admm_state\.npz|pruned\.npz)\.
 _ARTIFACT = re.compile(r"^(checkpoint|(training|eval|optimizer)_model\.onnx|state\.ckpt)(\.tmp)?(\.data)?$")
 
 
+#: The option (or config key) a run setting comes from, where it is not ``--<name-with-dashes>``.
+_OPTION = {"output": "--model-output", "rules": "the pruning rules (--sparsity, --bits, --config)",
+           "compression": "--compression", "rho_policy": "--rho-mode"}
+
 #: Settings ``--resume`` may change (besides --workers and --threads, which are not recorded).
 RESUME_MAY_CHANGE = ("lr", "retrain_lr")
 
@@ -300,7 +304,8 @@ class WorkDir:
                 new[key] = old[key]
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if changed:
-            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            shown = ", ".join(f"{_OPTION.get(k, '--' + k.replace('_', '-'))} {old.get(k)!r} -> {new.get(k)!r}"
+                              for k in changed[:4])
             raise ConfigError(
                 f"--resume with settings that differ from the interrupted run: {shown}"
                 + (", ..." if len(changed) > 4 else ""),

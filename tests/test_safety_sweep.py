@@ -875,3 +875,24 @@ def test_mse_with_ignored_labels_is_one_line(room):  # noqa: F811
     np.savez(room / "ign.npz", input=x, labels=y)  # keyed by input name: -100 marks ignored positions
     room.probe(["train", "@/m.onnx", "-d", "@/ign.npz", "-o", "@/t.onnx", "--epochs", "1", "--loss", "mse", "-q"],
                "-100")
+
+
+@pytest.mark.parametrize("restated", [["--model-output", "logits"], ["--loss", "cross_entropy"]])
+def test_resume_accepts_options_that_restate_what_the_run_used(room, monkeypatch, restated):  # noqa: F811
+    import admm_onnx.workdir as wdm
+
+    real = wdm.WorkDir.write_progress
+    count = {"n": 0}
+
+    def commit_then_stop(self, progress):
+        real(self, progress)
+        count["n"] += 1
+        if count["n"] == 2:  # after the first ADMM iteration is committed
+            raise KeyboardInterrupt
+
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "2",
+            "--retrain-epochs", "1", "--batch-size", "32", "-q"]
+    monkeypatch.setattr(wdm.WorkDir, "write_progress", commit_then_stop)
+    assert main(room.argv(argv)) == 130
+    monkeypatch.setattr(wdm.WorkDir, "write_progress", real)
+    assert main(room.argv(argv + ["--resume"] + restated)) == 0

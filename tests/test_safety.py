@@ -265,7 +265,7 @@ def test_resume_names_every_changed_setting(room, capsys):
     capsys.readouterr()
     for option, value in (("--seed", "3"), ("--rho", "0.2"), ("--batch-size", "16")):
         err = run_probe(prune_args(room, "--workdir", work, "--resume", option, value), room, capsys)
-        assert option.lstrip("-").replace("-", "_") in err
+        assert option in err  # named as the option typed
     # workers/threads may change, and the learning rate (how a diverged run goes on)
     assert main([str(a) for a in prune_args(room, "--workdir", work, "--resume", "--threads", "1", "--lr", "1e-4")]) == 0
 

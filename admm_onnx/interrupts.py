@@ -69,6 +69,23 @@ def deferred(final: bool = False) -> Iterator[None]:
                 _raise(signum)
 
 
+@contextlib.contextmanager
+def children_without_sigint() -> Iterator[None]:
+    """Start worker processes in this block: SIGINT is blocked in this thread meanwhile, and a
+    child inherits the blocked mask across exec, so a terminal's Ctrl-C (sent to the whole
+    process group) never reaches a worker, not even while it starts up. A Ctrl-C meanwhile
+    reaches this process when the block ends."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
 def finished() -> bool:
     """True once a ``deferred(final=True)`` block completed."""
     return _finished

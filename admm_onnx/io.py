@@ -660,6 +660,9 @@ class OutputPlan:
             return
         if not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{option}: {data} (where the model's weights would go) is {_kind(st.st_mode)}")
+        if external and not st.st_mode & 0o222:
+            raise OutputError(f"{option}: {data} (where the model's weights would go) is read-only; refusing to "
+                              "replace it", hint="make it writable (chmod u+w) or choose another path")
         if external and not _references(out, data):
             raise OutputError(
                 f"{option}: {data} exists and is not the external data of {out}; refusing to overwrite it",
@@ -842,6 +845,17 @@ def _disk_error(exc: OSError, target: Path) -> OutputError:
 _WRITTEN: Set[Tuple[int, int]] = set()
 
 
+def _take_mode(tmp: Path, target: Path) -> None:
+    """Give ``tmp`` (about to replace ``target``) the permissions of the file it replaces (a
+    private 0600 output stays private), or the usual umask-based mode for a new file (mkstemp
+    makes 0600)."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = _FILE_MODE
+    os.chmod(tmp, mode)
+
+
 def _exists(path: PathLike) -> bool:
     """``path`` exists (False, not an error, for a name the file system cannot hold)."""
     try:
@@ -890,11 +904,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        try:  # a file replaced keeps its permissions (a private 0600 output stays private)
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except OSError:
-            mode = _FILE_MODE  # a new file: mkstemp makes 0600, outputs get the usual umask-based mode
-        os.chmod(tmp_path, mode)
+        _take_mode(tmp_path, target)
         yield tmp_path
         os.replace(tmp_path, target)
         _wrote(target)
@@ -953,7 +963,9 @@ def save_model(
             )
             if check:
                 onnx.checker.check_model(str(tmp_model))
+            _take_mode(tmp_model, path)
             if (tmp_dir / data_name).exists():
+                _take_mode(tmp_dir / data_name, data_target)
                 os.replace(tmp_dir / data_name, data_target)
                 _wrote(data_target)
             os.replace(tmp_model, path)

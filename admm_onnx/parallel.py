@@ -119,9 +119,11 @@ class WorkerPool:
         self.exchange: Optional[Exchange] = None
         try:
             self.exchange = Exchange(self._path, layout, workers, create=True)
-            from .interrupts import deferred
+            from .interrupts import children_without_sigint, deferred
 
-            with deferred():  # a signal waits until every worker has its whole start-up message
+            # a signal waits until every worker has its whole start-up message; the workers never see
+            # a terminal's Ctrl-C (this process answers it and closes them)
+            with deferred(), children_without_sigint():
                 for rank in range(1, workers):
                     self._start(rank, directory, checkpoint, layout, threads)
             for rank, conn in enumerate(self.conns, 1):
@@ -280,7 +282,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and closes us
     logging.disable(logging.WARNING)
-    _serve(Connection(int(argv[0])))
+    try:
+        _serve(Connection(int(argv[0])))
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # the main process went away (interrupted while we started): nothing to report to
 
 
 if __name__ == "__main__":

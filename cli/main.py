@@ -479,6 +479,8 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             raise _prune_interrupted(exc, plan, work) from None
         except Exception as exc:
             plan.remove_created()
+            if channels is not None:
+                WorkDir(work).remove()  # a channel run does not resume: nothing of it stays
             user = as_user_error(exc)
             if user is None or channels is not None:
                 raise

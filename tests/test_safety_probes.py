@@ -622,7 +622,7 @@ RESUME_PROBES = [
     ("pruned.npz truncated", _truncate("pruned.npz"), [], "damaged"),
     ("checkpoint garbage", _each_checkpoint(lambda p: p.write_bytes(b"garbage")), [], "damaged"),
     ("checkpoint symlinked outside", _each_checkpoint(_symlink_to_passwd), [], "symbolic link"),
-    ("another --batch-size", lambda w: None, ["--batch-size", "16"], "batch_size 32 -> 16"),
+    ("another --batch-size", lambda w: None, ["--batch-size", "16"], "--batch-size 32 -> 16"),
     ("another --seed", lambda w: None, ["--seed", "7"], "seed 0 -> 7"),
     ("a foreign file inside", lambda w: (w / "notes.txt").write_text("mine"), [], "did not write"),
 ]

@@ -833,26 +833,33 @@ def test_an_exported_file_is_not_exported_again(room):  # noqa: F811
     room.probe(["export", "@/c.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/d.npz"], "densify it first")
 
 
+def _interrupt_a_prune_after(room, monkeypatch, method: str, calls: int, admm_iters: int) -> list:
+    """Run a small prune that is interrupted right after the ``calls``-th call of WorkDir.``method``
+    (the call itself completes); returns its argv, for a --resume."""
+    import admm_onnx.workdir as wdm
+
+    real = getattr(wdm.WorkDir, method)
+    count = {"n": 0}
+
+    def then_stop(self, *args):
+        real(self, *args)
+        count["n"] += method != "save_checkpoint" or args[-1] == "admm"
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+
+    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters",
+            str(admm_iters), "--retrain-epochs", "1", "--batch-size", "32", "-q"]
+    monkeypatch.setattr(wdm.WorkDir, method, then_stop)
+    assert main(room.argv(argv)) == 130
+    monkeypatch.setattr(wdm.WorkDir, method, real)
+    room.capsys.readouterr()
+    return argv
+
+
 def test_resume_refuses_a_checkpoint_newer_than_the_last_commit(room, monkeypatch):  # noqa: F811
     """A stop between saving an ADMM iteration's checkpoint and committing it: resuming would
     replay that iteration on weights that already had it; the recorded digest refuses it."""
-    import admm_onnx.workdir as wdm
-
-    real = wdm.WorkDir.save_checkpoint
-    count = {"n": 0}
-
-    def save_then_stop(self, trainer, phase):
-        real(self, trainer, phase)
-        count["n"] += phase == "admm"
-        if count["n"] == 2:
-            raise KeyboardInterrupt
-
-    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "3",
-            "--retrain-epochs", "1", "--batch-size", "32", "-q"]
-    monkeypatch.setattr(wdm.WorkDir, "save_checkpoint", save_then_stop)
-    assert main(room.argv(argv)) == 130
-    monkeypatch.setattr(wdm.WorkDir, "save_checkpoint", real)
-    room.capsys.readouterr()
+    argv = _interrupt_a_prune_after(room, monkeypatch, "save_checkpoint", 2, admm_iters=3)
     assert main(room.argv(argv + ["--resume"])) == 2
     assert "stopped while saving it" in room.capsys.readouterr().err
 
@@ -879,20 +886,33 @@ def test_mse_with_ignored_labels_is_one_line(room):  # noqa: F811
 
 @pytest.mark.parametrize("restated", [["--model-output", "logits"], ["--loss", "cross_entropy"]])
 def test_resume_accepts_options_that_restate_what_the_run_used(room, monkeypatch, restated):  # noqa: F811
-    import admm_onnx.workdir as wdm
-
-    real = wdm.WorkDir.write_progress
-    count = {"n": 0}
-
-    def commit_then_stop(self, progress):
-        real(self, progress)
-        count["n"] += 1
-        if count["n"] == 2:  # after the first ADMM iteration is committed
-            raise KeyboardInterrupt
-
-    argv = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "2",
-            "--retrain-epochs", "1", "--batch-size", "32", "-q"]
-    monkeypatch.setattr(wdm.WorkDir, "write_progress", commit_then_stop)
-    assert main(room.argv(argv)) == 130
-    monkeypatch.setattr(wdm.WorkDir, "write_progress", real)
+    argv = _interrupt_a_prune_after(room, monkeypatch, "write_progress", 2, admm_iters=2)  # ADMM iteration 1 committed
     assert main(room.argv(argv + ["--resume"] + restated)) == 0
+
+
+def test_an_external_data_output_keeps_its_modes_and_a_read_only_data_file_is_refused(room):  # noqa: F811
+    args = ["prune", "@/ext.onnx", "-d", "@/d.npz", "-o", "@/x.onnx", "--sparsity", "0.5", *QUICK]
+    assert main(room.argv(args)) == 0
+    for name in ("x.onnx", "x.onnx.data"):
+        os.chmod(room / name, 0o600)
+    assert main(room.argv(args)) == 0
+    assert [oct(os.stat(room / n).st_mode & 0o777) for n in ("x.onnx", "x.onnx.data")] == ["0o600", "0o600"]
+    os.chmod(room / "x.onnx.data", 0o444)
+    room.probe(args, "read-only")
+
+
+def test_workers_started_while_sigint_is_blocked_do_not_see_it():
+    """A terminal's Ctrl-C reaches the whole process group: workers started inside
+    children_without_sigint inherit SIGINT blocked, so it cannot kill one while it starts up (the
+    parent then waited forever on its start-up pipe)."""
+    import signal
+    import subprocess
+    import sys
+
+    from admm_onnx.interrupts import children_without_sigint
+
+    code = "import signal, sys; sys.stdout.write(str(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
+    with children_without_sigint():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out == "True"
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again here

@@ -67,7 +67,7 @@ def _main_not_reimported():
             setattr(main, k, v)
 
 
-from ..interrupts import deferred  # noqa: E402
+from ..interrupts import children_without_sigint, deferred  # noqa: E402
 
 
 def _worker_setup(parent: int, setup, setup_args) -> None:
@@ -105,7 +105,7 @@ class ProcessRunner:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
                                  initargs=(os.getpid(), setup, setup_args)) as pool:
             # The workers start here; a signal waits until they have their start-up message.
-            with _main_not_reimported(), deferred():
+            with _main_not_reimported(), deferred(), children_without_sigint():
                 futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):

@@ -642,6 +642,9 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
         if labels is None:
             raise DataError("eval measures top-1 against class labels; the data has none",
                             hint="give labels (labels/y, --labels-key)")
+        if labels.dtype.kind in "iu" and labels.size and (labels == -100).all():
+            raise DataError("eval measures top-1 against class labels; every label of the evaluation split is -100 "
+                            "(an ignored position)")
         raise DataError(f"eval measures top-1 against class labels; the labels ({labels.dtype}, shape "
                         f"{list(labels.shape)}) are not class indices of output {prepared.output_name!r}",
                         hint="one integer class per output position: the output's shape without its class axis")

@@ -916,3 +916,9 @@ def test_workers_started_while_sigint_is_blocked_do_not_see_it():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert out == "True"
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again here
+
+
+def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
+    x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))
+    room.probe(["eval", "@/m.onnx", "-d", "@/ign.npz"], "every label")

@@ -128,22 +128,32 @@ VALUES = ("exact", "fp16")
 # --------------------------------------------------------------------------------------------
 
 
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """``values`` (non-negative integers below ``2**bits``) as ``bits``-bit fields, LSB first,
-    in a uint8 array of ``ceil(len * bits / 8)`` bytes."""
+def field_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` (non-negative integers below ``2**bits``) as ``bits``-bit fields, LSB first:
+    one uint8 0/1 per bit."""
     v = np.asarray(values, dtype=np.int64).reshape(-1)
     if v.size and (v.min() < 0 or v.max() >= 1 << bits):
         raise ValueError(f"values do not fit in {bits} bits")
-    fields = (v[:, None] >> np.arange(bits)) & 1
-    return np.packbits(fields.astype(np.uint8).reshape(-1), bitorder="little")
+    return (((v[:, None] >> np.arange(bits)) & 1).astype(np.uint8)).reshape(-1)
+
+
+def fields_of(flat_bits: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`field_bits` for the first ``count`` fields of ``flat_bits`` (int64)."""
+    flat = flat_bits[: count * bits]
+    if flat.size != count * bits:
+        raise ModelError("packed array shorter than its entry count")
+    return flat.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` (non-negative integers below ``2**bits``) as ``bits``-bit fields, LSB first,
+    in a uint8 array of ``ceil(len * bits / 8)`` bytes."""
+    return np.packbits(field_bits(values, bits), bitorder="little")
 
 
 def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits` (int64)."""
-    flat = np.unpackbits(np.asarray(data, dtype=np.uint8).reshape(-1), bitorder="little")[: count * bits]
-    if flat.size != count * bits:
-        raise ModelError("packed array shorter than its entry count")
-    return flat.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+    return fields_of(np.unpackbits(np.asarray(data, dtype=np.uint8).reshape(-1), bitorder="little"), bits, count)
 
 
 # -- positions, Golomb-coded (this version) ----------------------------------------------------
@@ -368,16 +378,17 @@ class PackedWeight:
         return f"packed-fp{bits} {where}", bits
 
     def _positions_and_codes(self) -> Tuple[np.ndarray, np.ndarray]:
-        u = unpack_bits(self.fields, self.width, self.entries)
         if self.version == 3:
+            bits = np.unpackbits(self.fields.reshape(-1), bitorder="little")  # fields, unary bits, padding
+            u = fields_of(bits, self.width, self.entries)
             if self.levels:
                 rem, y = u // self.radix, u % self.radix
                 L = self.max_level
                 code = y - L + (y >= L)  # the level q itself (never 0)
             else:
                 rem, code = u, None
-            bits = np.unpackbits(self.fields.reshape(-1), bitorder="little")
             return golomb_positions(rem, bits[self.entries * self.width:-1], self.modulus), code
+        u = unpack_bits(self.fields, self.width, self.entries)
         if self.codes is not None:  # codes in their own array: put them where the fields have them
             u = u + (unpack_bits(self.codes, self.level_bits, self.entries) << self.step_bits)
         if self.radix:  # code + radix * step
@@ -451,7 +462,7 @@ def encode_weight(name: str, arr: np.ndarray, spec: Optional[QuantSpec]) -> Pack
         extra = dict(values=flat[positions].astype(arr.dtype))
     # fields, unary bits, then padding ones: at least one bit (the decode reads the unary bits
     # up to the last bit, excluded) up to a whole byte
-    bits = np.concatenate([np.unpackbits(pack_bits(fields, w), bitorder="little")[: fields.size * w], unary])
+    bits = np.concatenate([field_bits(fields, w), unary])
     bits = np.concatenate([bits, np.ones(8 - bits.size % 8, np.uint8)])
     data = np.packbits(bits.astype(np.uint8), bitorder="little").reshape(-1, 1)
     k = spec.bits if spec is not None else 0

@@ -840,6 +840,19 @@ def _disk_error(exc: OSError, target: Path) -> OutputError:
     return OutputError(f"cannot write {target}: {exc.strerror or exc}")
 
 
+def cut_name(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes (file names hold 255), without splitting a UTF-8
+    character at the cut (a name that is not UTF-8 anyway is cut anywhere: os.fsdecode keeps
+    any bytes)."""
+    raw = os.fsencode(name)[:limit]
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(raw) - 3:  # a character cut in half at the end
+            raw = raw[: exc.start]
+    return os.fsdecode(raw)
+
+
 #: (device, inode) of every file this process wrote through :func:`atomic_path` or
 #: :func:`save_model`: what :meth:`OutputPlan.remove_created` may take back.
 _WRITTEN: Set[Tuple[int, int]] = set()
@@ -887,16 +900,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     target = Path(target)
     prefix = f".{target.name}."
     if len(os.fsencode(prefix)) + len(suffix) + 16 > 255:  # a long valid name: a shorter temporary one
-        name = os.fsencode(target.name)[:180]
-        while name:  # whole characters only (UTF-8 or not: os.fsdecode keeps any bytes)
-            try:
-                name.decode("utf-8")
-                break
-            except UnicodeDecodeError as exc:
-                if exc.start < len(name) - 3:  # not UTF-8 at all: any cut is as good
-                    break
-                name = name[: exc.start]
-        prefix = f".{os.fsdecode(name)}."
+        prefix = f".{cut_name(target.name, 180)}."
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=target.parent or ".")
     except OSError as exc:

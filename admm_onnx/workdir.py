@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .errors import ConfigError, OutputError
-from .io import atomic_path
+from .io import atomic_path, cut_name
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +103,7 @@ def default_workdir(output) -> Path:
     """``OUT.admm-work`` beside ``output``; a name too long for that (file names hold 255 bytes)
     is cut to fit, without splitting a UTF-8 character."""
     out = Path(output)
-    name = os.fsencode(out.name)
-    room = 255 - len(SUFFIX)
-    if len(name) <= room:
-        return out.parent / (out.name + SUFFIX)
-    name = name[:room]
-    try:
-        name.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start >= len(name) - 3:  # a character cut in half at the end
-            name = name[: exc.start]
-    return out.parent / (os.fsdecode(name) + SUFFIX)
+    return out.parent / (cut_name(out.name, 255 - len(SUFFIX)) + SUFFIX)
 
 
 def fingerprint_file(path) -> str:

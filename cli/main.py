@@ -455,13 +455,9 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
                            channels=channels, keep_workdir=True)  # removed here once every output is written
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
-        if channels is not None:
-            WorkDir(work).remove()  # a channel run does not resume: nothing of it stays
         raise _prune_interrupted(exc, plan, work, resumable=channels is None) from None
     except Exception as exc:
-        plan.remove_created()
-        if channels is not None:
-            WorkDir(work).remove()
+        _take_back(plan, work, resumable=channels is None)
         user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
         if user is None:
             raise
@@ -476,11 +472,9 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
         try:
             _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
         except (KeyboardInterrupt, click.exceptions.Abort) as exc:  # no signal handler (API use)
-            raise _prune_interrupted(exc, plan, work) from None
+            raise _prune_interrupted(exc, plan, work, resumable=channels is None) from None
         except Exception as exc:
-            plan.remove_created()
-            if channels is not None:
-                WorkDir(work).remove()  # a channel run does not resume: nothing of it stays
+            _take_back(plan, work, resumable=channels is None)
             user = as_user_error(exc)
             if user is None or channels is not None:
                 raise
@@ -493,14 +487,23 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             WorkDir(work).remove()  # only what the run wrote
 
 
-def _prune_interrupted(exc: BaseException, plan, work: Path, resumable: bool = True) -> "Interrupted":
-    """The error of an interrupted prune, after taking back the outputs it created (e.g. -o
-    written just before the interrupt, without its --report)."""
-    signum = getattr(exc, "signum", None)
-    how = f" by signal {signum}" if signum else ""
+def _take_back(plan, work: Path, resumable: bool) -> None:
+    """An unfinished prune: the outputs it wrote go (e.g. -o written just before an interrupt,
+    without its --report); so does its work directory when it cannot be resumed (channel runs)."""
+    from admm_onnx.workdir import WorkDir
+
     removed = plan.remove_created()
     if removed:
         log.info("removed the unfinished run's outputs: %s", ", ".join(map(str, removed)))
+    if not resumable:
+        WorkDir(work).remove()  # only what the run wrote
+
+
+def _prune_interrupted(exc: BaseException, plan, work: Path, resumable: bool = True) -> "Interrupted":
+    """The error of an interrupted prune, after :func:`_take_back`."""
+    signum = getattr(exc, "signum", None)
+    how = f" by signal {signum}" if signum else ""
+    _take_back(plan, work, resumable)
     if not resumable:
         return Interrupted(f"Interrupted{how}. Channel pruning does not resume; nothing of the run was kept.", signum)
     if (work / "progress.json").exists():

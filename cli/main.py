@@ -814,8 +814,28 @@ def _split_debug(argv):
     return (["--debug"] if debug else []) + front + rest + tail, debug
 
 
-def _usage_line(exc: click.exceptions.UsageError) -> str:
-    command = exc.ctx.command_path if exc.ctx is not None else "admm-onnx"
+def _command_path(args) -> str:
+    """The command ARGS name ('admm-onnx prune'), for a usage error click raised without its
+    context (an option missing its value at the end of the line)."""
+    group, path, i = cli, ["admm-onnx"], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--log-file":
+            i += 2
+            continue
+        sub = group.commands.get(a) if isinstance(group, click.Group) else None
+        if sub is None:
+            if not a.startswith("-"):
+                break
+        else:
+            path.append(a)
+            group = sub
+        i += 1
+    return " ".join(path)
+
+
+def _usage_line(exc: click.exceptions.UsageError, args=()) -> str:
+    command = exc.ctx.command_path if exc.ctx is not None else _command_path(args)
     if isinstance(exc, click.exceptions.NoSuchOption) and exc.ctx is not None and exc.possibilities:
         # never suggest a hidden (deprecated) spelling such as --out
         hidden = {o for p in exc.ctx.command.params if getattr(p, "hidden", False) for o in p.opts}
@@ -849,7 +869,7 @@ def main(argv=None) -> int:
     except click.exceptions.UsageError as exc:
         if debug:
             raise
-        click.echo(_usage_line(exc), err=True)
+        click.echo(_usage_line(exc, args), err=True)
         return 2
     except click.exceptions.ClickException as exc:
         if debug:
@@ -867,6 +887,9 @@ def main(argv=None) -> int:
         user_error = as_user_error(exc)
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.filename is None and _stdout_broken(exc):
+            click.echo(f"error: cannot write to standard output: {exc.strerror or exc}", err=True)
+            return 2
         if user_error is not None:
             click.echo(f"error: {user_error.one_line()}", err=True)
             return 2
@@ -883,6 +906,24 @@ def main(argv=None) -> int:
             _restore_signal_handlers(previous)
             interrupts.reset()
     return 0
+
+
+def _stdout_broken(exc: OSError) -> bool:
+    """Whether EXC is standard output refusing what the CLI echoed (a full device, a closed
+    pipe): the error names no file, so the failing frame tells it from a full disk elsewhere."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or tb.tb_frame.f_code.co_name != "echo":
+        return False
+    stream = tb.tb_frame.f_locals.get("file")
+    if stream is None or getattr(stream, "name", None) != "<stdout>":
+        return False
+    try:  # drop what cannot be written, so the interpreter's exit flush does not fail again
+        sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+    return True
 
 
 def _ignore_signals() -> None:

@@ -922,3 +922,21 @@ def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))
     room.probe(["eval", "@/m.onnx", "-d", "@/ign.npz"], "every label")
+
+
+@pytest.mark.parametrize("tail", [["-d"], ["-o"], ["--sparsity"]])
+def test_an_option_missing_its_value_at_the_end_points_to_the_commands_help(room, tail):  # noqa: F811
+    room.probe(["--log-file", "@/l.log", "prune", "@/m.onnx", *tail], "'admm-onnx prune --help'")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_standard_output_is_named_as_such(room):  # noqa: F811
+    """The write error names no file: it was reported as a full disk."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "admm_onnx.cli.main", "inspect", str(room / "m.onnx")],
+                              stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: cannot write to standard output: No space left on device"]

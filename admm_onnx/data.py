@@ -15,9 +15,10 @@ Data set specs understood by :func:`load_dataset` (and the CLI's ``-d``):
   (or a key the caller names), explicit evaluation arrays under ``test/NAME`` (see
   :mod:`admm_onnx.feeds`).
 
-Images stored as uint8 are scaled to [0, 1] float32 in the ``x``/``y`` forms. Arrays keyed by
-input names keep their dtype; readers fit every array to its model input (admm_onnx/feeds.py):
-float inputs get float data (uint8 scaled to [0, 1]), integer inputs (token ids) stay integer.
+Every form keeps uint8 arrays as they are (other numbers become float32 in the ``x``/``y``
+forms; arrays keyed by input names keep their dtype); readers fit every array to its model input
+(admm_onnx/feeds.py): float inputs get float data (uint8 images scaled to [0, 1]), integer inputs
+(token ids, uint8 ones included) stay integer.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ LABELS = "admm_labels"
 
 @dataclass
 class Dataset:
-    """Arrays for training and evaluation. ``x_*`` float32, ``y_*`` int64 class indices."""
+    """Arrays for training and evaluation. ``x_*`` float32 (uint8 from a .npz: scaled when fitted
+    to a float input), ``y_*`` int64 class indices."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -223,6 +225,10 @@ def load_npz(path, labels_key: Optional[str] = None, inputs: Sequence[str] = ())
 
 
 def _numeric(x: np.ndarray) -> np.ndarray:
+    """x/y-form inputs: uint8 kept (images are scaled, token ids not, once the model input's
+    type is known: feeds.fit_array), other numbers as float32."""
+    if x.dtype == np.uint8:
+        return x
     return _as_float(x)
 
 

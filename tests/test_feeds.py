@@ -130,3 +130,17 @@ def test_bert_budget_and_sensitivity_take_several_inputs(tmp_path, tokens, capsy
     assert main(["sensitivity", str(BERT), "-d", str(tmp_path / "t.npz"), "--no-cache", "--workers", "1",
                  "--samples", "16", "--levels", "50%", "--metric", "loss" if with_labels else "kl", "-q"]) == 0
     assert "evaluation(s)" in capsys.readouterr().out
+
+
+def test_uint8_in_the_x_y_forms_is_scaled_for_float_inputs_only(tmp_path):
+    """x_train in uint8 used to be scaled to [0, 1] when read, so uint8 token ids for an int64
+    input were refused as non-integer; it is kept, and scaled only when fitted to a float input."""
+    ids = np.random.default_rng(0).integers(0, 50, (40, 6)).astype(np.uint8)
+    np.savez(tmp_path / "t.npz", x_train=ids, y_train=np.zeros(40, np.int64))
+    data = load_dataset(str(tmp_path / "t.npz"))
+    int_spec = admm_onnx.feeds.InputSpec("ids", np.dtype(np.int64), ("N", 6))
+    float_spec = admm_onnx.feeds.InputSpec("x", np.dtype(np.float32), ("N", 6))
+    fitted = fit_array(data.x_train, int_spec)
+    assert fitted.dtype == np.int64 and fitted.max() > 1  # the ids themselves, not ids / 255
+    assert {tuple(row) for row in fitted} <= {tuple(row) for row in ids.astype(np.int64)}
+    assert np.array_equal(fit_array(data.x_train, float_spec), data.x_train.astype(np.float32) / 255)

@@ -180,6 +180,10 @@ def export_cmd(model_path: Path, output: Path, fmt: str, min_sparsity: float, va
         f"{report.total_stored_bytes:,} bytes ({_ratio(report.total_dense_bytes, report.total_stored_bytes)}); "
         f"file {before:,} -> {after:,} bytes ({_ratio(before, after)})"
     )
+    if after > before and fmt in ("csr", "coo", "packed"):
+        click.echo(f"warning: the {fmt} file is {after - before:,} bytes larger than the model it came from: its "
+                   "decode graph costs more than the zeros save at this size; the dense file is the smaller one",
+                   err=True)
 
 
 def _dead_channels(model: onnx.ModelProto, remove: bool) -> Tuple[onnx.ModelProto, bool]:

@@ -940,3 +940,18 @@ def test_a_full_standard_output_is_named_as_such(room):  # noqa: F811
                               stdout=full, stderr=subprocess.PIPE, text=True)
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["error: cannot write to standard output: No space left on device"]
+
+
+def test_a_sparse_file_larger_than_its_model_is_warned_about(tmp_path, capsys):
+    w = np.arange(24, dtype=np.float32).reshape(8, 3)
+    w[::2] = 0  # half zeros, but only 24 weights: the decode graph outweighs them
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "t.onnx")
+    for fmt in ("packed", "csr"):
+        assert main(["export", str(tmp_path / "t.onnx"), "-o", str(tmp_path / f"t.{fmt}.onnx"), "--format", fmt]) == 0
+        assert os.path.getsize(tmp_path / f"t.{fmt}.onnx") > os.path.getsize(tmp_path / "t.onnx")
+        assert f"warning: the {fmt} file is" in capsys.readouterr().err

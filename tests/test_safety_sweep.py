@@ -955,3 +955,29 @@ def test_a_sparse_file_larger_than_its_model_is_warned_about(tmp_path, capsys):
         assert main(["export", str(tmp_path / "t.onnx"), "-o", str(tmp_path / f"t.{fmt}.onnx"), "--format", fmt]) == 0
         assert os.path.getsize(tmp_path / f"t.{fmt}.onnx") > os.path.getsize(tmp_path / "t.onnx")
         assert f"warning: the {fmt} file is" in capsys.readouterr().err
+
+
+def test_the_pool_cancel_race_prints_no_thread_traceback(monkeypatch):
+    """Seen once: Ctrl-C while the sensitivity pool cancelled printed a concurrent.futures
+    InvalidStateError thread traceback; while a pool lives that error is logged, others still
+    reach the previous hook (the traceback printer)."""
+    import threading
+    from concurrent.futures import InvalidStateError
+
+    from admm_onnx.allocation.runners import _cancel_race_quiet
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(type(args.exc_value).__name__))
+
+    def boom(exc):
+        def run():
+            raise exc
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+
+    with _cancel_race_quiet():
+        boom(InvalidStateError("CANCELLED: <Future>"))
+        boom(ValueError("a real bug"))
+    boom(InvalidStateError("outside a pool"))
+    assert seen == ["ValueError", "InvalidStateError"]

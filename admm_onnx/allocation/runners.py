@@ -49,6 +49,30 @@ def _indexed(task_and_fn):
 
 
 @contextmanager
+def _cancel_race_quiet():
+    """A pool cancelled while a worker's result arrives (an interrupt during the sweep) can make
+    the executor's manager thread raise InvalidStateError setting a cancelled future's result,
+    printed as a thread traceback on top of the run's one line; it changes nothing (the run is
+    ending), so it is logged at debug level while the pool lives."""
+    import threading
+    from concurrent.futures import InvalidStateError
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.exc_value, InvalidStateError):
+            log.debug("worker pool: %s (a result for a cancelled task; ignored)", args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+@contextmanager
 def _main_not_reimported():
     """Keep ``spawn`` children from re-running the user's ``__main__`` (a script without an
     ``if __name__ == "__main__"`` guard would start the sweep again in every worker): the tasks
@@ -102,8 +126,9 @@ class ProcessRunner:
             return
         workers = min(self.workers, len(tasks))
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
-                                 initargs=(os.getpid(), setup, setup_args)) as pool:
+        with _cancel_race_quiet(), ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                       initializer=_worker_setup,
+                                                       initargs=(os.getpid(), setup, setup_args)) as pool:
             # The workers start here; a signal waits until they have their start-up message.
             with _main_not_reimported(), deferred(), children_without_sigint():
                 futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}

@@ -451,40 +451,43 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
     from admm_onnx.interrupts import deferred
 
     t0 = time.perf_counter()
-    try:
-        report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
-                           channels=channels, keep_workdir=True)  # removed here once every output is written
-    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
-        raise _prune_interrupted(exc, plan, work, resumable=channels is None) from None
-    except Exception as exc:
-        _take_back(plan, work, resumable=channels is None)
-        user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
-        if user is None:
-            raise
-        if (work / "progress.json").exists() and not isinstance(user, (ConfigError,)) and user.resumable:
-            user.hint = (user.hint + "; " if user.hint else "") + f"progress so far is in {work}, continue with --resume"
-        if user is exc:
-            raise
-        raise user from exc
-    # The outputs are written as one step: a signal now waits until they all are, and a failure
-    # takes back the ones this run created (the work directory stays for --resume).
-    with deferred(final=True):
+    finished = False
+    try:  # an interrupt anywhere from here (between the training's end and the final writes too)
         try:
-            _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
-        except (KeyboardInterrupt, click.exceptions.Abort) as exc:  # no signal handler (API use)
-            raise _prune_interrupted(exc, plan, work, resumable=channels is None) from None
+            report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
+                               channels=channels, keep_workdir=True)  # removed here once every output is written
         except Exception as exc:
             _take_back(plan, work, resumable=channels is None)
-            user = as_user_error(exc)
-            if user is None or channels is not None:
+            user = as_user_error(exc)  # a full disk, a vanished file...: the user's to fix, then resume
+            if user is None:
                 raise
-            user.hint = (user.hint + "; " if user.hint else "") + \
-                f"the training is done and kept in {work}: the same command with --resume writes the outputs"
+            if (work / "progress.json").exists() and not isinstance(user, (ConfigError,)) and user.resumable:
+                user.hint = (user.hint + "; " if user.hint else "") + f"progress so far is in {work}, continue with --resume"
             if user is exc:
                 raise
             raise user from exc
-        if not keep_workdir:
-            WorkDir(work).remove()  # only what the run wrote
+        # The outputs are written as one step: a signal now waits until they all are, and a failure
+        # takes back the ones this run created (the work directory stays for --resume).
+        with deferred(final=True):
+            try:
+                _finish_prune(ctx, report, out, sparse_output, report_path, plot_path, t0)
+            except Exception as exc:
+                _take_back(plan, work, resumable=channels is None)
+                user = as_user_error(exc)
+                if user is None or channels is not None:
+                    raise
+                user.hint = (user.hint + "; " if user.hint else "") + \
+                    f"the training is done and kept in {work}: the same command with --resume writes the outputs"
+                if user is exc:
+                    raise
+                raise user from exc
+            if not keep_workdir:
+                WorkDir(work).remove()  # only what the run wrote
+            finished = True
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:  # (Ctrl-C without the CLI's handler: API use)
+        if finished:  # every output is written: the signal came too late to stop anything
+            return
+        raise _prune_interrupted(exc, plan, work, resumable=channels is None) from None
 
 
 def _take_back(plan, work: Path, resumable: bool) -> None:

@@ -981,3 +981,25 @@ def test_the_pool_cancel_race_prints_no_thread_traceback(monkeypatch):
         boom(ValueError("a real bug"))
     boom(InvalidStateError("outside a pool"))
     assert seen == ["ValueError", "InvalidStateError"]
+
+
+def test_an_interrupt_between_the_training_and_the_final_writes_takes_back_o(room, monkeypatch):  # noqa: F811
+    """-o is written by the training's last step; a Ctrl-C just after it returned, before the
+    final writes began, left -o without its --report (a bare 'Interrupted.')."""
+    import admm_onnx.interrupts as interrupts
+
+    real = interrupts.deferred
+
+    def stop_before_final(final=False):
+        if final:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(interrupts, "deferred", stop_before_final)
+    argv = PRUNE + ["--sparsity", "0.5", "--report", "@/r.json"]
+    assert main(room.argv(argv)) == 130
+    assert "--resume" in room.capsys.readouterr().err
+    assert not (room / "o.onnx").exists() and not (room / "r.json").exists()
+    monkeypatch.setattr(interrupts, "deferred", real)
+    assert main(room.argv(argv + ["--resume"])) == 0
+    assert (room / "o.onnx").exists() and (room / "r.json").exists()

@@ -341,6 +341,9 @@ class ArrayReader(DataReader):
             raise DataError("input arrays have different numbers of rows" if rows else "no input arrays")
         if rows.pop() == 0:
             raise DataError("no samples to read")
+        n = len(next(iter(self.arrays.values())))
+        if y is not None and (np.ndim(y) == 0 or len(y) != n):
+            raise DataError(f"{n} input rows but {'a single label' if np.ndim(y) == 0 else f'{len(y)} labels'}")
         self.x, self.y = x, y
         self._rows = len(next(iter(self.arrays.values())))
         self.batch_size, self.input_name, self.label_name = batch_size, input_name, label_name

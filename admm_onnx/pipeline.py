@@ -48,7 +48,7 @@ from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
 from .interrupts import deferred
-from .io import (check_in_memory, check_output_path, check_window_attributes, load_model, save_model,
+from .io import (check_in_memory, check_output_path, check_window_attributes, OutputPlan, load_model, save_model,
                  uses_external_data)
 from .workdir import WorkDir, fingerprint_bytes, fingerprint_file
 from .losses import distill_kind, make_loss
@@ -734,7 +734,10 @@ def prune(
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     _check_writable(prepared)
-    out = check_output_path(model_output, prepared.source)
+    outputs = OutputPlan()
+    outputs.add_input(prepared.source)
+    out = outputs.add_output(model_output, "model_output")
+    outputs.add_workdir(workdir, "workdir")  # neither the model nor model_output inside it
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     probe_report = PruneReport()
     loss, train_reader, eval_reader = _objective(prepared, config, train_reader, eval_reader, loss, probe_report)

@@ -111,4 +111,6 @@ def as_progress(progress: Union[Progress, Callable[[ProgressEvent], None], None]
         return progress
     if callable(progress):
         return CallbackProgress(progress)
-    raise TypeError(f"progress must be a Progress or a callable, not {type(progress).__name__}")
+    from .errors import ConfigError
+
+    raise ConfigError(f"progress must be a Progress or a callable, not {type(progress).__name__}")

@@ -22,7 +22,7 @@ import click
 from admm_onnx.errors import AdmmOnnxError, ConfigError, DataError, as_user_error, clean_message
 from admm_onnx.training import Progress
 
-from .options import at_least
+from .options import at_least, named
 
 log = logging.getLogger("admm_onnx.cli")
 
@@ -221,7 +221,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--log-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None, metavar="FILE", callback=named(),
               help="Also append the full log, with times, to FILE (even with -q).")
 @click.version_option(package_name="admm-onnx")
 @click.pass_context
@@ -268,6 +268,8 @@ def _merge_output(out: Optional[str], out_old: Optional[str], old_flag: str = "-
 def default_output(model: str) -> str:
     """``MODEL.pruned.onnx`` beside MODEL (``net.onnx`` -> ``net.pruned.onnx``)."""
     path = Path(model)
+    if not path.name:  # "", ".", "/": no file to name the output after
+        raise ConfigError(f"model path {model!r} names no file; give the ONNX model to prune")
     stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.name
     return str(path.with_name(stem + ".pruned.onnx"))
 
@@ -302,7 +304,8 @@ def _common_training_options(f):
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @_output_option("Pruned model to write.  [default: MODEL.pruned.onnx]", required=False)
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Rules and schedule (TOML or JSON).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), callback=named(),
+              help="Rules and schedule (TOML or JSON).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights zeroed in every prunable layer.")
 @click.option("--compression", default=None, help="Budget: keep 1/C of the prunable weights, e.g. 71x; "
               "per-layer ratios chosen from a sensitivity sweep (rules in --config still pin or exclude).")
@@ -872,6 +875,9 @@ def main(argv=None) -> int:
     except click.exceptions.UsageError as exc:
         if debug:
             raise
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # a group alone: its help, as bare admm-onnx
+            click.echo(exc.ctx.get_help())
+            return 0
         click.echo(_usage_line(exc, args), err=True)
         return 2
     except click.exceptions.ClickException as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import at_least
+from .options import at_least, named
 
 
 def _levels(text):
@@ -59,7 +59,7 @@ def _check_cache_dir(path: Path) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the curves as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               metavar="FILE", help="Draw the curves as FILE.(png|svg|html) (as 'admm-onnx plot').")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, callback=named("folder"),
               help="Cache the results in this folder (reruns compute only what is missing).  [default: $ADMM_ONNX_CACHE, else no cache]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
 @click.option("--seed", type=int, default=0, show_default=True, callback=at_least(0), help="Seed of the sample subset.")

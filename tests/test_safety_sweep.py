@@ -1003,3 +1003,36 @@ def test_an_interrupt_between_the_training_and_the_final_writes_takes_back_o(roo
     monkeypatch.setattr(interrupts, "deferred", real)
     assert main(room.argv(argv + ["--resume"])) == 0
     assert (room / "o.onnx").exists() and (room / "r.json").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["prune", "", "-d", "@/d.npz", "--sparsity", "0.5"], "names no file"),  # an unset "$MODEL": was an internal error
+    (PRUNE + ["--sparsity", "0.5", "--config", ""], "--config is empty"),  # were read as not given
+    (["--log-file", "", "inspect", "@/m.onnx"], "--log-file is empty"),
+    (["sensitivity", "@/m.onnx", "-d", "@/d.npz", "--cache", " "], "--cache is empty"),
+])
+def test_empty_names_are_refused(room, argv, expect):  # noqa: F811
+    room.probe(argv, expect)
+
+
+def test_a_command_group_alone_prints_its_help(capsys):
+    """As bare admm-onnx does; it was the whole help squeezed into one error line, exit 2."""
+    assert main(["models"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("Usage: admm-onnx models") and "build" in out.out and out.err == ""
+
+
+def test_api_checks_progress_labels_and_workdir_up_front(room):  # noqa: F811
+    import admm_onnx
+    from admm_onnx.errors import ConfigError, DataError, OutputError
+
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(DataError, match="64 input rows but 63 labels"):
+        admm_onnx.ArrayReader(x, np.zeros(63, np.int64))
+    reader = admm_onnx.ArrayReader(x, np.zeros(64, np.int64), 16)
+    config = admm_onnx.PruneConfig(admm_iters=1, retrain_epochs=0, batch_size=16).with_sparsity(0.5)
+    with pytest.raises(ConfigError, match="progress must be"):
+        admm_onnx.prune(str(room / "m.onnx"), str(room / "p.onnx"), reader, config, progress=5)
+    with pytest.raises(OutputError, match="contains the model_output output"):  # it trained, then failed
+        admm_onnx.prune(str(room / "m.onnx"), str(room / "p.onnx"), reader, config, workdir=str(room / "p.onnx"))
+    assert not (room / "p.onnx").exists()

@@ -693,6 +693,11 @@ class OutputPlan:
         return work
 
 
+#: In a folder :func:`claim_output_folder` created or wrote into: the files named there are the
+#: tool's to replace (a user's file of the same name in a folder without it is not).
+FOLDER_MARK = ".admm-onnx-output"
+
+
 def _previous(name: str) -> str:
     """Where :func:`claim_output_folder` keeps an earlier run's file while a run writes."""
     return f".{name}.admm-previous"
@@ -741,18 +746,23 @@ def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -
     try:
         for name in names:  # a run killed outright (SIGKILL, power loss) left an earlier file aside
             backup = folder / _previous(name)
-            if backup.is_file() and not backup.is_symlink():
+            if (folder / FOLDER_MARK).is_file() and backup.is_file() and not backup.is_symlink():
                 with contextlib.suppress(OSError):
                     os.replace(backup, folder / name)
                     log.info("put back %s, set aside by a run that did not finish", folder / name)
         try:
-            foreign = sorted(n for n in os.listdir(folder) if n not in names)
+            foreign = sorted(n for n in os.listdir(folder) if n not in names and n != FOLDER_MARK)
         except OSError as exc:
             raise OutputError(f"{option}: cannot read {folder}: {exc.strerror}") from None
         if foreign:
             raise OutputError(
                 f"{option}: {folder} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                 "refusing to write into it", hint="give a new or empty folder")
+        present = [n for n in names if os.path.lexists(folder / n)]
+        if present and not (folder / FOLDER_MARK).is_file():
+            raise OutputError(
+                f"{option}: {folder} holds {', '.join(present[:3])}{', ...' if len(present) > 3 else ''}, not written "
+                "there by admm-onnx; refusing to replace it", hint="give a new or empty folder")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OutputError(f"{option}: cannot write in {folder} (permission denied)")
         for name in names:
@@ -765,10 +775,14 @@ def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -
                 folder.rmdir()
         raise
     before = {n: _fingerprint_or_none(folder / n) for n in names}
+    mark = folder / FOLDER_MARK
+    marked = mark.is_file()
     # Files of an earlier run are moved aside (same folder, hidden name) and put back if this
     # run fails: a failed or interrupted run leaves the folder as it found it.
     saved = {}
     try:
+        if not marked:
+            mark.write_bytes(b"")  # before any file: a run killed outright leaves a folder the next may reuse
         for name in names:
             if before[name] is not None:
                 backup = folder / _previous(name)
@@ -785,6 +799,9 @@ def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -
         for name, backup in saved.items():
             with contextlib.suppress(OSError):
                 os.replace(backup, folder / name)
+        if not marked:
+            with contextlib.suppress(OSError):
+                mark.unlink()
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty

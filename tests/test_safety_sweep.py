@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from admm_onnx.cli.main import main
+from admm_onnx.io import FOLDER_MARK
 from test_safety_probes import QUICK, room  # noqa: F401  (the harness and its fixture)
 
 PRUNE = ["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", *QUICK]
@@ -320,16 +321,19 @@ def test_resume_refuses_other_training_data(room, capsys):  # noqa: F811
 def test_a_failed_run_puts_back_the_output_folder_files_it_replaced(tmp_path):
     from admm_onnx.io import claim_output_folder
 
-    (tmp_path / "a.onnx").write_text("earlier a")
+    with claim_output_folder(tmp_path, ["a.onnx", "b.json"]) as folder:  # an earlier run wrote a.onnx
+        (folder / "a.onnx").write_text("earlier a")
     with pytest.raises(KeyboardInterrupt):
         with claim_output_folder(tmp_path, ["a.onnx", "b.json"]) as folder:
             (folder / "a.onnx").write_text("half")
             (folder / "b.json").write_text("half")
             raise KeyboardInterrupt
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"] and (tmp_path / "a.onnx").read_text() == "earlier a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FOLDER_MARK, "a.onnx"]
+    assert (tmp_path / "a.onnx").read_text() == "earlier a"
     with claim_output_folder(tmp_path, ["a.onnx"]) as folder:  # success: replaced, no backup left
         (folder / "a.onnx").write_text("new a")
-    assert [p.name for p in tmp_path.iterdir()] == ["a.onnx"] and (tmp_path / "a.onnx").read_text() == "new a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FOLDER_MARK, "a.onnx"]
+    assert (tmp_path / "a.onnx").read_text() == "new a"
 
 
 def test_eval_reads_a_small_npz_keyed_by_input_name(room, capsys):  # noqa: F811
@@ -478,12 +482,13 @@ def test_output_folder_puts_back_what_a_killed_run_set_aside(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
+    (out / FOLDER_MARK).write_text("")  # the folder of an earlier run
     (out / ".report.json.admm-previous").write_text("earlier")
     (out / "report.json").write_text("half of a killed run")
     with pytest.raises(RuntimeError):
         with claim_output_folder(out, ["report.json", "model.onnx"]):
             raise RuntimeError("this run fails too")
-    assert sorted(os.listdir(out)) == ["report.json"] and (out / "report.json").read_text() == "earlier"
+    assert sorted(os.listdir(out)) == [FOLDER_MARK, "report.json"] and (out / "report.json").read_text() == "earlier"
 
 
 def test_output_names_of_up_to_255_bytes_work_for_prune_and_export(room):  # noqa: F811
@@ -519,7 +524,7 @@ def test_a_second_run_on_a_locked_output_folder_is_refused_and_changes_nothing(t
         with pytest.raises(OutputError, match="another admm-onnx run"):
             with claim_output_folder(out, ["a.json"]):
                 pass
-        assert sorted(os.listdir(out)) == ["a.json"]
+        assert sorted(os.listdir(out)) == [FOLDER_MARK, "a.json"]
     with claim_output_folder(out, ["a.json"]):  # released at the end of the first
         pass
     assert (out / "a.json").read_text() == "first run"
@@ -1036,3 +1041,14 @@ def test_api_checks_progress_labels_and_workdir_up_front(room):  # noqa: F811
     with pytest.raises(OutputError, match="contains the model_output output"):  # it trained, then failed
         admm_onnx.prune(str(room / "m.onnx"), str(room / "p.onnx"), reader, config, workdir=str(room / "p.onnx"))
     assert not (room / "p.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["report.json", "lenet5_pruned.onnx"])
+def test_demo_refuses_a_folder_whose_file_it_did_not_write(tmp_path, name):
+    """A folder holding only a file named like one of the demo's was taken for an earlier demo's
+    folder, and the file replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text("the user's own")
+    assert main(["demo", "-o", str(out), "-q"]) == 2
+    assert os.listdir(out) == [name] and (out / name).read_text() == "the user's own"

@@ -637,7 +637,7 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    prepared = prepare_model(model, output_name)
+    prepared = prepare_model(_float_model_of_qdq(model) or model, output_name)
     dataset = load_dataset(data, labels_key, _input_names(model))
     # Only the evaluation reader is used: the (unused) training reader must not refuse a data
     # set smaller than one batch.
@@ -662,6 +662,19 @@ def eval_cmd(model, data, labels_key, batch_size, output_name, as_json):
         click.echo(json.dumps({"accuracy": finite(stats.accuracy), "loss": finite(stats.loss), "samples": stats.samples}))
     else:
         click.echo(f"Top-1 {100 * stats.accuracy:.2f}%  loss {stats.loss:.4f}  ({stats.samples} samples)")
+
+
+def _float_model_of_qdq(path):
+    """For an int8 qdq file, the float model its weights decode to (eval reads the inputs,
+    outputs and classes from it, and runs the qdq file itself); None for any other model."""
+    from admm_onnx import formats
+    from admm_onnx.io import load_model
+
+    header = load_model(path, load_external_data=False)
+    fmt = formats.detect(header)
+    if fmt is None or fmt.name != "qdq":
+        return None
+    return formats.decode(load_model(path))
 
 
 @cli.group()

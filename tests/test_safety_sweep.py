@@ -1052,3 +1052,13 @@ def test_demo_refuses_a_folder_whose_file_it_did_not_write(tmp_path, name):
     (out / name).write_text("the user's own")
     assert main(["demo", "-o", str(out), "-q"]) == 2
     assert os.listdir(out) == [name] and (out / name).read_text() == "the user's own"
+
+
+def test_eval_runs_an_int8_qdq_file(room, capsys):  # noqa: F811
+    """It was refused as 'a qdq deployment file: it trains and prunes no more'; eval does neither."""
+    assert main(room.argv(["export", "@/m.onnx", "-o", "@/q.onnx", "--format", "qdq", "-d", "@/d.npz",
+                           "--calibration-samples", "32"])) == 0
+    capsys.readouterr()
+    assert main(room.argv(["eval", "@/q.onnx", "-d", "@/d.npz", "--json"])) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["accuracy"] <= 1 and result["samples"] > 0

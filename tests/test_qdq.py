@@ -214,3 +214,29 @@ def test_batchnorm_folding_keeps_every_conv_its_own_values(names, shared, sign, 
         None, {"x": x[32:]})
     for f, q in zip(run(model), run(out)):
         assert np.abs(f - q).max() <= 0.05 * np.abs(f).max()
+
+
+def test_densify_keeps_the_weights_an_if_branch_reads(tmp_path):
+    """decode_qdq dropped initializers only a subgraph read (an If branch's outer-scope weight),
+    writing an invalid model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from admm_onnx.formats.qdq import decode_qdq, quantize_qdq
+
+    rng = np.random.default_rng(0)
+    v = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o_t"])], "then", [], [v("o_t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["h", "we"], ["o_e"])], "else", [], [v("o_e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+             helper.make_node("Greater", ["sx", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * .3).astype(np.float32), n)
+             for n, s in [("w1", (8, 16)), ("wt", (16, 4)), ("we", (16, 4))]]
+    inits.append(numpy_helper.from_array(np.array(-1e9, np.float32), "zero"))
+    model = helper.make_model(helper.make_graph(nodes, "g", [v("x", TensorProto.FLOAT, ["N", 8])],
+                                                [v("y", TensorProto.FLOAT, ["N", 4])], inits),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    qdq, _ = quantize_qdq(model, rng.standard_normal((32, 8)).astype(np.float32))
+    dense = decode_qdq(qdq)
+    onnx.checker.check_model(dense, full_check=True)
+    assert {"wt", "we"} <= {t.name for t in dense.graph.initializer}

@@ -56,6 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import register
 from .base import Format
 from ..errors import ConfigError, DataError, ModelError, error_text
+from ..graph.analysis import subgraph_reads
 from ..graph._util import NameScope
 
 #: metadata_props key marking a file this format wrote (JSON facts).
@@ -527,9 +528,10 @@ def decode_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     for o in graph.output:
         while o.name in rename:
             o.name = rename[o.name]
-    read = {i for n in kept for i in n.input} | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(kept)
+    read = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    read |= set().union(*(subgraph_reads(n) for n in kept))  # If/Loop bodies read outer weights by name
     keep = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(keep + [t for t in new_inits if t.name in read])

@@ -297,15 +297,21 @@ def _label(node: onnx.NodeProto) -> Tuple[str, str]:
     return node.op_type, node.name or node.output[0]
 
 
+def subgraph_reads(node: onnx.NodeProto) -> set:
+    """Every name ``node``'s subgraphs (recursively) read: the outer values among them are the
+    node's implicit inputs."""
+    out: set = set()
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in g.node:
+                out.update(x for x in inner.input if x)
+                out |= subgraph_reads(inner)
+    return out
+
+
 def _subgraph_reads(graph: onnx.GraphProto) -> set:
     """Names the subgraphs of ``graph``'s nodes read (outer-scope values included)."""
-    out = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                out.update(i for n in g.node for i in n.input)
-                out |= _subgraph_reads(g)
-    return out
+    return set().union(*(subgraph_reads(n) for n in graph.node))
 
 
 def analyse(model: onnx.ModelProto, output: "Optional[str] | Sequence[str]" = None) -> GraphInfo:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError
+from ..graph.analysis import subgraph_reads
 
 from .graph import GraphView
 from .maps import Blocked, Macs, Mapping, Origin, Slice
@@ -192,19 +193,6 @@ class ChannelAnalysis:
         return [g for g in self.groups if g.prunable]
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set:
-    """Every name a node's subgraphs (recursively) read: the outer values among them are the
-    node's implicit inputs."""
-    out: set = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
-        for g in graphs:
-            for inner in g.node:
-                out.update(x for x in inner.input if x)
-                out |= _subgraph_reads(inner)
-    return out
-
-
 class _Analyzer:
     def __init__(self, model: onnx.ModelProto):
         self.view = GraphView(model)
@@ -239,7 +227,7 @@ class _Analyzer:
         view = self.view
         index = {id(n): i for i, n in enumerate(self.model.graph.node)}
         for node in view.nodes:
-            for name in _subgraph_reads(node):  # If/Loop/Scan bodies read outer values by name
+            for name in subgraph_reads(node):  # If/Loop/Scan bodies read outer values by name
                 o = self.origins.get(name)
                 if o is not None and o.tracked:
                     self._block(o.atoms, f"read inside a subgraph of {node.op_type} {node.name or node.output[0]!r}")

@@ -400,17 +400,20 @@ def _workdir(path: Optional[Path], keep: bool = True, resume: bool = False,
     if path is not None:
         work = WorkDir(path)
         work.claim()
+        restore = False
         try:
             yield Path(path)
         except BaseException:
             if not (keep and resumable and work.has_progress()) and (work.created or not resume):
                 work.remove()  # nothing to resume from: leave no debris
+            else:
+                restore = resume  # a refused --resume leaves the folder as it was (the lock's pid too)
             raise
         else:
             if not keep:
                 work.remove()
         finally:
-            work.release()
+            work.release(restore)
         return
     tmp = Path(tempfile.mkdtemp(prefix="admm-onnx-"))
     try:

@@ -124,6 +124,7 @@ class WorkDir:
     def __init__(self, path):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
+        self._lock_before: Optional[bytes] = None  # the lock file's content before this run (None: it made it)
         #: :meth:`claim` made the folder
         self.created = False
 
@@ -193,6 +194,7 @@ class WorkDir:
         import fcntl
 
         path = self.path / LOCK
+        existed = path.is_file()
         try:  # never through a link planted under the lock's name
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
@@ -208,13 +210,21 @@ class WorkDir:
                 f"work directory {self.path} is in use by another admm-onnx run (pid {pid})",
                 hint="wait for it to finish, or give this run another -o or --workdir",
             ) from None
+        self._lock_before = os.pread(fd, 64, 0) if existed else None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def release(self) -> None:
-        """Drop the lock (the lock file stays until :meth:`remove`)."""
+    def release(self, restore: bool = False) -> None:
+        """Drop the lock (the lock file stays until :meth:`remove`). ``restore``: put the lock
+        file back as the claim found it (a refused --resume leaves the folder as it was)."""
         if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                if restore and self._lock_before is None:
+                    os.unlink(self.path / LOCK)
+                elif restore:
+                    os.ftruncate(self._lock_fd, 0)
+                    os.pwrite(self._lock_fd, self._lock_before, 0)
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
             self._lock_fd = None

@@ -1062,3 +1062,19 @@ def test_eval_runs_an_int8_qdq_file(room, capsys):  # noqa: F811
     assert main(room.argv(["eval", "@/q.onnx", "-d", "@/d.npz", "--json"])) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 <= result["accuracy"] <= 1 and result["samples"] > 0
+
+
+def test_a_refused_resume_leaves_the_work_directory_byte_identical(room):  # noqa: F811
+    """A work directory a killed run left before its first step (marker and lock only): the
+    refused --resume wrote its pid into the lock file, though the run never started."""
+    from fs_snapshot import snapshot
+
+    from admm_onnx.workdir import WorkDir
+
+    work = WorkDir(room / "o.onnx.admm-work")
+    work.claim()  # as a run killed outright (SIGKILL, an abort inside ONNX Runtime) leaves it
+    work.release()
+    (work.path / "run.lock").write_text("12345\n")  # that run's pid (this test's process has another)
+    before = snapshot(room.root)
+    room.probe(PRUNE + ["--sparsity", "0.5", "--resume"], "nothing to resume")
+    assert snapshot(room.root) == before

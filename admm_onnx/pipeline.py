@@ -231,6 +231,19 @@ def _check_writable(prepared: "PreparedModel") -> None:
                          hint="check it with onnx.checker.check_model(model)") from None
 
 
+def _check_trainable_graph(prepared: "PreparedModel") -> None:
+    """ORT training can build the gradient graph of the training copy: an op it has no
+    gradient for (Loop, an If reading trained values, ...) or a graph it would abort on is
+    refused in one line before any work directory, artifact or sensitivity sweep."""
+    from .graph.differentiable import check_differentiable
+
+    trainable = list(prepared.info.trainable)
+    if not trainable:
+        return  # _trainer says so
+    for name in prepared.output_names:
+        check_differentiable(prepared.training, trainable, name)
+
+
 def _check_model_arg(model_input, what: str = "model") -> None:
     """The API's model arguments: a path, an ``onnx.ModelProto`` or a :class:`PreparedModel`."""
     if not isinstance(model_input, (PreparedModel, onnx.ModelProto, str, os.PathLike)):
@@ -605,6 +618,7 @@ def train(
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     _check_writable(prepared)
+    _check_trainable_graph(prepared)
     out = check_output_path(model_output, prepared.source)
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     report = PruneReport(config=config.to_dict(), input=_input_identity(prepared))
@@ -737,6 +751,7 @@ def prune(
     progress = as_progress(progress)
     prepared = prepare_model(model_input, config.output)
     _check_writable(prepared)
+    _check_trainable_graph(prepared)
     outputs = OutputPlan()
     outputs.add_input(prepared.source)
     out = outputs.add_output(model_output, "model_output")

@@ -1078,3 +1078,88 @@ def test_a_refused_resume_leaves_the_work_directory_byte_identical(room):  # noq
     before = snapshot(room.root)
     room.probe(PRUNE + ["--sparsity", "0.5", "--resume"], "nothing to resume")
     assert snapshot(room.root) == before
+
+
+# -- sweep 6 (2026-12-05): graphs ONNX Runtime training aborts on, precision ---------------------
+def _vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _w(name, shape, seed=0):
+    return numpy_helper.from_array((np.random.default_rng(seed).standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def _if_model(branch_reads="h", before=None, after=None):
+    """x -> [before] -> If(sum(x) > -1e9) whose branches read ``branch_reads`` -> [after] -> logits."""
+    then = helper.make_graph([helper.make_node("Relu", [branch_reads], ["o_t"])], "then", [], [_vi("o_t", None)])
+    other = helper.make_graph([helper.make_node("Neg", [branch_reads], ["o_e"])], "else", [], [_vi("o_e", None)])
+    cond = [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0), helper.make_node("Greater", ["sx", "zero"], ["cond"])]
+    nodes = list(before or []) + cond + [helper.make_node("If", ["cond"], ["hi"], name="branch", then_branch=then,
+                                                          else_branch=other)] + list(after or [])
+    inits = [_w("w1", (8, 8), 1), _w("w2", (8, 4), 2), numpy_helper.from_array(np.array(-1e9, np.float32), "zero")]
+    inits = [t for t in inits if any(t.name in n.input for n in nodes)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [_vi("x", ["N", 8])], [_vi("logits", ["N", 4])], inits),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_if_nodes_ort_training_aborts_on_are_refused_and_the_others_pass(tmp_path):
+    """ORT 1.19.2 kills the process (C++ assertion, SIGABRT) building the gradient graph when an
+    If/Loop the trained output depends on reads, from the outer graph, a value a node computes;
+    outer reads of inputs, initializers and Constant nodes, and Ifs the output does not depend
+    on, train (each case checked against generate_artifacts in a subprocess)."""
+    from admm_onnx.errors import TrainingError
+    from admm_onnx.graph.analysis import analyse
+    from admm_onnx.graph.differentiable import check_differentiable, outer_reads
+    from admm_onnx.losses import ClassifierLoss
+    from admm_onnx.training import build_artifacts
+
+    mm1 = helper.make_node("MatMul", ["x", "w1"], ["h"])
+    mm2 = helper.make_node("MatMul", ["hi", "w2"], ["logits"])
+    refused = {
+        # a trained weight's value flows into the branches: no gradient for If
+        "differentiate through If (node 'branch'): its branches read 'h'": _if_model("h", [mm1], [mm2]),
+        # the branches read a computed value, upstream of every weight: ORT aborts all the same
+        "through If (node 'branch'): its branches read 'h' (computed by node 'h')":
+            _if_model("h", [helper.make_node("Relu", ["x"], ["h"], name="h")],
+                      [helper.make_node("MatMul", ["hi", "w1"], ["h2"]), helper.make_node("MatMul", ["h2", "w2"], ["logits"])]),
+    }
+    for expect, model in refused.items():
+        with pytest.raises(TrainingError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+            check_differentiable(model, analyse(model).trainable, "logits")
+    # the branches read the graph input: trains
+    fine = _if_model("x", None, [helper.make_node("MatMul", ["hi", "w1"], ["h2"]), helper.make_node("Relu", ["h2"], ["r"]),
+                                 helper.make_node("MatMul", ["r", "w2"], ["logits"])])
+    assert outer_reads(fine.graph.node[2]) == ["x"]
+    trainable = analyse(fine).trainable
+    check_differentiable(fine, trainable, "logits")
+    build_artifacts(fine, tmp_path / "a", trainable, ClassifierLoss(), "logits")  # would abort if wrong
+    assert (tmp_path / "a" / "training_model.onnx").exists()
+
+
+def test_prune_and_train_refuse_an_if_on_the_gradient_path_up_front(room):  # noqa: F811
+    """Sweep 6 #6: prune/train of a valid model with an If after a weight aborted inside ONNX
+    Runtime (exit 134, a C++ assertion, OUT.admm-work left); now one line before any work
+    directory or sweep, while eval, inspect and export still take the model."""
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o_t"])], "then", [], [_vi("o_t", None)])
+    other = helper.make_graph([helper.make_node("MatMul", ["h", "we"], ["o_e"])], "else", [], [_vi("o_e", None)])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+             helper.make_node("Greater", ["sx", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["logits"], name="pick", then_branch=then, else_branch=other)]
+    inits = [_w("w1", (8, 16)), _w("wt", (16, 4)), _w("we", (16, 4)), numpy_helper.from_array(np.array(-1e9, np.float32), "zero")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [_vi("x", ["N", 8])], [_vi("logits", ["N", 4])], inits),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.save(model, room / "if.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(room / "f.npz", x=rng.standard_normal((64, 8)).astype(np.float32), labels=rng.integers(0, 4, 64))
+    expect = "ONNX Runtime training cannot differentiate through If (node 'pick')"
+    common = ["-d", "@/f.npz", "--batch-size", "16", "-q"]
+    room.probe(["prune", "@/if.onnx", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "1",
+                "--retrain-epochs", "0", *common], expect)
+    room.probe(["prune", "@/if.onnx", "-o", "@/o.onnx", "--compression", "2", "--admm-iters", "1",
+                "--retrain-epochs", "0", "--workers", "1", *common], expect)  # before the sensitivity sweep
+    room.probe(["train", "@/if.onnx", "-o", "@/t.onnx", "--epochs", "1", *common], expect)
+    assert main(room.argv(["eval", "@/if.onnx", "-d", "@/f.npz"])) == 0
+    assert main(room.argv(["inspect", "@/if.onnx"])) == 0
+    assert main(room.argv(["export", "@/if.onnx", "-o", "@/e.onnx", "--format", "qdq", "-d", "@/f.npz"])) == 0

@@ -17,6 +17,12 @@ convtranspose_conv.py and avgpool_conv.py rewrite the usual forms).
 - :func:`check_differentiable` raises a one-line :class:`~admm_onnx.errors.TrainingError`
   naming the first such op and node (and how many there are), instead of ORT's C++ trace.
   Call it on the prepared training copy right before ``generate_artifacts``.
+- Nodes holding subgraphs (If, Loop, Scan) read outer-scope tensors implicitly; ORT 1.19.2's
+  gradient-graph builder indexes those reads as explicit inputs and aborts the process (a C++
+  assertion, SIGABRT) when such a node is an ancestor of the trained output and one of its
+  implicit reads is computed by a node of the graph (graph inputs, initializers and Constant
+  nodes are fine; measured with If and Loop). :func:`check_differentiable` refuses both that
+  and a subgraph node whose implicit reads carry a gradient (none of them has a builder).
 - :func:`explain_gradient_error` turns the RuntimeError ORT raises anyway (an op this list
   believes differentiable but ORT does not, an unreachable parameter) into the same kind of
   one-line TrainingError; call it from the ``except`` around ``generate_artifacts``.
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import onnx
 
@@ -87,16 +93,63 @@ SEQUENCE_OPS = frozenset({"SequenceConstruct", "SequenceInsert", "SequenceAt", "
                           "ConcatFromSequence", "SequenceEmpty", "SequenceLength"})
 
 
+def _subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+    out: List[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_reads(node: onnx.NodeProto) -> List[str]:
+    """The tensors ``node``'s subgraphs (If branches, Loop/Scan bodies, nested ones included)
+    read from the enclosing graph: its implicit inputs, in order of first read."""
+    reads: List[str] = []
+
+    def walk(graph: onnx.GraphProto, outer_defined: Set[str]) -> None:
+        defined = set(outer_defined)
+        defined.update(v.name for v in graph.input)
+        defined.update(t.name for t in graph.initializer)
+        defined.update(t.values.name for t in graph.sparse_initializer)
+        defined.update(o for n in graph.node for o in n.output if o)
+        for n in graph.node:
+            for i in n.input:
+                if i and i not in defined and i not in reads:
+                    reads.append(i)
+            for sub in _subgraphs(n):
+                walk(sub, defined)
+
+    for g in _subgraphs(node):
+        walk(g, set())
+    return reads
+
+
+def _all_inputs(node: onnx.NodeProto) -> List[str]:
+    """Explicit inputs, then implicit (outer-scope) reads of the node's subgraphs."""
+    inputs = [i for i in node.input if i]
+    return inputs + [i for i in outer_reads(node) if i not in inputs] if _subgraphs(node) else inputs
+
+
 def undifferentiable_nodes(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> List[onnx.NodeProto]:
     """Nodes between a ``trainable`` parameter and ``output`` (through float tensors) that ORT
-    training 1.19.2 cannot differentiate, in graph order."""
+    training 1.19.2 cannot differentiate, in graph order. A subgraph's outer-scope reads count
+    as inputs of the node holding it."""
+    return _undifferentiable(model, trainable, output)[0]
+
+
+def _undifferentiable(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> Tuple[List[onnx.NodeProto], Set[str]]:
+    """The nodes of :func:`undifferentiable_nodes`, and the tensors the parameters reach."""
     graph = model.graph
     _, types = tensor_info(model)
     is_float = lambda name: types.get(name) in FLOAT_TYPES  # noqa: E731  (unknown type: not float)
     consumers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
     producers = {}
-    for node in graph.node:
-        for i in node.input:
+    nodes = list(graph.node)  # kept alive: protobuf wrappers (and their ids) are stable only while referenced
+    inputs = {id(node): _all_inputs(node) for node in nodes}
+    for node in nodes:
+        for i in inputs[id(node)]:
             consumers[i].append(node)
         for o in node.output:
             producers[o] = node
@@ -120,21 +173,76 @@ def undifferentiable_nodes(model: onnx.ModelProto, trainable: Sequence[str], out
         if node is None or id(node) in backward:
             continue
         backward.add(id(node))
-        for i in node.input:
-            if i and i in live and i not in need:
+        for i in inputs[id(node)]:
+            if i in live and i not in need:
                 need.add(i)
                 todo.append(i)
-    return [n for n in graph.node if id(n) in forward and id(n) in backward and not _has_gradient(n)]
+    return [n for n in nodes if id(n) in forward and id(n) in backward and not _has_gradient(n)], live
+
+
+def _part(node: onnx.NodeProto) -> str:
+    return "branches read" if node.op_type == "If" else "body reads" if node.op_type in ("Loop", "Scan") else "subgraphs read"
+
+
+def outer_read_crashes(model: onnx.ModelProto, output: str) -> List[Tuple[onnx.NodeProto, str, onnx.NodeProto]]:
+    """(node, tensor, producer) for each node holding subgraphs that ``output`` depends on and
+    whose subgraphs read ``tensor`` from the main graph, computed there by ``producer`` (not a
+    Constant node): ORT 1.19.2 aborts the process building the gradient graph of such a model,
+    whatever is trained (see the module docstring). Graph order, one entry per node."""
+    nodes = list(model.graph.node)
+    producers = {o: n for n in nodes for o in n.output if o}
+    seen: Set[int] = set()
+    found = []
+    todo = [output]
+    need = {output}
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for i in _all_inputs(node):
+            if i not in need:
+                need.add(i)
+                todo.append(i)
+    for node in nodes:
+        if id(node) not in seen or not _subgraphs(node):
+            continue
+        for name in outer_reads(node):
+            src = producers.get(name)
+            if src is not None and not (src.op_type == "Constant" and src.domain in ("", "ai.onnx")):
+                found.append((node, name, src))
+                break
+    return found
 
 
 def check_differentiable(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> None:
-    """Raise a one-line TrainingError if ORT training cannot differentiate ``model`` to ``output``."""
-    bad = undifferentiable_nodes(model, trainable, output)
+    """Raise a one-line TrainingError if ORT training cannot differentiate ``model`` to
+    ``output``, or would abort trying (a subgraph node reading computed outer-scope values)."""
+    bad, live = _undifferentiable(model, trainable, output)
     if not bad:
+        crashes = outer_read_crashes(model, output)
+        if crashes:
+            node, name, src = crashes[0]
+            more = f" (and {len(crashes) - 1} more such node(s))" if len(crashes) > 1 else ""
+            where = "branches" if node.op_type == "If" else "body" if node.op_type in ("Loop", "Scan") else "subgraphs"
+            raise TrainingError(
+                f"ONNX Runtime training cannot build a training graph through {node.op_type} (node {_label(node)!r}): "
+                f"its {_part(node)} {name!r} (computed by node {_label(src)!r}) from the main graph, and ONNX "
+                f"Runtime 1.19.2 aborts on that{more}",
+                hint=f"re-export the model without the {node.op_type}, or with that value computed inside its {where}",
+            )
         return
     first = bad[0]
     ops = sorted({n.op_type for n in bad})
     more = f" ({len(bad)} such nodes: {', '.join(ops)})" if len(bad) > 1 else ""
+    implicit = [i for i in outer_reads(first) if i in live] if _subgraphs(first) else []
+    if implicit and not any(i in live for i in first.input):  # reached only through its subgraphs
+        raise TrainingError(
+            f"ONNX Runtime training cannot differentiate through {first.op_type} (node {_label(first)!r}): "
+            f"its {_part(first)} {implicit[0]!r}, which depends on the trained weights{more}",
+            hint=f"ONNX Runtime 1.19.2 has no gradient for {first.op_type}; re-export the model without it, "
+                 "e.g. with the branch you train inlined",
+        )
     raise TrainingError(
         f"ONNX Runtime training has no gradient for op {first.op_type} (node {_label(first)!r}){more}",
         hint=_HINTS.get(first.op_type, "re-export the model without this op, or freeze the layers before it"),

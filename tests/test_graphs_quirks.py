@@ -413,3 +413,60 @@ def test_not_prunable_reasons():
     assert info.not_prunable["b"] == "a bias or data operand of Conv, not its weight"
     assert "Mul" in info.not_prunable["gamma"] and "Clip" in info.not_prunable["lo"]
     assert info.not_prunable["unused"] == "unused"
+
+
+# -- Transpose without perm (the ONNX default: reverse the axes) ------------------------------------
+def perm_less_transposes():
+    """A weight on the left of its MatMul, read through perm-less Transposes (3-D and 2-D)."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], name="t_in"),           # (8, 5, N)
+        helper.make_node("Transpose", ["xt"], ["xb"], name="t_back"),        # (N, 5, 8)
+        helper.make_node("ReduceMean", ["xb"], ["xm"], axes=[1], keepdims=0),  # (N, 8)
+        helper.make_node("Transpose", ["xm"], ["xc"], name="t_cols"),        # (8, N)
+        helper.make_node("MatMul", ["w1", "xc"], ["hc"], name="fc1"),        # (16, N)
+        helper.make_node("Relu", ["hc"], ["rc"]),
+        helper.make_node("Transpose", ["rc"], ["r"], name="t_rows"),         # (N, 16)
+        helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
+    ]
+    return make(nodes, [fvi("x", ["N", 5, 8])], [fvi("logits", ["N", 3])], [init("w1", (16, 8)), init("w2", (16, 3))],
+                opset=13)
+
+
+def test_transpose_without_perm_gets_it_explicitly_in_the_training_copy():
+    """Sweep 6 #7: ORT training's generate_artifacts failed with 'IndexError: unordered_map::at'
+    on any Transpose without perm; the training copy writes the reversing perm out."""
+    from admm_onnx.graph.transpose_perm import explicit_transpose_perm
+
+    model = perm_less_transposes()
+    rewritten = copy(model)
+    assert explicit_transpose_perm(rewritten) == 4
+    perms = {n.name: list(helper.get_attribute_value(a)) for n in rewritten.graph.node for a in n.attribute
+             if n.op_type == "Transpose"}
+    assert perms == {"t_in": [2, 1, 0], "t_back": [2, 1, 0], "t_cols": [1, 0], "t_rows": [1, 0]}
+    feed = {"x": images(4, (5, 8))}
+    np.testing.assert_array_equal(session(model).run(None, feed)[0], session(rewritten).run(None, feed)[0])
+    assert explicit_transpose_perm(rewritten) == 0
+
+
+def test_transpose_without_perm_of_unknown_rank_is_refused_for_training_in_one_line():
+    """Left alone by the rewrite (eval, inspect and sensitivity prepare the model too and run
+    it fine), refused by the check made before artifacts are built."""
+    from admm_onnx.errors import TrainingError
+    from admm_onnx.graph.differentiable import check_differentiable
+    from admm_onnx.graph.transpose_perm import explicit_transpose_perm
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)  # no shape: rank unknown
+    graph = helper.make_graph([helper.make_node("Transpose", ["x"], ["xt"], name="t"),
+                               helper.make_node("MatMul", ["xt", "w"], ["y"])], "g", [x], [fvi("y", None)], [init("w", (8, 3))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert explicit_transpose_perm(model) == 0
+    with pytest.raises(TrainingError, match="Transpose node 't' has no perm attribute and the rank of its input 'x' is unknown"):
+        check_differentiable(model, ["w"], "y")
+
+
+def test_model_with_perm_less_transposes_prunes_and_is_written_as_given(tmp_path):
+    model = perm_less_transposes()
+    prepared, written, _ = prune_e2e(model, tmp_path, images(8, (5, 8)), classes=3)
+    for node in written.graph.node:
+        if node.op_type == "Transpose":
+            assert not node.attribute, "the user's graph is written as it was"

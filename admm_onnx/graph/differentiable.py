@@ -217,7 +217,11 @@ def outer_read_crashes(model: onnx.ModelProto, output: str) -> List[Tuple[onnx.N
 
 def check_differentiable(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> None:
     """Raise a one-line TrainingError if ORT training cannot differentiate ``model`` to
-    ``output``, or would abort trying (a subgraph node reading computed outer-scope values)."""
+    ``output``, or would abort trying (a subgraph node reading computed outer-scope values), or
+    fail on a Transpose left without perm (see transpose_perm.py)."""
+    from .transpose_perm import check_explicit_perms
+
+    check_explicit_perms(model)
     bad, live = _undifferentiable(model, trainable, output)
     if not bad:
         crashes = outer_read_crashes(model, output)

@@ -32,6 +32,7 @@ from .resize_matmul import resize_to_matmul
 from .retie import retie_embeddings
 from .smooth_activations import smooth_activations
 from .sum_to_add import sum_to_add
+from .transpose_perm import explicit_transpose_perm
 from .zipmap import zipmap_to_identity
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ REWRITES: List[Tuple[str, Callable[[onnx.ModelProto], int]]] = [
     # emit opset-13 forms such as Unsqueeze with an axes input).
     ("opset/IR upgraded for training", upgrade_opset),
     ("initializers no longer listed as graph inputs", drop_initializer_inputs),
+    ("Transpose given its default perm explicitly (ORT training looks it up)", explicit_transpose_perm),
     ("embedding and folded head re-tied", retie_embeddings),
     ("Sum -> chain of Add", sum_to_add),
     ("LRN -> Pow/AveragePool/Div", lrn_to_pool),

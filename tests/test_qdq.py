@@ -240,3 +240,35 @@ def test_densify_keeps_the_weights_an_if_branch_reads(tmp_path):
     dense = decode_qdq(qdq)
     onnx.checker.check_model(dense, full_check=True)
     assert {"wt", "we"} <= {t.name for t in dense.graph.initializer}
+
+
+def test_half_precision_refusal_names_the_real_type(tmp_path, capsys):
+    """Sweep 6 #11b: a bfloat16 weight was reported as 'float16'."""
+    from onnx import TensorProto
+
+    from admm_onnx.cli.main import main
+
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    w1 = helper.make_tensor("w1", TensorProto.BFLOAT16, [8, 16], (rng.standard_normal(128) * 0.3).astype(np.float32).tolist())
+    w3 = helper.make_tensor("w3", TensorProto.FLOAT16, [4, 4], np.ones(16, np.float16).view(np.uint16).tolist())
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16), helper.make_node("MatMul", ["xb", "w1"], ["h"]),
+             helper.make_node("Cast", ["h"], ["hf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["hf", "w2"], ["l"]),
+             helper.make_node("Cast", ["l"], ["lh"], to=TensorProto.FLOAT16), helper.make_node("MatMul", ["lh", "w3"], ["lo"]),
+             helper.make_node("Cast", ["lo"], ["logits"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, ["N", 8])], [vi("logits", TensorProto.FLOAT, ["N", 4])],
+                              [w1, numpy_helper.from_array(np.ones((16, 4), np.float32), "w2"), w3])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calib = {"x": rng.standard_normal((8, 8)).astype(np.float32)}
+    with pytest.raises(ConfigError, match=r"holds bfloat16 \(w1\) and float16 \(w3\)$"):
+        formats.export(model, "qdq", calibration=calib)
+    bf16 = helper.make_model(helper.make_graph(nodes[:4], "g", [vi("x", TensorProto.FLOAT, ["N", 8])],
+                                               [vi("l", TensorProto.FLOAT, ["N", 4])], list(graph.initializer)[:2]),
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(bf16, tmp_path / "bf16.onnx")
+    np.savez(tmp_path / "d.npz", x=calib["x"], labels=np.zeros(8, np.int64))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "bf16.onnx"), "-o", str(tmp_path / "q.onnx"), "--format", "qdq",
+                 "-d", str(tmp_path / "d.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "holds bfloat16 (w1)" in err and "float16 (" not in err.replace("bfloat16 (", "") and not (tmp_path / "q.onnx").exists()

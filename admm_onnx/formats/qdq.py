@@ -311,10 +311,16 @@ def quantize_qdq(model: onnx.ModelProto, calibration, specs=None, activations: s
         raise ConfigError(f"activations must be one of {', '.join(_ACT)}, got {activations!r}")
     if calibration is None:
         raise ConfigError("the qdq format needs calibration data (the user's inputs) for the activation ranges")
-    half = [v.name for v in model.graph.input if v.type.tensor_type.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16)]
-    half += [t.name for t in model.graph.initializer if t.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16)]
+    half_types = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+    half: Dict[str, List[str]] = {}  # type name -> tensors of that type, in graph order
+    for name, elem in ([(v.name, v.type.tensor_type.elem_type) for v in model.graph.input]
+                       + [(t.name, t.data_type) for t in model.graph.initializer]):
+        if elem in half_types:
+            half.setdefault(half_types[elem], []).append(name)
     if half:
-        raise ConfigError(f"the qdq format quantizes float32 models; this one holds float16 ({', '.join(half[:3])})",
+        held = " and ".join(f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                            for kind, names in half.items())
+        raise ConfigError(f"the qdq format quantizes float32 models; this one holds {held}",
                           hint="export it as csr, coo or packed, or convert it to float32 first")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     if opset < 13:

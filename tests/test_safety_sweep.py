@@ -1163,3 +1163,54 @@ def test_prune_and_train_refuse_an_if_on_the_gradient_path_up_front(room):  # no
     assert main(room.argv(["eval", "@/if.onnx", "-d", "@/f.npz"])) == 0
     assert main(room.argv(["inspect", "@/if.onnx"])) == 0
     assert main(room.argv(["export", "@/if.onnx", "-o", "@/e.onnx", "--format", "qdq", "-d", "@/f.npz"])) == 0
+
+
+def _f64_model(path, weights=np.float64, inner=None):
+    """MatMul -> [Relu] -> MatMul with ``weights``-typed initializers and a float64 input, or
+    with ``inner`` a float32 model computing one Add in float64 between Casts."""
+    rng = np.random.default_rng(0)
+    if inner:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Cast", ["h"], ["hd"], to=TensorProto.DOUBLE),
+                 helper.make_node("Add", ["hd", "hd"], ["ad"]), helper.make_node("Cast", ["ad"], ["af"], to=TensorProto.FLOAT),
+                 helper.make_node("MatMul", ["af", "w2"], ["logits"])]
+        elem = TensorProto.FLOAT
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["hr"]),
+                 helper.make_node("MatMul", ["hr", "w2"], ["logits"])]
+        elem = TensorProto.DOUBLE
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(weights), n) for n, s in [("w1", (8, 16)), ("w2", (16, 4))]]
+    model = helper.make_model(helper.make_graph(nodes, "g", [_vi("x", ["N", 8], elem)], [_vi("logits", ["N", 4], elem)], inits),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, path)
+    return model
+
+
+def test_a_float64_model_is_refused_before_any_training_or_sweep(room):  # noqa: F811
+    """Sweep 6 #11c: prune/train of a float64 model ended in ORT's 'Could not find an
+    implementation for ReluGrad(1)' (InPlaceAccumulatorV2 for a model without Relu), with
+    --compression only after the whole sensitivity sweep. Now one line up front; eval still runs it."""
+    _f64_model(room / "f64.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(room / "f.npz", x=rng.standard_normal((64, 8)), labels=rng.integers(0, 4, 64))
+    expect = "ONNX Runtime training needs float32 weights and activations; this model's weights 'w1', 'w2' are float64"
+    common = ["-d", "@/f.npz", "--batch-size", "16", "-q"]
+    room.probe(["prune", "@/f64.onnx", "-o", "@/o.onnx", "--sparsity", "0.5", "--admm-iters", "1", *common], expect)
+    room.probe(["prune", "@/f64.onnx", "-o", "@/o.onnx", "--compression", "2", "--workers", "1", "--admm-iters", "1",
+                *common], expect)
+    room.probe(["train", "@/f64.onnx", "-o", "@/t.onnx", "--epochs", "1", *common], expect)
+    assert main(room.argv(["eval", "@/f64.onnx", "-d", "@/f.npz"])) == 0
+
+
+def test_float32_weights_with_a_float64_add_still_train(tmp_path):
+    """Refuse only what fails: float32 weights computing an Add in double between Casts train."""
+    from admm_onnx.graph.analysis import analyse
+    from admm_onnx.graph.differentiable import check_differentiable
+    from admm_onnx.losses import ClassifierLoss
+    from admm_onnx.training import Trainer, build_artifacts
+
+    model = _f64_model(tmp_path / "mix.onnx", np.float32, inner=True)
+    trainable = analyse(model).trainable
+    assert trainable == ["w1", "w2"]
+    check_differentiable(model, trainable, "logits")
+    build_artifacts(model, tmp_path / "a", trainable, ClassifierLoss(), "logits")
+    Trainer(tmp_path / "a").close()  # the training session loads

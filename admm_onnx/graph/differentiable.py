@@ -215,6 +215,25 @@ def outer_read_crashes(model: onnx.ModelProto, output: str) -> List[Tuple[onnx.N
     return found
 
 
+def check_float64(model: onnx.ModelProto, trainable: Sequence[str]) -> None:
+    """Raise a one-line TrainingError if a trainable parameter is float64: ORT training 1.19.2
+    has no double kernel for the gradient accumulator it puts on every trained parameter
+    (InPlaceAccumulatorV2), nor for several gradients (ReluGrad), so such a model never loads
+    for training. Float32 weights computing some activations in double pass (the common
+    gradients, Add/Mul/Sigmoid/Tanh..., have double kernels; a missing one fails when the
+    session loads, in one line too)."""
+    wanted = set(trainable)
+    double = [t.name for t in model.graph.initializer if t.name in wanted and t.data_type == onnx.TensorProto.DOUBLE]
+    if double:
+        names = ", ".join(repr(n) for n in double[:3]) + (f" and {len(double) - 3} more" if len(double) > 3 else "")
+        raise TrainingError(
+            f"ONNX Runtime training needs float32 weights and activations; this model's "
+            f"{'weights' if len(double) > 1 else 'weight'} {names} {'are' if len(double) > 1 else 'is'} "
+            "float64 (double), which ONNX Runtime 1.19.2 cannot train",
+            hint="convert the model to float32 (initializers, inputs, Casts) before pruning or training",
+        )
+
+
 def check_differentiable(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> None:
     """Raise a one-line TrainingError if ORT training cannot differentiate ``model`` to
     ``output``, or would abort trying (a subgraph node reading computed outer-scope values), or
@@ -222,6 +241,7 @@ def check_differentiable(model: onnx.ModelProto, trainable: Sequence[str], outpu
     from .transpose_perm import check_explicit_perms
 
     check_explicit_perms(model)
+    check_float64(model, trainable)
     bad, live = _undifferentiable(model, trainable, output)
     if not bad:
         crashes = outer_read_crashes(model, output)

@@ -298,15 +298,11 @@ def _label(node: onnx.NodeProto) -> Tuple[str, str]:
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set:
-    """Every name ``node``'s subgraphs (recursively) read: the outer values among them are the
-    node's implicit inputs."""
-    out: set = set()
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in g.node:
-                out.update(x for x in inner.input if x)
-                out |= subgraph_reads(inner)
-    return out
+    """The values ``node``'s subgraphs (recursively) read from the enclosing graph: its
+    implicit inputs (differentiable.outer_reads, as a set)."""
+    from .differentiable import outer_reads
+
+    return set(outer_reads(node))
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set:

@@ -69,21 +69,40 @@ def deferred(final: bool = False) -> Iterator[None]:
                 _raise(signum)
 
 
+#: What the CLI answers with :func:`handler`; blocked in worker processes while they start.
+START_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextlib.contextmanager
 def children_without_sigint() -> Iterator[None]:
-    """Start worker processes in this block: SIGINT is blocked in this thread meanwhile, and a
-    child inherits the blocked mask across exec, so a terminal's Ctrl-C (sent to the whole
-    process group) never reaches a worker, not even while it starts up. A Ctrl-C meanwhile
-    reaches this process when the block ends."""
+    """Start worker processes in this block: SIGINT, SIGTERM and SIGHUP are blocked in this
+    thread meanwhile, and a child inherits the blocked mask across exec, so a signal sent to the
+    whole process group (a terminal's Ctrl-C, a closed terminal, ``timeout``, ``kill -TERM
+    -PGID``) cannot kill a worker while it starts up. A worker killed before it read its start-up
+    message left the parent blocked forever writing it (multiprocessing's spawn keeps the pipe's
+    read end open until that write returns). A worker calls :func:`worker_started` once it has
+    its message. Signals meanwhile reach this process when the block ends (another thread or the
+    handler takes them; :func:`deferred` holds them)."""
     mask = getattr(signal, "pthread_sigmask", None)
     if mask is None:  # pragma: no cover - not POSIX
         yield
         return
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = mask(signal.SIG_BLOCK, set(START_SIGNALS))
     try:
         yield
     finally:
         mask(signal.SIG_SETMASK, old)
+
+
+def worker_started() -> None:
+    """In a worker started by :func:`children_without_sigint`, once it holds its start-up message:
+    SIGINT is ignored for good (the process that owns the worker answers a Ctrl-C and stops it),
+    SIGTERM and SIGHUP are unblocked (one that arrived meanwhile ends the worker now, as it
+    would have before: its parent is no longer writing to it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is not None:
+        mask(signal.SIG_UNBLOCK, {s for s in START_SIGNALS if s != signal.SIGINT})
 
 
 def finished() -> bool:

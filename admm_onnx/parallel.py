@@ -225,6 +225,9 @@ def _serve(conn: Connection) -> None:
     from .training import _first_line, flush_denormals, session_options
 
     msg = conn.recv()
+    from .interrupts import worker_started
+
+    worker_started()  # SIGTERM / SIGHUP were blocked until the start-up message was read
     _, directory, checkpoint, layout, workers, rank, threads, exchange_path = msg
     try:
         flush_denormals()

@@ -923,6 +923,43 @@ def test_workers_started_while_sigint_is_blocked_do_not_see_it():
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again here
 
 
+def test_workers_start_with_sigterm_and_sighup_blocked_and_take_them_once_started():
+    """A SIGTERM / SIGHUP sent to the whole process group (timeout, a closed terminal) killed a
+    sensitivity worker before it read its start-up message: the parent then waited forever
+    writing it. Children start with the three signals blocked; a worker unblocks SIGTERM and
+    SIGHUP (and ignores SIGINT) once it has its message, so a signal held meanwhile ends it then."""
+    import signal
+    import subprocess
+    import sys
+
+    from admm_onnx.interrupts import children_without_sigint
+
+    wanted = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    code = ("import signal, sys; m = signal.pthread_sigmask(signal.SIG_BLOCK, []); "
+            "sys.stdout.write(' '.join(str(int(s)) for s in sorted(m)))")
+    with children_without_sigint():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert wanted <= {int(s) for s in out.split()}
+    assert not wanted & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again here
+
+    # a worker's start (the pool initializer): a SIGTERM held while it started ends it there
+    code = ("import os, signal, sys\n"
+            "from admm_onnx.allocation.runners import _worker_setup\n"
+            "os.kill(os.getpid(), signal.SIGTERM)  # held: blocked since the start\n"
+            "_worker_setup(os.getppid(), print, ('setup ran',))\n")
+    with children_without_sigint():
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM and "setup ran" not in done.stdout
+    code = ("import os, signal, sys\n"
+            "from admm_onnx.allocation.runners import _worker_setup\n"
+            "_worker_setup(os.getppid(), print, ('setup ran',))\n"
+            "m = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+            "print(signal.SIGTERM in m, signal.SIGHUP in m, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    with children_without_sigint():
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["setup ran", "False False True"], done.stderr
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

@@ -91,20 +91,20 @@ def _main_not_reimported():
             setattr(main, k, v)
 
 
-from ..interrupts import children_without_sigint, deferred  # noqa: E402
+from ..interrupts import children_without_sigint, deferred, worker_started  # noqa: E402
 
 
 def _worker_setup(parent: int, setup, setup_args) -> None:
     """A worker's start: a watchdog that ends it when the run that started it is gone (a
     ``kill -9`` leaves no one to shut the pool down: the workers would sit idle, holding their
     memory), then the task's own ``setup``."""
-    import signal
     import threading
     import time
 
     # Ctrl-C in a terminal reaches the whole process group: the run that owns the pool answers it
-    # (one line) and stops the workers; they stay quiet.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (one line) and stops the workers; they stay quiet. SIGTERM / SIGHUP, blocked while the
+    # worker started (children_without_sigint), end it again from here on.
+    worker_started()
 
     def watch():
         while os.getppid() == parent:

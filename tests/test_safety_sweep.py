@@ -960,6 +960,72 @@ def test_workers_start_with_sigterm_and_sighup_blocked_and_take_them_once_starte
     assert done.stdout.split("\n")[:2] == ["setup ran", "False False True"], done.stderr
 
 
+_SUBMIT_MASK = """
+import signal
+from admm_onnx.allocation import runners
+seen = []
+class Pool(runners.ProcessPoolExecutor):
+    def submit(self, *a, **k):  # the workers are spawned here
+        seen.append(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        return super().submit(*a, **k)
+runners.ProcessPoolExecutor = Pool
+if __name__ == "__main__":
+    print(sorted(r for _, r in runners.ProcessRunner(2).run(len, ((),), abs, [-1, -2])))
+    print(seen)
+"""
+
+
+def test_the_sensitivity_pool_spawns_its_workers_with_the_signals_blocked(tmp_path):
+    """multiprocessing's resource tracker, started on first use inside children_without_sigint,
+    unblocked SIGINT and SIGTERM again: the workers then started with only SIGHUP blocked (a
+    fresh interpreter, where the tracker does not run yet)."""
+    import ast
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "probe.py").write_text(_SUBMIT_MASK)
+    done = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.splitlines()
+    assert lines[:1] == ["[1, 2]"], done.stderr
+    masks = ast.literal_eval(lines[1])
+    assert masks and all({signal.SIGINT, signal.SIGTERM, signal.SIGHUP} <= set(m) for m in masks)
+
+
+def test_an_interrupt_while_the_sensitivity_pool_is_built_leaks_no_semaphore(monkeypatch):
+    """The process pool was built before the deferred section: a Ctrl-C between the creation of
+    one of its queue's POSIX semaphores and its registration for removal left
+    /dev/shm/sem.mp-* for good. The signal is sent exactly there."""
+    import gc
+    import signal
+    from multiprocessing import resource_tracker
+
+    from admm_onnx import interrupts
+    from admm_onnx.allocation.runners import ProcessRunner
+
+    real = resource_tracker.register
+    names = []
+
+    def register(name, rtype):
+        if rtype == "semaphore":
+            names.append(name)
+            if len(names) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # lands after sem_open, before the registration
+        return real(name, rtype)
+
+    monkeypatch.setattr(resource_tracker, "register", register)
+    previous = signal.signal(signal.SIGINT, interrupts.handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(ProcessRunner(2).run(len, ((),), abs, [-1, -2, -3]))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.reset()
+    gc.collect()
+    assert names
+    assert not [n for n in names if os.path.exists("/dev/shm/sem." + n.lstrip("/"))]
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

@@ -126,19 +126,33 @@ class ProcessRunner:
             return
         workers = min(self.workers, len(tasks))
         ctx = multiprocessing.get_context("spawn")
-        with _cancel_race_quiet(), ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                                       initializer=_worker_setup,
-                                                       initargs=(os.getpid(), setup, setup_args)) as pool:
-            # The workers start here; a signal waits until they have their start-up message.
-            with _main_not_reimported(), deferred(), children_without_sigint():
-                futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
+        from multiprocessing import resource_tracker
+
+        pool = None
+        futures = {}
+        with _cancel_race_quiet():
             try:
+                # The pool's queues (POSIX semaphores, registered for removal only after they exist)
+                # and the workers start here; a signal waits until the pool is whole and the workers
+                # have their start-up message, then the shut-down below removes everything.
+                with _main_not_reimported(), deferred():
+                    # multiprocessing's resource tracker, started on first use, unblocks SIGINT and
+                    # SIGTERM in the thread that starts it: started inside children_without_sigint
+                    # it undid the block for every worker after it
+                    resource_tracker.ensure_running()
+                    with children_without_sigint():
+                        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
+                                                   initargs=(os.getpid(), setup, setup_args))
+                        futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
                 for fut in as_completed(futures):
                     yield futures[fut], fut.result()
             except BaseException:
                 for fut in futures:
                     fut.cancel()
                 raise
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True)
 
     def describe(self) -> str:
         return f"{self.workers} local worker processes"

@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -109,18 +110,24 @@ class WorkerPool:
     def __init__(self, directory: Path, checkpoint: Path, layout: Layout, workers: int, threads: int = 1):
         if workers < 2:
             raise ValueError("a WorkerPool needs at least 2 workers (the main process is one)")
+        from .interrupts import children_without_sigint, deferred
+
         self.workers = workers
         self.conns: List[Connection] = []
         self.procs: List[subprocess.Popen] = []
-        where = _exchange_dir(Path(directory), workers * sum(_sizes(layout)))
-        fd, name = tempfile.mkstemp(prefix="admm-onnx-exchange-", dir=where)
-        os.close(fd)
-        self._path = Path(name)
+        self._path: Optional[Path] = None
+        self._remove = None
         self.exchange: Optional[Exchange] = None
         try:
+            where = _exchange_dir(Path(directory), workers * sum(_sizes(layout)))
+            # a signal waits until the file is registered for removal: close(), or this pool's
+            # finalizer (a pool dropped without close(), at the latest when the process exits)
+            with deferred():
+                fd, name = tempfile.mkstemp(prefix="admm-onnx-exchange-", dir=where)
+                self._path = Path(name)
+                self._remove = weakref.finalize(self, _remove_file, self._path)
+                os.close(fd)
             self.exchange = Exchange(self._path, layout, workers, create=True)
-            from .interrupts import children_without_sigint, deferred
-
             # a signal waits until every worker has its whole start-up message; the workers never see
             # a terminal's Ctrl-C (this process answers it and closes them)
             with deferred(), children_without_sigint():
@@ -128,10 +135,10 @@ class WorkerPool:
                     self._start(rank, directory, checkpoint, layout, threads)
             for rank, conn in enumerate(self.conns, 1):
                 self._reply(rank, conn)  # "ready", or the worker's error
+            log.info("data-parallel training over %d processes", workers)
         except BaseException:
             self.close()
             raise
-        log.info("data-parallel training over %d processes", workers)
 
     def _start(self, rank: int, directory: Path, checkpoint: Path, layout: Layout, threads: int) -> None:
         parent, child = socket.socketpair()
@@ -197,26 +204,39 @@ class WorkerPool:
         return loss, logits
 
     def close(self) -> None:
-        for conn in self.conns:
+        """Stop the workers and remove the exchange file. A signal meanwhile waits until the end
+        (``timeout`` sends its signal to the run, then again to its group: the second one used
+        to cut this short, before the file was removed); the file goes whatever happens."""
+        from .interrupts import deferred
+
+        with deferred():
             try:
-                conn.send(("close",))
-            except OSError:
-                pass  # already gone
-            conn.close()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.conns, self.procs = [], []
-        if self.exchange is not None:
-            self.exchange.close()
-            self.exchange = None
-        try:
-            self._path.unlink()
-        except OSError:
-            pass
+                for conn in self.conns:
+                    try:
+                        conn.send(("close",))
+                    except OSError:
+                        pass  # already gone
+                    conn.close()
+                for proc in self.procs:
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                self.conns, self.procs = [], []
+            finally:
+                if self.exchange is not None:
+                    self.exchange.close()
+                    self.exchange = None
+                if self._remove is not None:
+                    self._remove()
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 # -- the worker process ------------------------------------------------------------------------

@@ -1026,6 +1026,71 @@ def test_an_interrupt_while_the_sensitivity_pool_is_built_leaks_no_semaphore(mon
     assert not [n for n in names if os.path.exists("/dev/shm/sem." + n.lstrip("/"))]
 
 
+def _exchange_files():
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_an_interrupt_just_after_the_exchange_file_is_created_removes_it(tmp_path, monkeypatch):
+    """train/prune --workers: a signal between the exchange file's creation and the try that
+    removes it leaked /dev/shm/admm-onnx-exchange-* (README: removed on every exit path)."""
+    import signal
+    import tempfile
+
+    from admm_onnx import interrupts, parallel
+
+    real = tempfile.mkstemp
+    made = []
+
+    def mkstemp(*a, **k):
+        fd, name = real(*a, **k)
+        made.append(name)
+        os.kill(os.getpid(), signal.SIGINT)  # lands right after the file exists
+        return fd, name
+
+    monkeypatch.setattr(parallel.tempfile, "mkstemp", mkstemp)
+    previous = signal.signal(signal.SIGINT, interrupts.handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            parallel.WorkerPool(tmp_path, tmp_path / "checkpoint", [("w", "float32", (4,))], 2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.reset()
+    assert made and not os.path.exists(made[0])
+
+
+def test_a_second_signal_while_the_worker_pool_closes_still_removes_the_exchange_file(tmp_path, monkeypatch):
+    """``timeout`` signals the run, then its whole group: the second signal landed while the
+    pool waited for its workers to end and the exchange file was never removed."""
+    from admm_onnx import parallel
+
+    monkeypatch.setattr(parallel.WorkerPool, "_start", lambda self, *a: None)  # no worker processes
+    pool = parallel.WorkerPool(tmp_path, tmp_path / "checkpoint", [("w", "float32", (4,))], 2)
+    path = pool._path
+    assert path.exists()
+
+    class Waiting:
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt  # the second signal
+
+    pool.procs = [Waiting()]
+    with pytest.raises(KeyboardInterrupt):
+        pool.close()
+    assert not path.exists()
+
+
+def test_a_worker_pool_dropped_without_close_removes_its_exchange_file(tmp_path, monkeypatch):
+    import gc
+
+    from admm_onnx import parallel
+
+    monkeypatch.setattr(parallel.WorkerPool, "_start", lambda self, *a: None)
+    pool = parallel.WorkerPool(tmp_path, tmp_path / "checkpoint", [("w", "float32", (4,))], 2)
+    path = pool._path
+    del pool
+    gc.collect()
+    assert not path.exists()
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

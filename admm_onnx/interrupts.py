@@ -5,7 +5,9 @@ section the signal raises :class:`Signalled` (a ``KeyboardInterrupt``, so every 
 and ``except BaseException`` cleanup runs, and the pipeline commits its state as for Ctrl-C);
 inside one it is remembered and raised when the section ends. Sections are the few places
 where an exception half-way would leave a mess the cleanup cannot see, e.g. starting worker
-processes (a child reading a half-written start-up message prints a traceback).
+processes (a child reading a half-written start-up message prints a traceback). A signal that
+lands inside a finalizer (``__del__``, where Python only prints an exception and goes on) is
+delivered again a moment later, outside it.
 """
 from __future__ import annotations
 
@@ -33,10 +35,44 @@ def _raise(signum: int) -> None:
     raise Signalled(signum)
 
 
-def handler(signum, frame) -> None:  # pragma: no cover - exercised through subprocess tests
+def _in_finalizer(frame) -> bool:
+    """True when ``frame`` runs inside a ``__del__`` (an onnxblock Block's, for instance): an
+    exception raised there is only printed ("Exception ignored in ...") and the run goes on."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _repost(signum: int) -> None:
+    """Send ``signum`` to the main thread again in a moment, from another thread: its handler
+    runs then, out of the finalizer (else it is held again). A real signal, so that a wait the
+    main thread is blocked in is interrupted as by the first one; not sent once the handler is
+    no longer installed (the command has returned)."""
+    import threading
+    import time
+
+    main = threading.main_thread().ident
+
+    def later():
+        time.sleep(0.01)
+        if signal.getsignal(signum) is handler:
+            signal.pthread_kill(main, signum)
+
+    try:
+        threading.Thread(target=later, name="admm-onnx-signal-again", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: nothing left to stop
+        pass
+
+
+def handler(signum, frame) -> None:
     global _pending
     if _depth:
         _pending = signum
+        return
+    if _in_finalizer(frame):  # raised there, the interrupt would be swallowed: raise it just after
+        _repost(signum)
         return
     _raise(signum)
 

@@ -1091,6 +1091,57 @@ def test_a_worker_pool_dropped_without_close_removes_its_exchange_file(tmp_path,
     assert not path.exists()
 
 
+def test_a_signal_inside_a_finalizer_is_raised_just_after_it():
+    """A Ctrl-C landing in a __del__ (onnxblock Blocks are destroyed while the artifacts are
+    built) was only printed as 'Exception ignored in ...' and the run went on to exit 0."""
+    import signal
+    import sys
+    import time
+
+    from admm_onnx import interrupts
+
+    ignored = []
+    log = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            log.append(os.path.exists("/"))  # Python code after the signal, still in the finalizer
+            log.append("finalizer done")
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, ignored.append
+    previous = signal.signal(signal.SIGINT, interrupts.handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            obj = Finalized()
+            del obj
+            for _ in range(200):
+                time.sleep(0.01)
+            log.append("not interrupted")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
+    assert log == [True, "finalizer done"] and not ignored
+
+
+def test_prune_interrupted_inside_a_block_finalizer_exits_130_and_keeps_the_report(room, monkeypatch):  # noqa: F811
+    from admm_onnx._ort import onnxblock
+
+    real = onnxblock.Block.__del__
+    sent = []
+
+    def __del__(self):  # the user's Ctrl-C lands while a Block is destroyed
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), __import__("signal").SIGINT)
+        real(self)
+
+    monkeypatch.setattr(onnxblock.Block, "__del__", __del__)
+    (room / "r.json").write_text("my report\n")
+    assert main(room.argv(PRUNE + ["--sparsity", "0.5", "--report", "@/r.json"])) == 130
+    assert sent and (room / "r.json").read_text() == "my report\n" and not (room / "o.onnx").exists()
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

@@ -1142,6 +1142,29 @@ def test_prune_interrupted_inside_a_block_finalizer_exits_130_and_keeps_the_repo
     assert sent and (room / "r.json").read_text() == "my report\n" and not (room / "o.onnx").exists()
 
 
+def test_an_interrupted_sensitivity_pool_stops_every_worker_at_once():
+    """An interrupt ended the sweep only once the tasks under way were done, and a worker spawned
+    while the executor tore itself down after another worker died of the group's SIGTERM was
+    never stopped: the exit then waited for it forever. Every worker is stopped now."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from admm_onnx.allocation.runners import ProcessRunner
+
+    timer = threading.Timer(3.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(ProcessRunner(2).run(len, ((),), time.sleep, [60, 60, 60]))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 30
+    assert not multiprocessing.active_children()
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

@@ -149,6 +149,16 @@ class ProcessRunner:
             except BaseException:
                 for fut in futures:
                     fut.cancel()
+                if pool is not None:
+                    # Every worker ends now (a task under way is not waited for), including one
+                    # spawned while the executor was already tearing down after a worker died of
+                    # the same SIGTERM: the executor never stopped that one, and the exit waited
+                    # for it forever. One still starting takes the signal once it has its message.
+                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                        try:
+                            proc.terminate()
+                        except (OSError, ValueError):
+                            pass
                 raise
             finally:
                 if pool is not None:

@@ -47,6 +47,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, OutputError
+from .interrupts import deferred
 
 log = logging.getLogger(__name__)
 
@@ -918,13 +919,12 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     prefix = f".{target.name}."
     if len(os.fsencode(prefix)) + len(suffix) + 16 > 255:  # a long valid name: a shorter temporary one
         prefix = f".{cut_name(target.name, 180)}."
+    tmp_path = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=target.parent or ".")
-    except OSError as exc:
-        raise _disk_error(exc, target) from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+        with deferred():  # a signal waits until the finally below knows the file
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + suffix, dir=target.parent or ".")
+            tmp_path = Path(tmp)
+            os.close(fd)
         _take_mode(tmp_path, target)
         yield tmp_path
         os.replace(tmp_path, target)
@@ -933,7 +933,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         raise _disk_error(exc, target) from exc
     finally:
         with contextlib.suppress(OSError):
-            if tmp_path.exists():
+            if tmp_path is not None and tmp_path.exists():
                 tmp_path.unlink()
 
 
@@ -970,8 +970,10 @@ def save_model(
         # External data: onnx writes the data file under the name given in `location`,
         # relative to the model's directory. Write both under temporary names, then rename the
         # data file first so the model never points at a missing file.
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent or "."))
+        tmp_dir = None
         try:
+            with deferred():  # a signal waits until the folder is known to the finally below
+                tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent or "."))
             model = _copy_for_external_save(model)
             tmp_model = tmp_dir / path.name
             onnx.save_model(
@@ -992,9 +994,11 @@ def save_model(
             os.replace(tmp_model, path)
             _wrote(path)
         finally:
-            for leftover in tmp_dir.iterdir():
-                leftover.unlink()
-            tmp_dir.rmdir()
+            if tmp_dir is not None:
+                with deferred():  # a second signal must not cut the removal short
+                    for leftover in tmp_dir.iterdir():
+                        leftover.unlink()
+                    tmp_dir.rmdir()
         return path
     except onnx.checker.ValidationError as exc:
         raise OutputError(f"refusing to write an invalid model to {path}: {exc}") from exc

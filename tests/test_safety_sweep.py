@@ -1165,6 +1165,53 @@ def test_an_interrupted_sensitivity_pool_stops_every_worker_at_once():
     assert not multiprocessing.active_children()
 
 
+def test_an_interrupt_just_after_the_external_data_temp_folder_is_made_leaves_no_folder(room, monkeypatch):  # noqa: F811
+    """save_model made its hidden .OUT.XXXX/ folder one statement before the try that removes
+    it: a Ctrl-C there left it beside the output for good, even after a successful --resume."""
+    import signal
+
+    from admm_onnx import io
+
+    real = io.tempfile.mkdtemp
+
+    def mkdtemp(*a, **k):
+        path = real(*a, **k)
+        if os.path.basename(path).startswith(".x.onnx."):
+            os.kill(os.getpid(), signal.SIGINT)  # lands just after the folder exists
+        return path
+
+    argv = ["prune", "@/ext.onnx", "-d", "@/d.npz", "-o", "@/x.onnx", "--sparsity", "0.5", *QUICK]
+    monkeypatch.setattr(io.tempfile, "mkdtemp", mkdtemp)
+    assert main(room.argv(argv)) == 130
+    assert not [p for p in os.listdir(room.root) if p.startswith(".x.onnx")]
+    monkeypatch.setattr(io.tempfile, "mkdtemp", real)
+    assert main(room.argv(argv + ["--resume"])) == 0
+    assert not [p for p in os.listdir(room.root) if p.startswith(".x.onnx")]
+
+
+def test_an_interrupt_just_after_an_atomic_temp_file_is_made_leaves_no_file(tmp_path, monkeypatch):
+    import signal
+
+    from admm_onnx import interrupts, io
+
+    real = io.tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        made = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", mkstemp)
+    previous = signal.signal(signal.SIGINT, interrupts.handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            io.write_text(tmp_path / "r.json", "{}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.reset()
+    assert os.listdir(tmp_path) == []
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

@@ -136,9 +136,14 @@ def worker_started() -> None:
     SIGTERM and SIGHUP are unblocked (one that arrived meanwhile ends the worker now, as it
     would have before: its parent is no longer writing to it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    others = {s for s in START_SIGNALS if s != signal.SIGINT}
+    for signum in others:
+        # a spawn worker gets the run's sys.argv, so importing admm_onnx installed the CLI's
+        # start-up handler in it, which printed a second "Interrupted." line: it ends quietly
+        signal.signal(signum, signal.SIG_DFL)
     mask = getattr(signal, "pthread_sigmask", None)
     if mask is not None:
-        mask(signal.SIG_UNBLOCK, {s for s in START_SIGNALS if s != signal.SIGINT})
+        mask(signal.SIG_UNBLOCK, others)
 
 
 def finished() -> bool:

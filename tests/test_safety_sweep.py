@@ -1212,6 +1212,26 @@ def test_an_interrupt_just_after_an_atomic_temp_file_is_made_leaves_no_file(tmp_
     assert os.listdir(tmp_path) == []
 
 
+def test_a_sensitivity_worker_ends_quietly_on_a_group_sigterm():
+    """A spawn worker runs with the CLI's sys.argv: importing admm_onnx installed the CLI's
+    start-up handler in it, and a group SIGTERM printed 'Interrupted.' once per worker on top of
+    the run's own line."""
+    import signal
+    import subprocess
+    import sys
+
+    from admm_onnx.interrupts import children_without_sigint
+
+    code = ("import os, signal, sys\n"
+            "sys.argv = ['admm-onnx', 'sensitivity']  # what spawn's prepare() gives a worker\n"
+            "from admm_onnx.allocation.runners import _worker_setup\n"
+            "os.kill(os.getpid(), signal.SIGTERM)  # the group's SIGTERM, held while it started\n"
+            "_worker_setup(os.getppid(), print, ('setup ran',))\n")
+    with children_without_sigint():
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM and done.stderr == "" and done.stdout == ""
+
+
 def test_eval_with_every_label_ignored_says_so(room):  # noqa: F811
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
     np.savez(room / "ign.npz", input=x, labels=np.full(40, -100))

@@ -947,16 +947,14 @@ def test_workers_start_with_sigterm_and_sighup_blocked_and_take_them_once_starte
             "from admm_onnx.allocation.runners import _worker_setup\n"
             "os.kill(os.getpid(), signal.SIGTERM)  # held: blocked since the start\n"
             "_worker_setup(os.getppid(), print, ('setup ran',))\n")
-    with children_without_sigint():
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _run_as_worker(code)
     assert done.returncode == -signal.SIGTERM and "setup ran" not in done.stdout
     code = ("import os, signal, sys\n"
             "from admm_onnx.allocation.runners import _worker_setup\n"
             "_worker_setup(os.getppid(), print, ('setup ran',))\n"
             "m = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
             "print(signal.SIGTERM in m, signal.SIGHUP in m, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
-    with children_without_sigint():
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _run_as_worker(code)
     assert done.stdout.split("\n")[:2] == ["setup ran", "False False True"], done.stderr
 
 
@@ -1227,8 +1225,7 @@ def test_a_sensitivity_worker_ends_quietly_on_a_group_sigterm():
             "from admm_onnx.allocation.runners import _worker_setup\n"
             "os.kill(os.getpid(), signal.SIGTERM)  # the group's SIGTERM, held while it started\n"
             "_worker_setup(os.getppid(), print, ('setup ran',))\n")
-    with children_without_sigint():
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _run_as_worker(code)
     assert done.returncode == -signal.SIGTERM and done.stderr == "" and done.stdout == ""
 
 
@@ -1523,3 +1520,15 @@ def test_float32_weights_with_a_float64_add_still_train(tmp_path):
     check_differentiable(model, trainable, "logits")
     build_artifacts(model, tmp_path / "a", trainable, ClassifierLoss(), "logits")
     Trainer(tmp_path / "a").close()  # the training session loads
+
+
+def _run_as_worker(code: str):
+    """``code`` run in a fresh interpreter started as the pools start their workers (the
+    start-up signals blocked): the finished process."""
+    import subprocess
+    import sys
+
+    from admm_onnx.interrupts import children_without_sigint
+
+    with children_without_sigint():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -929,16 +929,11 @@ def test_workers_start_with_sigterm_and_sighup_blocked_and_take_them_once_starte
     writing it. Children start with the three signals blocked; a worker unblocks SIGTERM and
     SIGHUP (and ignores SIGINT) once it has its message, so a signal held meanwhile ends it then."""
     import signal
-    import subprocess
-    import sys
-
-    from admm_onnx.interrupts import children_without_sigint
 
     wanted = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     code = ("import signal, sys; m = signal.pthread_sigmask(signal.SIG_BLOCK, []); "
             "sys.stdout.write(' '.join(str(int(s)) for s in sorted(m)))")
-    with children_without_sigint():
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    out = _run_as_worker(code).stdout
     assert wanted <= {int(s) for s in out.split()}
     assert not wanted & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again here
 
@@ -1215,10 +1210,6 @@ def test_a_sensitivity_worker_ends_quietly_on_a_group_sigterm():
     start-up handler in it, and a group SIGTERM printed 'Interrupted.' once per worker on top of
     the run's own line."""
     import signal
-    import subprocess
-    import sys
-
-    from admm_onnx.interrupts import children_without_sigint
 
     code = ("import os, signal, sys\n"
             "sys.argv = ['admm-onnx', 'sensitivity']  # what spawn's prepare() gives a worker\n"

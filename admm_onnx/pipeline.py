@@ -43,7 +43,7 @@ from .graph.penalty import AdmmPenalty
 from .graph.batchnorm_frozen import freeze_batchnorm
 from .graph._util import opset_version
 from .graph.ml_linear import ML_LINEAR_OPS, lift_ml_linear
-from .graph.opset import MAX_IR_VERSION, MAX_OPSET, lower_versions, within_runtime_versions
+from .graph.opset import MAX_IR_VERSION, MAX_OPSET, within_runtime_versions
 from .graph.outputs import default_output, output_view
 from .graph.prepare import prepare_for_training, speed_up_for_training
 from .errors import TrainingError
@@ -1186,9 +1186,8 @@ def _session(model_input: ModelInput):
         header = load_model(model_input, load_external_data=False)  # one-line errors for bad files
         source = str(model_input)
         if header.ir_version > MAX_IR_VERSION or opset_version(header) > MAX_OPSET:
-            # read as prepare_model reads it: lowered to IR 10 / opset 21 when nothing newer is used
-            model_input = load_model(model_input)
-            lower_versions(model_input)
+            # read as prepare_model reads it (which said so): lowered when nothing newer is used
+            model_input = within_runtime_versions(load_model(model_input), quiet=True)
             if model_input.ByteSize() >= 2**31 - 1:
                 raise ModelError("models over 2 GB with IR > 10 or opset > 21 cannot be evaluated here")
             source = model_input.SerializeToString()

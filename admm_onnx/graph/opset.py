@@ -139,10 +139,11 @@ def lower_versions(model: onnx.ModelProto) -> List[str]:
     return changed
 
 
-def within_runtime_versions(model: onnx.ModelProto) -> onnx.ModelProto:
+def within_runtime_versions(model: onnx.ModelProto, quiet: bool = False) -> onnx.ModelProto:
     """``model``, or a copy lowered to IR / opset the training runtime (and onnx's checker)
-    reads when it is newer but uses nothing newer (:func:`lower_versions`; logged). A model
-    that does use newer ops is returned as it is (the caller's checks refuse it)."""
+    reads when it is newer but uses nothing newer (:func:`lower_versions`; logged unless
+    ``quiet``). A model that does use newer ops is returned as it is (the caller's checks
+    refuse it)."""
     if model.ir_version <= MAX_IR_VERSION and opset_version(model) <= MAX_OPSET:
         return model
     lowered = onnx.ModelProto()
@@ -150,9 +151,10 @@ def within_runtime_versions(model: onnx.ModelProto) -> onnx.ModelProto:
     changes = lower_versions(lowered)
     if not changes:
         return model
-    log.warning(
-        "the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
-        MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
+    if not quiet:
+        log.warning(
+            "the model uses nothing newer than opset %d / IR %d: read and written as such (%s)",
+            MAX_OPSET, MAX_IR_VERSION, ", ".join(changes))
     return lowered
 
 

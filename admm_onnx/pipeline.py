@@ -776,15 +776,18 @@ def prune(
         run_config = {k: v for k, v in config.to_dict().items() if k not in ("threads", "workers")}  # may change on --resume
         # what the defaults resolved to: "--model-output logits" or "--loss cross_entropy" that only
         # spell them out are the same run
+        defaults = {}  # what this run resolved a default to: a run saved before such were resolved matches it
+        if config.output is None:
+            defaults["output"] = list(prepared.output_names)
         run_config["output"] = list(prepared.output_names)
         if run_config.get("loss") == "auto" and getattr(loss, "resolved_name", None):
-            run_config["loss"] = loss.resolved_name
+            run_config["loss"] = defaults["loss"] = loss.resolved_name
         identity = {"model": _model_fingerprint(prepared), "plan": _plan_identity(plan), "config": run_config}
         data = _data_fingerprint(train_reader)
         if data is not None:
             identity["data"] = data
         if resume:
-            work.check_identity(identity)
+            work.check_identity(identity, defaults)
             saved = work.read_progress()
             try:
                 report = PruneReport.from_dict(saved["report"])

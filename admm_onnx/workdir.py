@@ -280,8 +280,12 @@ class WorkDir:
             (self.path / name).unlink(missing_ok=True)
         self.write_json(self.run_file, identity)
 
-    def check_identity(self, identity: Dict[str, Any]) -> None:
-        """Refuse to resume a work directory that belongs to another run, naming what changed."""
+    def check_identity(self, identity: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> None:
+        """Refuse to resume a work directory that belongs to another run, naming what changed.
+
+        ``defaults``: config fields this run left to their default, with what it resolved them
+        to; a run saved by a version that recorded them unresolved (``None``, ``"auto"``) is
+        the same run when they agree."""
         if not self.run_file.is_file() or not self.has_progress():
             raise ConfigError(f"nothing to resume in {self.path}", hint="run without --resume to start")
         saved = self._read_json(self.run_file)
@@ -298,6 +302,9 @@ class WorkDir:
         if not isinstance(old, dict):
             raise self.damaged(self.run_file, "its config is not a table")
         new = json.loads(json.dumps(identity.get("config") or {}, default=float))  # as saved: lists, floats
+        for key, value in (defaults or {}).items():
+            if key in old and old[key] in (None, "auto") and new.get(key) == json.loads(json.dumps(value)):
+                new[key] = old[key]
         for key in RESUME_MAY_CHANGE:  # a lower learning rate is how a diverged run goes on
             if key in old and key in new and old[key] != new[key]:
                 log.warning("resuming with %s %r (was %r)", key, new[key], old[key])

@@ -1523,3 +1523,15 @@ def _run_as_worker(code: str):
 
     with children_without_sigint():
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_resume_takes_a_work_directory_that_recorded_defaults_unresolved(room, monkeypatch):  # noqa: F811
+    """Versions before 2026-12-05 saved --model-output and --loss as given (None, 'auto'); the
+    current one saves what they resolved to, and refused to resume such a folder as changed."""
+    argv = _interrupt_a_prune_after(room, monkeypatch, "write_progress", 2, admm_iters=2)
+    run = room / "o.onnx.admm-work" / "run.json"
+    saved = json.loads(run.read_text())
+    saved["config"]["output"], saved["config"]["loss"] = None, "auto"
+    run.write_text(json.dumps(saved))
+    room.probe(argv + ["--resume", "--loss", "mse"], "--loss")  # a setting other than the default is still refused
+    assert main(room.argv(argv + ["--resume"])) == 0

@@ -705,11 +705,13 @@ def _previous(name: str) -> str:
 
 
 @contextlib.contextmanager
-def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-o") -> Iterator[Path]:
+def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-o",
+                        final: bool = False) -> Iterator[Path]:
     """An output folder a command writes the files ``names`` into: created if missing (its
     parent must exist), or an existing folder whose files are all among ``names`` (a folder
     with other files is refused). The folder is locked while the block runs (a second run on it
-    is refused). On failure, the files written and a folder created are removed."""
+    is refused). On failure, the files written and a folder created are removed. ``final``: the
+    block's end is the command's (a signal while the earlier files' backups go is dropped)."""
     folder = Path(folder)
     names = tuple(names)
     created = False
@@ -730,7 +732,7 @@ def claim_output_folder(folder: PathLike, names: Iterable[str], option: str = "-
         raise OutputError(f"{option}: another admm-onnx run is writing into {folder}",
                           hint="wait for it to finish, or choose another folder")
     with _releasing(lock):
-        yield from _claimed(folder, names, option, created)
+        yield from _claimed(folder, names, option, created, final)
 
 
 @contextlib.contextmanager
@@ -742,12 +744,12 @@ def _releasing(lock):
             os.close(lock)  # releases the lock
 
 
-def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -> Iterator[Path]:
+def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool, final: bool) -> Iterator[Path]:
     """The body of :func:`claim_output_folder`, with the folder locked."""
     try:
         for name in names:  # a run killed outright (SIGKILL, power loss) left an earlier file aside
             backup = folder / _previous(name)
-            if (folder / FOLDER_MARK).is_file() and backup.is_file() and not backup.is_symlink():
+            if _regular(folder / FOLDER_MARK) and _regular(backup):
                 with contextlib.suppress(OSError):
                     os.replace(backup, folder / name)
                     log.info("put back %s, set aside by a run that did not finish", folder / name)
@@ -759,8 +761,11 @@ def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -
             raise OutputError(
                 f"{option}: {folder} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                 "refusing to write into it", hint="give a new or empty folder")
+        if os.path.lexists(folder / FOLDER_MARK) and not _regular(folder / FOLDER_MARK):
+            raise OutputError(f"{option}: {folder / FOLDER_MARK} is not a regular file; refusing to write into {folder}",
+                              hint="give a new or empty folder")
         present = [n for n in names if os.path.lexists(folder / n)]
-        if present and not (folder / FOLDER_MARK).is_file():
+        if present and not _regular(folder / FOLDER_MARK):
             raise OutputError(
                 f"{option}: {folder} holds {', '.join(present[:3])}{', ...' if len(present) > 3 else ''}, not written "
                 "there by admm-onnx; refusing to replace it", hint="give a new or empty folder")
@@ -777,42 +782,51 @@ def _claimed(folder: Path, names: Tuple[str, ...], option: str, created: bool) -
         raise
     before = {n: _fingerprint_or_none(folder / n) for n in names}
     mark = folder / FOLDER_MARK
-    marked = mark.is_file()
+    marked = _regular(mark)
     # Files of an earlier run are moved aside (same folder, hidden name) and put back if this
-    # run fails: a failed or interrupted run leaves the folder as it found it.
+    # run fails: a failed or interrupted run leaves the folder as it found it. Each step below
+    # is whole for a signal (a move half recorded would lose the earlier file).
     saved = {}
     try:
-        if not marked:
-            mark.write_bytes(b"")  # before any file: a run killed outright leaves a folder the next may reuse
-        for name in names:
-            if before[name] is not None:
-                backup = folder / _previous(name)
-                os.replace(folder / name, backup)
-                saved[name] = backup
+        with deferred():
+            if not marked:  # before any file: a run killed outright leaves a folder the next may reuse
+                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644))
+            for name in names:
+                if before[name] is not None:
+                    backup = folder / _previous(name)
+                    os.replace(folder / name, backup)
+                    saved[name] = backup
         yield folder
     except BaseException:
-        for name in names:
-            target = folder / name
-            if name in saved or before[name] is None:
-                if target.is_file() and not target.is_symlink():
-                    with contextlib.suppress(OSError):
-                        target.unlink()  # written by this run
+        with deferred():
+            for name in names:
+                target = folder / name
+                if name in saved or before[name] is None:
+                    if target.is_file() and not target.is_symlink():
+                        with contextlib.suppress(OSError):
+                            target.unlink()  # written by this run
+            for name, backup in saved.items():
+                with contextlib.suppress(OSError):
+                    os.replace(backup, folder / name)
+            if not marked and _regular(mark):
+                with contextlib.suppress(OSError):
+                    mark.unlink()
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+        raise
+    with deferred(final=final):  # final: the command is complete, a signal now changes nothing
         for name, backup in saved.items():
             with contextlib.suppress(OSError):
-                os.replace(backup, folder / name)
-        if not marked:
-            with contextlib.suppress(OSError):
-                mark.unlink()
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
-        raise
-    for name, backup in saved.items():
-        with contextlib.suppress(OSError):
-            if (folder / name).exists():
-                backup.unlink()  # replaced by this run
-            else:
-                os.replace(backup, folder / name)  # not written this time: the earlier file stays
+                if (folder / name).exists():
+                    backup.unlink()  # replaced by this run
+                else:
+                    os.replace(backup, folder / name)  # not written this time: the earlier file stays
+
+
+def _regular(path: Path) -> bool:
+    """A regular file itself, not a link to one."""
+    return not path.is_symlink() and path.is_file()
 
 
 def _lock_folder(folder: Path, option: str):
@@ -927,8 +941,9 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
             os.close(fd)
         _take_mode(tmp_path, target)
         yield tmp_path
-        os.replace(tmp_path, target)
-        _wrote(target)
+        with deferred():  # a signal waits until the file is known as this run's (an interrupt takes it back)
+            os.replace(tmp_path, target)
+            _wrote(target)
     except OSError as exc:
         raise _disk_error(exc, target) from exc
     finally:
@@ -987,12 +1002,16 @@ def save_model(
             if check:
                 onnx.checker.check_model(str(tmp_model))
             _take_mode(tmp_model, path)
-            if (tmp_dir / data_name).exists():
-                _take_mode(tmp_dir / data_name, data_target)
-                os.replace(tmp_dir / data_name, data_target)
-                _wrote(data_target)
-            os.replace(tmp_model, path)
-            _wrote(path)
+            # One step for a signal: the model and its data are replaced together (an earlier
+            # model beside this run's data would compute with other weights) and known as this
+            # run's (an interrupt then takes both back)
+            with deferred():
+                if (tmp_dir / data_name).exists():
+                    _take_mode(tmp_dir / data_name, data_target)
+                    os.replace(tmp_dir / data_name, data_target)
+                    _wrote(data_target)
+                os.replace(tmp_model, path)
+                _wrote(path)
         finally:
             if tmp_dir is not None:
                 with deferred():  # a second signal must not cut the removal short

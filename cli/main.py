@@ -732,7 +732,7 @@ def demo(ctx, out_dir, out_dir_old, quiet):
 
     _setup_logging(quiet, ctx.obj["debug"])
     out_dir = Path(_merge_output(out_dir, out_dir_old, "--out-dir") or "admm-demo")
-    with claim_output_folder(out_dir, DEMO_FILES, "-o"):
+    with claim_output_folder(out_dir, DEMO_FILES, "-o", final=True):  # its end is the command's
         run_demo(out_dir, ClickProgress(not quiet), echo=click.echo)
 
 

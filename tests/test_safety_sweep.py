@@ -1535,3 +1535,88 @@ def test_resume_takes_a_work_directory_that_recorded_defaults_unresolved(room, m
     run.write_text(json.dumps(saved))
     room.probe(argv + ["--resume", "--loss", "mse"], "--loss")  # a setting other than the default is still refused
     assert main(room.argv(argv + ["--resume"])) == 0
+
+
+def _with_interrupt_handler(fn):
+    """``fn()`` with the CLI's SIGINT handler installed (signals held in deferred sections)."""
+    import signal
+
+    from admm_onnx import interrupts
+
+    previous = signal.signal(signal.SIGINT, interrupts.handler)
+    try:
+        return fn()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.reset()
+
+
+def test_an_interrupt_while_earlier_files_are_set_aside_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """claim_output_folder moved an earlier file aside, then a Ctrl-C before it was recorded:
+    the file was missing and its hidden backup left."""
+    import signal
+
+    from admm_onnx import io
+
+    out = tmp_path / "out"
+    with io.claim_output_folder(out, ["a.onnx", "b.json"]) as folder:  # an earlier run
+        (folder / "a.onnx").write_text("earlier a")
+        (folder / "b.json").write_text("earlier b")
+    real = os.replace
+
+    def replace(a, b):
+        real(a, b)
+        if str(b).endswith(".admm-previous"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+
+    def run():
+        with pytest.raises(KeyboardInterrupt):
+            with io.claim_output_folder(out, ["a.onnx", "b.json"]):
+                pass
+
+    _with_interrupt_handler(run)
+    assert sorted(os.listdir(out)) == [FOLDER_MARK, "a.onnx", "b.json"]
+    assert (out / "a.onnx").read_text() == "earlier a" and (out / "b.json").read_text() == "earlier b"
+
+
+def test_an_output_folder_mark_that_is_a_link_is_refused_and_left(tmp_path):
+    """The mark was written through a user's dangling link (a file outside the folder), and the
+    link deleted when the run was interrupted."""
+    from admm_onnx import io
+    from admm_onnx.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(tmp_path / "elsewhere", out / FOLDER_MARK)
+    with pytest.raises(OutputError, match="not a regular file"):
+        with io.claim_output_folder(out, ["a.onnx"]):
+            pass
+    assert os.path.islink(out / FOLDER_MARK) and not os.path.lexists(tmp_path / "elsewhere")
+
+
+def test_an_interrupt_just_after_an_output_is_renamed_into_place_still_takes_it_back(tmp_path, monkeypatch):
+    """The output was renamed into place, then registered as this run's: a signal between the two
+    kept it (a half set of outputs after the interrupt)."""
+    import signal
+
+    from admm_onnx import io
+
+    plan = io.OutputPlan()
+    target = plan.add_output(tmp_path / "r.json", "--report")
+    real = os.replace
+
+    def replace(a, b):
+        real(a, b)
+        if str(b) == str(target):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+
+    def run():
+        with pytest.raises(KeyboardInterrupt):
+            io.write_text(target, "{}")
+
+    _with_interrupt_handler(run)
+    assert plan.remove_created() == [target] and os.listdir(tmp_path) == []

@@ -753,9 +753,10 @@ def prune(
     _check_writable(prepared)
     _check_trainable_graph(prepared)
     outputs = OutputPlan()
-    outputs.add_input(prepared.source)
-    out = outputs.add_output(model_output, "model_output")
-    outputs.add_workdir(workdir, "workdir")  # neither the model nor model_output inside it
+    outputs.add_model_input(prepared.source)
+    out = outputs.add_output(model_output, "model_output", model=True,
+                             external=True if prepared.used_external_data else None)
+    outputs.add_workdir(workdir, "workdir")  # neither the model nor model_output (or its data) inside it
     train_reader, eval_reader = _readers(prepared, config, train_reader, eval_reader)
     probe_report = PruneReport()
     loss, train_reader, eval_reader = _objective(prepared, config, train_reader, eval_reader, loss, probe_report)

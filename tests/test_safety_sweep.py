@@ -1337,7 +1337,9 @@ def test_api_checks_progress_labels_and_workdir_up_front(room):  # noqa: F811
         admm_onnx.prune(str(room / "m.onnx"), str(room / "p.onnx"), reader, config, progress=5)
     with pytest.raises(OutputError, match="contains the model_output output"):  # it trained, then failed
         admm_onnx.prune(str(room / "m.onnx"), str(room / "p.onnx"), reader, config, workdir=str(room / "p.onnx"))
-    assert not (room / "p.onnx").exists()
+    with pytest.raises(OutputError, match="external data output"):  # the output's weights file
+        admm_onnx.prune(str(room / "ext.onnx"), str(room / "p.onnx"), reader, config, workdir=str(room / "p.onnx.data"))
+    assert not (room / "p.onnx").exists() and not (room / "p.onnx.data").exists()
 
 
 @pytest.mark.parametrize("name", ["report.json", "lenet5_pruned.onnx"])

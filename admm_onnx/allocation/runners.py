@@ -48,12 +48,19 @@ def _indexed(task_and_fn):
     return index, fn(t)
 
 
-@contextmanager
-def _cancel_race_quiet():
+_QUIET_CANCEL_RACE = False
+
+
+def _quiet_cancel_race() -> None:
     """A pool cancelled while a worker's result arrives (an interrupt during the sweep) can make
     the executor's manager thread raise InvalidStateError setting a cancelled future's result,
     printed as a thread traceback on top of the run's one line; it changes nothing (the run is
-    ending), so it is logged at debug level while the pool lives."""
+    ending). From the first pool on, that error is logged at debug level (the manager thread can
+    outlive the pool's shut-down, so the hook stays); every other thread error still reaches the
+    previous hook."""
+    global _QUIET_CANCEL_RACE
+    if _QUIET_CANCEL_RACE:
+        return
     import threading
     from concurrent.futures import InvalidStateError
 
@@ -66,10 +73,7 @@ def _cancel_race_quiet():
         previous(args)
 
     threading.excepthook = hook
-    try:
-        yield
-    finally:
-        threading.excepthook = previous
+    _QUIET_CANCEL_RACE = True
 
 
 @contextmanager
@@ -92,6 +96,23 @@ def _main_not_reimported():
 
 
 from ..interrupts import children_without_sigint, deferred, worker_started  # noqa: E402
+
+
+def _start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started (if it is not yet) with SIGHUP blocked: the
+    tracker keeps the mask it inherits but for SIGINT and SIGTERM, which it ignores."""
+    import signal
+    from multiprocessing import resource_tracker
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or not hasattr(signal, "SIGHUP"):  # pragma: no cover - not POSIX
+        resource_tracker.ensure_running()
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def _worker_setup(parent: int, setup, setup_args) -> None:
@@ -126,43 +147,44 @@ class ProcessRunner:
             return
         workers = min(self.workers, len(tasks))
         ctx = multiprocessing.get_context("spawn")
-        from multiprocessing import resource_tracker
-
         pool = None
         futures = {}
-        with _cancel_race_quiet():
-            try:
-                # The pool's queues (POSIX semaphores, registered for removal only after they exist)
-                # and the workers start here; a signal waits until the pool is whole and the workers
-                # have their start-up message, then the shut-down below removes everything.
-                with _main_not_reimported(), deferred():
-                    # multiprocessing's resource tracker, started on first use, unblocks SIGINT and
-                    # SIGTERM in the thread that starts it: started inside children_without_sigint
-                    # it undid the block for every worker after it
-                    resource_tracker.ensure_running()
-                    with children_without_sigint():
-                        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
-                                                   initargs=(os.getpid(), setup, setup_args))
-                        futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
-                for fut in as_completed(futures):
-                    yield futures[fut], fut.result()
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                if pool is not None:
-                    # Every worker ends now (a task under way is not waited for), including one
-                    # spawned while the executor was already tearing down after a worker died of
-                    # the same SIGTERM: the executor never stopped that one, and the exit waited
-                    # for it forever. One still starting takes the signal once it has its message.
-                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                        try:
-                            proc.terminate()
-                        except (OSError, ValueError):
-                            pass
-                raise
-            finally:
-                if pool is not None:
-                    pool.shutdown(wait=True)
+        _quiet_cancel_race()
+        try:
+            # The pool's queues (POSIX semaphores, registered for removal only after they exist)
+            # and the workers start here; a signal waits until the pool is whole and the workers
+            # have their start-up message, then the shut-down below removes everything.
+            with _main_not_reimported(), deferred():
+                # multiprocessing's resource tracker, started on first use, unblocks SIGINT and
+                # SIGTERM in the thread that starts it: started inside children_without_sigint
+                # it undid the block for every worker after it. It ignores SIGINT and SIGTERM
+                # but not SIGHUP: it starts with SIGHUP blocked, so a closed terminal does not
+                # kill it (the pool's tear-down then printed its relaunch warnings and tracebacks)
+                _start_resource_tracker()
+                with children_without_sigint():
+                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
+                                               initargs=(os.getpid(), setup, setup_args))
+                    futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            if pool is not None:
+                # Every worker ends now (a task under way is not waited for), including one
+                # spawned while the executor was already tearing down after a worker died of
+                # the same SIGTERM: the executor never stopped that one, and the exit waited
+                # for it forever.
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    try:
+                        proc.kill()  # not terminate(): a worker still starting holds SIGTERM blocked,
+                        # and reading its start-up data after the pool is gone printed tracebacks
+                    except (OSError, ValueError):
+                        pass
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def describe(self) -> str:
         return f"{self.workers} local worker processes"

@@ -165,6 +165,12 @@ def build_artifacts(
         if explained is not None:
             raise explained from exc
         raise TrainingError(f"ONNX Runtime could not build the training graph: {_first_line(exc)}") from exc
+    except IndexError as exc:  # ORT's graph optimiser: a C++ map lookup of an attribute the node lacks
+        raise TrainingError(
+            f"ONNX Runtime could not build the training graph ({_first_line(exc)}): a node lacks an attribute "
+            "it looks up; a Transpose without perm whose input rank is unknown, or inside an If/Loop body, is "
+            "one such case",
+            hint="re-export the model with every Transpose's perm written out") from exc
     finally:
         root.setLevel(level)
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):

@@ -608,18 +608,26 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     dataset = load_dataset(data, labels_key, _input_names(model))
     prepared = prepare_model(model, config.output)
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
+    from admm_onnx.interrupts import deferred
+
     try:
         report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
     except BaseException:
         WorkDir(work).remove()  # train does not resume: none of its training files stay
+        plan.remove_created()  # -o written just before an interrupt: the run did not end
         raise
-    figures = []
-    if report.accuracy_after is not None:
-        figures.append(f"Top-1 {100 * report.accuracy_after:.2f}%")
-    if report.loss_after is not None:
-        figures.append(f"loss {report.loss_after:.4f}")
-    said = f"{figures[0]} ({figures[1]})" if len(figures) == 2 else (figures[0] if figures else "Trained")
-    click.echo(f"{said} after {epochs} epoch(s); wrote {out}")
+    with deferred(final=True):  # -o is written: a signal now changes nothing
+        try:
+            figures = []
+            if report.accuracy_after is not None:
+                figures.append(f"Top-1 {100 * report.accuracy_after:.2f}%")
+            if report.loss_after is not None:
+                figures.append(f"loss {report.loss_after:.4f}")
+            said = f"{figures[0]} ({figures[1]})" if len(figures) == 2 else (figures[0] if figures else "Trained")
+            click.echo(f"{said} after {epochs} epoch(s); wrote {out}")
+        except Exception:  # e.g. a full standard output: as prune, no output of a run that failed
+            plan.remove_created()
+            raise
 
 
 @cli.command("eval")

@@ -236,11 +236,7 @@ def check_float64(model: onnx.ModelProto, trainable: Sequence[str]) -> None:
 
 def check_differentiable(model: onnx.ModelProto, trainable: Sequence[str], output: str) -> None:
     """Raise a one-line TrainingError if ORT training cannot differentiate ``model`` to
-    ``output``, or would abort trying (a subgraph node reading computed outer-scope values), or
-    fail on a Transpose left without perm (see transpose_perm.py)."""
-    from .transpose_perm import check_explicit_perms
-
-    check_explicit_perms(model)
+    ``output``, or would abort trying (a subgraph node reading computed outer-scope values)."""
     check_float64(model, trainable)
     bad, live = _undifferentiable(model, trainable, output)
     if not bad:

@@ -5,16 +5,15 @@ input of rank r, so writing that list computes the same thing. ORT training 1.19
 optimisation (``generate_artifacts`` -> ``get_optimized_model``) looks the attribute up
 unconditionally and fails with "IndexError: unordered_map::at" on any perm-less Transpose of
 the main graph, on the gradient path or not. The rank comes from shape inference; a perm-less
-Transpose whose input rank is unknown is left alone (evaluation runs it fine) and
-:func:`check_explicit_perms`, called before artifacts are built, refuses it in one line. Only
-the training copy is rewritten: the user's graph is written as it was.
+Transpose whose input rank is unknown is left alone (ORT's optimiser does not always fail on
+one: a Reshape to a shape computed at run time trains; when it fails, training.build_artifacts
+says so in one line). Only the training copy is rewritten: the user's graph is written as it was.
 """
 from __future__ import annotations
 
 import onnx
 from onnx import helper
 
-from ..errors import TrainingError
 from ._util import checked
 from .shapes import tensor_info
 
@@ -39,24 +38,9 @@ def explicit_transpose_perm(model: onnx.ModelProto) -> int:
     for node in nodes:
         shape = shapes.get(node.input[0]) if node.input else None
         if shape is None:
-            continue  # check_explicit_perms refuses it for training
+            continue  # left as it is (see the module's docstring)
         node.attribute.append(helper.make_attribute("perm", list(range(len(shape)))[::-1], attr_type=onnx.AttributeProto.INTS))
         done += 1
     if done:
         checked(model, "explicit_transpose_perm")
     return done
-
-
-def check_explicit_perms(model: onnx.ModelProto) -> None:
-    """Raise a one-line TrainingError if a Transpose of the main graph still has no ``perm``
-    (its input rank was unknown to :func:`explicit_transpose_perm`)."""
-    left = [n for n in model.graph.node if _perm_less(n)]
-    if left:
-        node = left[0]
-        more = f" ({len(left)} such nodes)" if len(left) > 1 else ""
-        raise TrainingError(
-            f"Transpose node {_label(node)!r} has no perm attribute and the rank of its input "
-            f"{node.input[0] if node.input else ''!r} is unknown; ONNX Runtime training needs the permutation "
-            f"written out{more}",
-            hint="re-export the model with perm given explicitly, or with input shapes that fix the ranks",
-        )

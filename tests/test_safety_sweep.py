@@ -1624,3 +1624,44 @@ def test_an_interrupt_just_after_an_output_is_renamed_into_place_still_takes_it_
 
     _with_interrupt_handler(run)
     assert plan.remove_created() == [target] and os.listdir(tmp_path) == []
+
+
+def _if_model(condition_nodes, condition_inits=()):
+    """x [N, 8] -> MatMul w1 -> h; If(c) then h @ wt else h @ we (branches read h, computed in
+    the main graph)."""
+    rng = np.random.default_rng(0)
+    v = helper.make_tensor_value_info
+
+    def branch(name, w):
+        return helper.make_graph([helper.make_node("MatMul", ["h", w], [name])], name, [], [v(name, TensorProto.FLOAT, None)])
+
+    weights = [numpy_helper.from_array((rng.standard_normal(s) * .3).astype(np.float32), n)
+               for n, s in [("w1", (8, 16)), ("wt", (16, 4)), ("we", (16, 4))]]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), *condition_nodes,
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("t", "wt"), else_branch=branch("e", "we"))]
+    graph = helper.make_graph(nodes, "g", [v("x", TensorProto.FLOAT, ["N", 8])], [v("y", TensorProto.FLOAT, ["N", 4])],
+                              weights + list(condition_inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_an_if_decided_before_any_data_is_not_refused_for_training():
+    """ORT folds an If whose condition comes from initializers, constants or static shapes (a
+    scripted `if x.shape[1] == 8`); the up-front check refused it, though it pruned before."""
+    from admm_onnx.errors import TrainingError
+    from admm_onnx.graph.differentiable import check_differentiable
+
+    eight = numpy_helper.from_array(np.array([8], np.int64), "eight")
+    shape_if = _if_model([helper.make_node("Shape", ["x"], ["sh"], start=1),
+                          helper.make_node("Equal", ["sh", "eight"], ["c"])], [eight])
+    const_if = _if_model([], [numpy_helper.from_array(np.array(True), "c")])
+    for model in (shape_if, const_if):
+        check_differentiable(model, ["w1", "wt", "we"], "y")
+    batch_if = _if_model([helper.make_node("Shape", ["x"], ["sh"]),  # the batch size: known at run time only
+                          helper.make_node("ReduceSum", ["sh"], ["s"], keepdims=0),
+                          helper.make_node("Greater", ["s", "eight"], ["c"])], [eight])
+    data_if = _if_model([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+                         helper.make_node("Greater", ["s", "zero"], ["c"])],
+                        [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    for model in (batch_if, data_if):
+        with pytest.raises(TrainingError, match="If"):
+            check_differentiable(model, ["w1", "wt", "we"], "y")

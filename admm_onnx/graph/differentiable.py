@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import onnx
 
 from ..errors import TrainingError
+from ._util import attr
 from .analysis import FLOAT_TYPES
 from .shapes import tensor_info
 
@@ -177,7 +178,44 @@ def _undifferentiable(model: onnx.ModelProto, trainable: Sequence[str], output: 
             if i in live and i not in need:
                 need.add(i)
                 todo.append(i)
-    return [n for n in nodes if id(n) in forward and id(n) in backward and not _has_gradient(n)], live
+    folded = _static_ifs(model)
+    return [n for k, n in enumerate(nodes) if id(n) in forward and id(n) in backward and not _has_gradient(n)
+            and k not in folded], live
+
+
+_RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _static_ifs(model: onnx.ModelProto) -> Set[int]:
+    """Positions (in graph order) of the main graph's If nodes whose condition is known before any data: computed only
+    from initializers, Constant nodes and the static part of shapes (``Shape(x)[1:]`` of an
+    ``[N, 8]`` input; ``Size`` of a fully static one). ORT folds such an If to its branch before
+    building the gradient graph (a scripted ``if x.shape[1] == 8``), so it neither lacks a
+    gradient nor aborts the build."""
+    nodes = list(model.graph.node)
+    ifs = [k for k, n in enumerate(nodes) if n.op_type == "If" and n.domain in ("", "ai.onnx")]
+    if not ifs:
+        return set()
+    shapes, _ = tensor_info(model)
+    static = {t.name for t in model.graph.initializer}
+    for node in nodes:  # graph order is topological
+        known = False
+        if node.op_type == "Constant":
+            known = True
+        elif node.op_type == "Shape" and node.input:
+            dims = shapes.get(node.input[0])
+            if dims is not None:
+                start, end = attr(node, "start", 0), attr(node, "end", None)
+                part = dims[start:end] if end is not None else dims[start:]
+                known = all(isinstance(d, int) and d >= 0 for d in part)
+        elif node.op_type == "Size" and node.input:
+            dims = shapes.get(node.input[0])
+            known = dims is not None and all(isinstance(d, int) and d >= 0 for d in dims)
+        elif node.op_type not in _RANDOM_OPS and not _subgraphs(node):
+            known = all(i in static for i in node.input if i)
+        if known:
+            static.update(o for o in node.output if o)
+    return {k for k in ifs if nodes[k].input and nodes[k].input[0] in static}
 
 
 def _part(node: onnx.NodeProto) -> str:
@@ -204,8 +242,9 @@ def outer_read_crashes(model: onnx.ModelProto, output: str) -> List[Tuple[onnx.N
             if i not in need:
                 need.add(i)
                 todo.append(i)
-    for node in nodes:
-        if id(node) not in seen or not _subgraphs(node):
+    folded = _static_ifs(model)
+    for k, node in enumerate(nodes):
+        if id(node) not in seen or not _subgraphs(node) or k in folded:
             continue
         for name in outer_reads(node):
             src = producers.get(name)

@@ -1626,7 +1626,7 @@ def test_an_interrupt_just_after_an_output_is_renamed_into_place_still_takes_it_
     assert plan.remove_created() == [target] and os.listdir(tmp_path) == []
 
 
-def _if_model(condition_nodes, condition_inits=()):
+def _if_on_condition(condition_nodes, condition_inits=()):
     """x [N, 8] -> MatMul w1 -> h; If(c) then h @ wt else h @ we (branches read h, computed in
     the main graph)."""
     rng = np.random.default_rng(0)
@@ -1651,15 +1651,15 @@ def test_an_if_decided_before_any_data_is_not_refused_for_training():
     from admm_onnx.graph.differentiable import check_differentiable
 
     eight = numpy_helper.from_array(np.array([8], np.int64), "eight")
-    shape_if = _if_model([helper.make_node("Shape", ["x"], ["sh"], start=1),
+    shape_if = _if_on_condition([helper.make_node("Shape", ["x"], ["sh"], start=1),
                           helper.make_node("Equal", ["sh", "eight"], ["c"])], [eight])
-    const_if = _if_model([], [numpy_helper.from_array(np.array(True), "c")])
+    const_if = _if_on_condition([], [numpy_helper.from_array(np.array(True), "c")])
     for model in (shape_if, const_if):
         check_differentiable(model, ["w1", "wt", "we"], "y")
-    batch_if = _if_model([helper.make_node("Shape", ["x"], ["sh"]),  # the batch size: known at run time only
+    batch_if = _if_on_condition([helper.make_node("Shape", ["x"], ["sh"]),  # the batch size: known at run time only
                           helper.make_node("ReduceSum", ["sh"], ["s"], keepdims=0),
                           helper.make_node("Greater", ["s", "eight"], ["c"])], [eight])
-    data_if = _if_model([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+    data_if = _if_on_condition([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
                          helper.make_node("Greater", ["s", "zero"], ["c"])],
                         [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
     for model in (batch_if, data_if):

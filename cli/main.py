@@ -477,6 +477,10 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
             except Exception as exc:
                 _take_back(plan, work, resumable=channels is None)
                 user = as_user_error(exc)
+                if isinstance(exc, OSError) and exc.filename is None and _stdout_broken(exc):
+                    from admm_onnx.errors import OutputError
+
+                    user = OutputError(f"cannot write to standard output: {exc.strerror or exc}")
                 if user is None or channels is not None:
                     raise
                 user.hint = (user.hint + "; " if user.hint else "") + \

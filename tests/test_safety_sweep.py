@@ -1237,11 +1237,20 @@ def test_a_full_standard_output_is_named_as_such(room):  # noqa: F811
     import subprocess
     import sys
 
-    with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "admm_onnx.cli.main", "inspect", str(room / "m.onnx")],
-                              stdout=full, stderr=subprocess.PIPE, text=True)
+    def run(*argv):
+        with open("/dev/full", "w") as full:
+            return subprocess.run([sys.executable, "-m", "admm_onnx.cli.main", *room.argv(argv)],
+                                  stdout=full, stderr=subprocess.PIPE, text=True)
+
+    done = run("inspect", "@/m.onnx")
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["error: cannot write to standard output: No space left on device"]
+    for argv in (["prune", "@/m.onnx", "-d", "@/d.npz", "-o", "@/o.onnx", "--sparsity", "0.5", *QUICK],
+                 ["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"]):
+        done = run(*argv)  # the summary cannot be printed: the run's outputs are taken back
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and errors[0].startswith("error: cannot write to standard output"), done.stderr
+        assert not (room / "o.onnx").exists() and not (room / "t.onnx").exists()
 
 
 def test_a_sparse_file_larger_than_its_model_is_warned_about(tmp_path, capsys):

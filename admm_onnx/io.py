@@ -556,6 +556,8 @@ class OutputPlan:
         self.workdir: Optional[Path] = None
         #: Outputs that did not exist when they were planned: the run's own if they exist later.
         self.new: List[Path] = []
+        #: Outputs that existed, kept aside while the run replaces them (keep_previous).
+        self._kept: List[Path] = []
 
     # inputs ----------------------------------------------------------------------------
     def add_input(self, *paths: Optional[PathLike], what: str = "an input") -> None:
@@ -628,19 +630,50 @@ class OutputPlan:
             self.new.append(out)
         return out
 
+    def keep_previous(self) -> None:
+        """The planned outputs that exist now are kept aside (a hidden hard link beside each,
+        made when this process first replaces it) until :meth:`commit`; :meth:`remove_created`
+        puts them back. So an unfinished run leaves the earlier set of outputs as it was, not
+        some replaced and some not. Call :meth:`commit` or :meth:`remove_created` on every exit."""
+        for path, _ in self.outputs:
+            if path not in self.new and _regular(path):
+                _PREVIOUS.setdefault(os.path.abspath(path), None)
+                self._kept.append(path)
+
+    def commit(self) -> None:
+        """The run is complete: the earlier outputs kept aside go."""
+        for path in self._kept:
+            backup = _PREVIOUS.pop(os.path.abspath(path), None)
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(backup)
+        self._kept = []
+
     def remove_created(self) -> List[Path]:
         """Delete the planned outputs that did not exist when planned and that this process
         wrote since (what an unfinished run wrote: no half set of outputs is left; a file another
-        program put there meanwhile stays); returns them."""
+        program put there meanwhile stays), and put back the earlier outputs kept aside
+        (:meth:`keep_previous`); returns the paths deleted or put back."""
         gone = []
-        for path in self.new:
-            ident = _identity(path)
-            if ident is None or ident not in _WRITTEN:
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-                _WRITTEN.discard(ident)
-                gone.append(path)
+        with deferred():
+            for path in self.new:
+                ident = _identity(path)
+                if ident is None or ident not in _WRITTEN:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    _WRITTEN.discard(ident)
+                    gone.append(path)
+            for path in self._kept:
+                backup = _PREVIOUS.pop(os.path.abspath(path), None)
+                if backup is None:
+                    continue  # not replaced by this run
+                with contextlib.suppress(OSError):
+                    ident = _identity(path)
+                    os.replace(backup, path)
+                    _WRITTEN.discard(ident)
+                    gone.append(path)
+            self._kept = []
         return gone
 
     def _check_companion(self, out: Path, option: str, external: Optional[bool]) -> None:
@@ -918,6 +951,30 @@ def _identity(path: PathLike) -> Optional[Tuple[int, int]]:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
+#: Absolute path of an output an unfinished run must give back -> the hidden hard link to its
+#: earlier file (None until this process first replaces it): OutputPlan.keep_previous.
+_PREVIOUS: Dict[str, Optional[Path]] = {}
+
+
+def _set_aside(target: Path) -> None:
+    """Before ``target`` is replaced: keep its earlier file under a hidden name if a plan asked
+    for it (OutputPlan.keep_previous) and this process has not done so yet."""
+    key = os.path.abspath(target)
+    if key not in _PREVIOUS or _PREVIOUS[key] is not None or not _regular(target):
+        return
+    for _ in range(100):
+        backup = target.parent / f".{cut_name(target.name, 200)}.{os.urandom(4).hex()}.admm-previous"
+        try:
+            os.link(target, backup)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (some network or FUSE file systems): replaced for good
+            log.debug("cannot keep %s aside: no hard link beside it", target)
+            return
+        _PREVIOUS[key] = backup
+        return
+
+
 def _wrote(path: PathLike) -> None:
     ident = _identity(path)
     if ident is not None:
@@ -942,6 +999,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         _take_mode(tmp_path, target)
         yield tmp_path
         with deferred():  # a signal waits until the file is known as this run's (an interrupt takes it back)
+            _set_aside(target)
             os.replace(tmp_path, target)
             _wrote(target)
     except OSError as exc:
@@ -1008,8 +1066,10 @@ def save_model(
             with deferred():
                 if (tmp_dir / data_name).exists():
                     _take_mode(tmp_dir / data_name, data_target)
+                    _set_aside(data_target)
                     os.replace(tmp_dir / data_name, data_target)
                     _wrote(data_target)
+                _set_aside(path)
                 os.replace(tmp_model, path)
                 _wrote(path)
         finally:

@@ -455,6 +455,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
 
     t0 = time.perf_counter()
     finished = False
+    plan.keep_previous()  # an unfinished run gives back the earlier outputs it replaced
     try:  # an interrupt anywhere from here (between the training's end and the final writes too)
         try:
             report = run_prune(prepared, out, train_reader, config, eval_reader, ClickProgress(not quiet), work, resume,
@@ -488,6 +489,7 @@ def prune(ctx, model, out, out_old, config_path, sparsity, compression, target_p
                 if user is exc:
                     raise
                 raise user from exc
+            plan.commit()  # the earlier outputs kept aside go
             if not keep_workdir:
                 WorkDir(work).remove()  # only what the run wrote
             finished = True
@@ -614,6 +616,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     train_reader, eval_reader, _ = make_readers(prepared, dataset, config.batch_size, config.seed)
     from admm_onnx.interrupts import deferred
 
+    plan.keep_previous()  # an unfinished run gives back the -o it replaced
     try:
         report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
     except BaseException:
@@ -632,6 +635,7 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
         except Exception:  # e.g. a full standard output: as prune, no output of a run that failed
             plan.remove_created()
             raise
+        plan.commit()
 
 
 @cli.command("eval")

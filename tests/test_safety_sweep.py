@@ -1674,3 +1674,50 @@ def test_an_if_decided_before_any_data_is_not_refused_for_training():
     for model in (batch_if, data_if):
         with pytest.raises(TrainingError, match="If"):
             check_differentiable(model, ["w1", "wt", "we"], "y")
+
+
+@pytest.mark.parametrize("model", ["m.onnx", "ext.onnx"])
+def test_an_interrupted_rerun_gives_back_the_earlier_outputs_it_replaced(room, monkeypatch, model):  # noqa: F811
+    """A re-run into existing outputs, interrupted after -o was replaced but before --report:
+    the new -o (with the old report) stayed, a half set; now the earlier files come back."""
+    from fs_snapshot import snapshot
+
+    import admm_onnx.interrupts as interrupts
+
+    argv = ["prune", f"@/{model}", "-d", "@/d.npz", "-o", "@/o.onnx", "--report", "@/r.json", *QUICK]
+    assert main(room.argv(argv + ["--sparsity", "0.5"])) == 0
+    before = snapshot(room.root)
+    real = interrupts.deferred
+
+    def stop_before_final(final=False):
+        if final:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(interrupts, "deferred", stop_before_final)
+    assert main(room.argv(argv + ["--sparsity", "0.9"])) == 130
+    monkeypatch.setattr(interrupts, "deferred", real)
+    after = snapshot(room.root)
+    assert {k: v for k, v in after.items() if not k.startswith("o.onnx.admm-work")} == before
+    assert main(room.argv(argv + ["--sparsity", "0.9", "--resume"])) == 0  # then completed: no hidden file left
+    assert not [p for p in os.listdir(room.root) if p.startswith(".")]
+    assert snapshot(room.root)["r.json"] != before["r.json"]  # the new set
+
+
+def test_train_interrupted_after_its_output_is_written_gives_the_earlier_one_back(room, monkeypatch):  # noqa: F811
+    import signal
+
+    from admm_onnx import io
+
+    (room / "t.onnx").write_bytes(b"my earlier model")
+    real = io._wrote
+
+    def wrote(path):
+        real(path)
+        if str(path).endswith("t.onnx"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(io, "_wrote", wrote)
+    assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 130
+    assert (room / "t.onnx").read_bytes() == b"my earlier model"
+    assert not [p for p in os.listdir(room.root) if p.startswith(".") or p.endswith(".admm-work")]

@@ -1296,9 +1296,10 @@ def test_the_pool_cancel_race_prints_no_thread_traceback(monkeypatch):
     boom(ValueError("a real bug"))
     assert seen == ["InvalidStateError", "ValueError"]
 
-def test_an_interrupt_between_the_training_and_the_final_writes_takes_back_o(room, monkeypatch):  # noqa: F811
-    """-o is written by the training's last step; a Ctrl-C just after it returned, before the
-    final writes began, left -o without its --report (a bare 'Interrupted.')."""
+
+def _stop_before_the_final_writes(monkeypatch):
+    """A Ctrl-C as a prune's final writes begin (when it enters deferred(final=True)); returns
+    what puts the real deferred back."""
     import admm_onnx.interrupts as interrupts
 
     real = interrupts.deferred
@@ -1309,11 +1310,18 @@ def test_an_interrupt_between_the_training_and_the_final_writes_takes_back_o(roo
         return real()
 
     monkeypatch.setattr(interrupts, "deferred", stop_before_final)
+    return lambda: monkeypatch.setattr(interrupts, "deferred", real)
+
+
+def test_an_interrupt_between_the_training_and_the_final_writes_takes_back_o(room, monkeypatch):  # noqa: F811
+    """-o is written by the training's last step; a Ctrl-C just after it returned, before the
+    final writes began, left -o without its --report (a bare 'Interrupted.')."""
+    restore = _stop_before_the_final_writes(monkeypatch)
     argv = PRUNE + ["--sparsity", "0.5", "--report", "@/r.json"]
     assert main(room.argv(argv)) == 130
     assert "--resume" in room.capsys.readouterr().err
     assert not (room / "o.onnx").exists() and not (room / "r.json").exists()
-    monkeypatch.setattr(interrupts, "deferred", real)
+    restore()
     assert main(room.argv(argv + ["--resume"])) == 0
     assert (room / "o.onnx").exists() and (room / "r.json").exists()
 
@@ -1682,21 +1690,12 @@ def test_an_interrupted_rerun_gives_back_the_earlier_outputs_it_replaced(room, m
     the new -o (with the old report) stayed, a half set; now the earlier files come back."""
     from fs_snapshot import snapshot
 
-    import admm_onnx.interrupts as interrupts
-
     argv = ["prune", f"@/{model}", "-d", "@/d.npz", "-o", "@/o.onnx", "--report", "@/r.json", *QUICK]
     assert main(room.argv(argv + ["--sparsity", "0.5"])) == 0
     before = snapshot(room.root)
-    real = interrupts.deferred
-
-    def stop_before_final(final=False):
-        if final:
-            raise KeyboardInterrupt
-        return real()
-
-    monkeypatch.setattr(interrupts, "deferred", stop_before_final)
+    restore = _stop_before_the_final_writes(monkeypatch)
     assert main(room.argv(argv + ["--sparsity", "0.9"])) == 130
-    monkeypatch.setattr(interrupts, "deferred", real)
+    restore()
     after = snapshot(room.root)
     assert {k: v for k, v in after.items() if not k.startswith("o.onnx.admm-work")} == before
     assert main(room.argv(argv + ["--sparsity", "0.9", "--resume"])) == 0  # then completed: no hidden file left

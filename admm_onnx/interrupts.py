@@ -19,6 +19,8 @@ from typing import Iterator, Optional
 _depth = 0
 _pending: Optional[int] = None
 _finished = False
+#: An interrupt was raised: the command is ending (its clean-up runs).
+_interrupting = False
 
 
 class Signalled(KeyboardInterrupt):
@@ -30,6 +32,8 @@ class Signalled(KeyboardInterrupt):
 
 
 def _raise(signum: int) -> None:
+    global _interrupting
+    _interrupting = True
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Signalled(signum)
@@ -68,6 +72,8 @@ def _repost(signum: int) -> None:
 
 def handler(signum, frame) -> None:
     global _pending
+    if _interrupting:  # one interrupt per command: a second one (``timeout`` signals the run, then
+        return  # its whole group) must not cut the first one's clean-up short (outputs given back)
     if _depth:
         _pending = signum
         return
@@ -153,7 +159,7 @@ def finished() -> bool:
 
 def reset() -> None:
     """Forget a completed final block (a new command in the same process, e.g. tests)."""
-    global _depth, _pending, _finished
+    global _depth, _pending, _finished, _interrupting
     if _finished:
         _depth = max(0, _depth - 1)
-    _finished, _pending = False, None
+    _finished, _pending, _interrupting = False, None, False

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -636,7 +637,7 @@ class OutputPlan:
         puts them back. So an unfinished run leaves the earlier set of outputs as it was, not
         some replaced and some not. Call :meth:`commit` or :meth:`remove_created` on every exit."""
         for path, _ in self.outputs:
-            if path not in self.new and _regular(path):
+            if path not in self.new and (_regular(path) or path.is_symlink()):  # a link comes back as a link
                 _PREVIOUS.setdefault(os.path.abspath(path), None)
                 self._kept.append(path)
 
@@ -668,11 +669,15 @@ class OutputPlan:
                 backup = _PREVIOUS.pop(os.path.abspath(path), None)
                 if backup is None:
                     continue  # not replaced by this run
+                ident = _identity(path)
                 with contextlib.suppress(OSError):
-                    ident = _identity(path)
-                    os.replace(backup, path)
-                    _WRITTEN.discard(ident)
-                    gone.append(path)
+                    if ident is not None and ident in _WRITTEN:  # still this run's file: the earlier one back
+                        os.replace(backup, path)
+                        _WRITTEN.discard(ident)
+                        gone.append(path)
+                    else:  # another program wrote there since: its file stays
+                        log.warning("%s was replaced by another program during the run; left as it is", path)
+                        os.unlink(backup)
             self._kept = []
         return gone
 
@@ -960,17 +965,23 @@ def _set_aside(target: Path) -> None:
     """Before ``target`` is replaced: keep its earlier file under a hidden name if a plan asked
     for it (OutputPlan.keep_previous) and this process has not done so yet."""
     key = os.path.abspath(target)
-    if key not in _PREVIOUS or _PREVIOUS[key] is not None or not _regular(target):
+    if key not in _PREVIOUS or _PREVIOUS[key] is not None or not (_regular(target) or target.is_symlink()):
         return
     for _ in range(100):
         backup = target.parent / f".{cut_name(target.name, 200)}.{os.urandom(4).hex()}.admm-previous"
         try:
-            os.link(target, backup)
+            os.link(target, backup, follow_symlinks=False)  # a link to the file, or to the symlink itself
         except FileExistsError:
             continue
-        except OSError:  # no hard links here (some network or FUSE file systems): replaced for good
-            log.debug("cannot keep %s aside: no hard link beside it", target)
-            return
+        except OSError:  # no hard links here (vfat, some network or FUSE file systems): a copy
+            try:
+                shutil.copy2(target, backup, follow_symlinks=False)
+            except OSError as exc:
+                log.warning("cannot keep %s aside (%s): an unfinished run leaves it replaced", target,
+                            exc.strerror or exc)
+                with contextlib.suppress(OSError):
+                    os.unlink(backup)
+                return
         _PREVIOUS[key] = backup
         return
 

@@ -617,25 +617,25 @@ def train(ctx, model, out, out_old, epochs, data, labels_key, lr, batch_size, se
     from admm_onnx.interrupts import deferred
 
     plan.keep_previous()  # an unfinished run gives back the -o it replaced
-    try:
+    finished = False
+    try:  # one handler from the training to the last line (a signal between them too)
         report = run_train(prepared, out, train_reader, epochs, eval_reader, config, ClickProgress(not quiet), work)
-    except BaseException:
-        WorkDir(work).remove()  # train does not resume: none of its training files stay
-        plan.remove_created()  # -o written just before an interrupt: the run did not end
-        raise
-    with deferred(final=True):  # -o is written: a signal now changes nothing
-        try:
+        with deferred(final=True):  # -o is written: a signal now changes nothing
             figures = []
             if report.accuracy_after is not None:
                 figures.append(f"Top-1 {100 * report.accuracy_after:.2f}%")
             if report.loss_after is not None:
                 figures.append(f"loss {report.loss_after:.4f}")
             said = f"{figures[0]} ({figures[1]})" if len(figures) == 2 else (figures[0] if figures else "Trained")
-            click.echo(f"{said} after {epochs} epoch(s); wrote {out}")
-        except Exception:  # e.g. a full standard output: as prune, no output of a run that failed
-            plan.remove_created()
-            raise
-        plan.commit()
+            click.echo(f"{said} after {epochs} epoch(s); wrote {out}")  # a full stdout fails the run, as prune's
+            plan.commit()
+            finished = True
+    except BaseException:
+        if finished:  # complete: a late signal changes nothing
+            return
+        WorkDir(work).remove()  # train does not resume: none of its training files stay
+        plan.remove_created()  # -o written just before an interrupt or a failure: the run did not end
+        raise
 
 
 @cli.command("eval")
@@ -885,6 +885,9 @@ def main(argv=None) -> int:
         with click.Context(cli, info_name="admm-onnx") as ctx:
             click.echo(cli.get_help(ctx))
         return 0
+    from admm_onnx import interrupts
+
+    interrupts.reset()  # a new command (in-process callers run several)
     previous = _install_signal_handlers()
     try:
         with warnings.catch_warnings():
@@ -936,8 +939,6 @@ def main(argv=None) -> int:
                    f"(this is a bug; run with --debug for the traceback)", err=True)
         return 1
     finally:
-        from admm_onnx import interrupts
-
         if argv is None:  # the admm-onnx process: the command is over, a signal now would only cut the exit short
             _ignore_signals()
         else:  # called in-process (tests, scripts): hand the signals back

@@ -698,9 +698,12 @@ def test_a_signal_during_the_final_writes_is_dropped_once_they_are_done():
     finally:
         interrupts.reset()
     assert not interrupts.finished()
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.deferred():
-            interrupts.handler(2, None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                interrupts.handler(2, None)
+    finally:
+        interrupts.reset()  # an interrupt was raised: later signals would be dropped
 
 
 def test_no_command_prints_the_help_and_upper_case_npz_is_data(room, capsys):  # noqa: F811
@@ -1720,3 +1723,69 @@ def test_train_interrupted_after_its_output_is_written_gives_the_earlier_one_bac
     assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 130
     assert (room / "t.onnx").read_bytes() == b"my earlier model"
     assert not [p for p in os.listdir(room.root) if p.startswith(".") or p.endswith(".admm-work")]
+
+
+def test_a_second_signal_does_not_cut_the_first_ones_clean_up_short():
+    """timeout signals the run, then its whole group: the second SIGTERM arrived while the first
+    one's clean-up gave the earlier outputs back, and skipped it."""
+    import signal
+
+    from admm_onnx import interrupts
+
+    def run():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the clean-up goes on
+        with interrupts.deferred():
+            pass  # nor is it raised later
+
+    _with_interrupt_handler(run)
+
+    def again():  # a new command (reset) takes its first interrupt again
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _with_interrupt_handler(again)
+
+
+def test_an_if_on_a_trained_weight_is_not_taken_for_one_decided_before_data():
+    from admm_onnx.errors import TrainingError
+    from admm_onnx.graph.differentiable import check_differentiable
+
+    model = _if_on_condition([helper.make_node("ReduceSum", ["w1"], ["s"], keepdims=0),
+                              helper.make_node("Greater", ["s", "zero"], ["c"])],
+                             [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    check_differentiable(model, ["wt", "we"], "y")  # w1 frozen: the condition is a constant to ORT
+    with pytest.raises(TrainingError, match="If"):
+        check_differentiable(model, ["w1", "wt", "we"], "y")
+
+
+@pytest.mark.parametrize("case", ["symlink", "no hard links", "another program"])
+def test_giving_back_a_replaced_output(tmp_path, monkeypatch, case):
+    from admm_onnx import io
+
+    out = tmp_path / "o.json"
+    if case == "symlink":
+        (tmp_path / "target.json").write_text("the user's")
+        os.symlink("target.json", out)
+    else:
+        out.write_text("earlier")
+    if case == "no hard links":
+        def no_link(*a, **k):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(io.os, "link", no_link)
+    plan = io.OutputPlan()
+    plan.add_output(out, "--report")
+    plan.keep_previous()
+    io.write_text(out, "this run's")
+    if case == "another program":  # written beside, then renamed over it (another file, not ours)
+        (tmp_path / "other.tmp").write_text("another program's")
+        os.replace(tmp_path / "other.tmp", out)
+    plan.remove_created()
+    if case == "symlink":
+        assert os.readlink(out) == "target.json" and out.read_text() == "the user's"
+    elif case == "another program":
+        assert out.read_text() == "another program's"
+    else:
+        assert out.read_text() == "earlier"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]

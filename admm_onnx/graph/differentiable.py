@@ -178,7 +178,7 @@ def _undifferentiable(model: onnx.ModelProto, trainable: Sequence[str], output: 
             if i in live and i not in need:
                 need.add(i)
                 todo.append(i)
-    folded = _static_ifs(model)
+    folded = _static_ifs(model, trainable)
     return [n for k, n in enumerate(nodes) if id(n) in forward and id(n) in backward and not _has_gradient(n)
             and k not in folded], live
 
@@ -186,18 +186,20 @@ def _undifferentiable(model: onnx.ModelProto, trainable: Sequence[str], output: 
 _RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
-def _static_ifs(model: onnx.ModelProto) -> Set[int]:
-    """Positions (in graph order) of the main graph's If nodes whose condition is known before any data: computed only
-    from initializers, Constant nodes and the static part of shapes (``Shape(x)[1:]`` of an
-    ``[N, 8]`` input; ``Size`` of a fully static one). ORT folds such an If to its branch before
-    building the gradient graph (a scripted ``if x.shape[1] == 8``), so it neither lacks a
-    gradient nor aborts the build."""
+def _static_ifs(model: onnx.ModelProto, trainable: Sequence[str] = ()) -> Set[int]:
+    """Positions (in graph order) of the main graph's If nodes whose condition is known before
+    any data: computed only from frozen initializers, Constant nodes and shapes that are static
+    as a whole (``Shape(x, start=1)`` of an ``[N, 8]`` input; ``Size`` of a fully static one).
+    ORT folds such an If to its branch before building the gradient graph, so it neither lacks
+    a gradient nor aborts the build. Not followed: one static element of a partly dynamic shape
+    (``Gather(Shape(x), 1)``, how exporters write a scripted ``x.shape[1]``): such an If is
+    still refused."""
     nodes = list(model.graph.node)
     ifs = [k for k, n in enumerate(nodes) if n.op_type == "If" and n.domain in ("", "ai.onnx")]
     if not ifs:
         return set()
     shapes, _ = tensor_info(model)
-    static = {t.name for t in model.graph.initializer}
+    static = {t.name for t in model.graph.initializer} - set(trainable)  # trained ones are inputs to ORT
     for node in nodes:  # graph order is topological
         known = False
         if node.op_type == "Constant":
@@ -222,7 +224,8 @@ def _part(node: onnx.NodeProto) -> str:
     return "branches read" if node.op_type == "If" else "body reads" if node.op_type in ("Loop", "Scan") else "subgraphs read"
 
 
-def outer_read_crashes(model: onnx.ModelProto, output: str) -> List[Tuple[onnx.NodeProto, str, onnx.NodeProto]]:
+def outer_read_crashes(model: onnx.ModelProto, output: str,
+                       trainable: Sequence[str] = ()) -> List[Tuple[onnx.NodeProto, str, onnx.NodeProto]]:
     """(node, tensor, producer) for each node holding subgraphs that ``output`` depends on and
     whose subgraphs read ``tensor`` from the main graph, computed there by ``producer`` (not a
     Constant node): ORT 1.19.2 aborts the process building the gradient graph of such a model,
@@ -242,7 +245,7 @@ def outer_read_crashes(model: onnx.ModelProto, output: str) -> List[Tuple[onnx.N
             if i not in need:
                 need.add(i)
                 todo.append(i)
-    folded = _static_ifs(model)
+    folded = _static_ifs(model, trainable)
     for k, node in enumerate(nodes):
         if id(node) not in seen or not _subgraphs(node) or k in folded:
             continue
@@ -279,7 +282,7 @@ def check_differentiable(model: onnx.ModelProto, trainable: Sequence[str], outpu
     check_float64(model, trainable)
     bad, live = _undifferentiable(model, trainable, output)
     if not bad:
-        crashes = outer_read_crashes(model, output)
+        crashes = outer_read_crashes(model, output, trainable)
         if crashes:
             node, name, src = crashes[0]
             more = f" (and {len(crashes) - 1} more such node(s))" if len(crashes) > 1 else ""

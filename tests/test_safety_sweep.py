@@ -1301,7 +1301,7 @@ def test_the_pool_cancel_race_prints_no_thread_traceback(monkeypatch):
 
 
 def _stop_before_the_final_writes(monkeypatch):
-    """A Ctrl-C as a prune's final writes begin (when it enters deferred(final=True)); returns
+    """A Ctrl-C as a command's final writes begin (when it enters deferred(final=True)); returns
     what puts the real deferred back."""
     import admm_onnx.interrupts as interrupts
 
@@ -1789,3 +1789,12 @@ def test_giving_back_a_replaced_output(tmp_path, monkeypatch, case):
     else:
         assert out.read_text() == "earlier"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_train_interrupted_between_its_training_and_its_last_line_gives_the_earlier_model_back(room, monkeypatch):  # noqa: F811
+    (room / "t.onnx").write_bytes(b"my earlier model")
+    restore = _stop_before_the_final_writes(monkeypatch)
+    assert main(room.argv(["train", "@/m.onnx", "-d", "@/d.npz", "-o", "@/t.onnx", "--epochs", "1", "-q"])) == 130
+    restore()
+    assert (room / "t.onnx").read_bytes() == b"my earlier model"
+    assert not [p for p in os.listdir(room.root) if p.startswith(".") or p.endswith(".admm-work")]

@@ -75,7 +75,8 @@ def handler(signum, frame) -> None:
     if _interrupting:  # one interrupt per command: a second one (``timeout`` signals the run, then
         return  # its whole group) must not cut the first one's clean-up short (outputs given back)
     if _depth:
-        _pending = signum
+        if _pending is None:  # the first one counts (its exit code)
+            _pending = signum
         return
     if _in_finalizer(frame):  # raised there, the interrupt would be swallowed: raise it just after
         _repost(signum)

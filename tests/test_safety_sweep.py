@@ -1798,3 +1798,40 @@ def test_train_interrupted_between_its_training_and_its_last_line_gives_the_earl
     restore()
     assert (room / "t.onnx").read_bytes() == b"my earlier model"
     assert not [p for p in os.listdir(room.root) if p.startswith(".") or p.endswith(".admm-work")]
+
+
+def test_a_dead_pool_worker_is_an_interrupt_or_one_line_not_a_bug():
+    """A group SIGTERM killed the sensitivity workers before this process's own signal arrived:
+    BrokenProcessPool ended the run as an internal error (exit 1)."""
+    import signal
+    import threading
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from admm_onnx.allocation.runners import _result
+    from admm_onnx.errors import AdmmOnnxError
+
+    fut = Future()
+    fut.set_exception(BrokenProcessPool("A child process terminated abruptly"))
+    with pytest.raises(AdmmOnnxError, match="worker process of the sweep died"):
+        _result(fut)
+
+    def run():
+        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            _result(fut)
+
+    _with_interrupt_handler(run)
+
+
+def test_of_two_held_signals_the_first_one_counts():
+    from admm_onnx import interrupts
+
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with interrupts.deferred():
+                interrupts.handler(2, None)
+                interrupts.handler(15, None)
+        assert not isinstance(raised.value, interrupts.Signalled)  # SIGINT's (exit 130), not SIGTERM's
+    finally:
+        interrupts.reset()

@@ -23,9 +23,10 @@ import os
 import sys
 from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, error_text
+from ..errors import AdmmOnnxError, ConfigError, error_text
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,24 @@ def _worker_setup(parent: int, setup, setup_args) -> None:
     setup(*setup_args)
 
 
+def _pool_died() -> None:
+    """A worker died (a signal to the whole process group, the out-of-memory killer): an
+    interrupt when this process got the signal too, else one line, not a bug."""
+    import time
+
+    time.sleep(1.0)  # a group signal reaches this process too: its handler interrupts the wait
+    raise AdmmOnnxError("a worker process of the sweep died (killed by a signal, or out of memory)",
+                        hint="run again, or with --workers 1") from None
+
+
+def _result(fut):
+    """A task's result (see :func:`_pool_died`)."""
+    try:
+        return fut.result()
+    except BrokenProcessPool:
+        _pool_died()
+
+
 class ProcessRunner:
     name = "processes"
 
@@ -164,9 +183,14 @@ class ProcessRunner:
                 with children_without_sigint():
                     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
                                                initargs=(os.getpid(), setup, setup_args))
-                    futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
+                    try:
+                        futures = {pool.submit(task, t): i for i, t in enumerate(tasks)}
+                    except BrokenProcessPool:  # a worker already died: this process's own signal is held
+                        futures = {}
+            if not futures:
+                _pool_died()  # the held signal was raised as the section ended, else one line
             for fut in as_completed(futures):
-                yield futures[fut], fut.result()
+                yield futures[fut], _result(fut)
         except BaseException:
             for fut in futures:
                 fut.cancel()

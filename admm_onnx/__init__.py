@@ -29,7 +29,7 @@ def _quiet_signals_while_the_cli_starts() -> None:
 
     def leave(signum, frame):  # pragma: no cover - a race at start-up
         try:
-            os.write(2, b"Interrupted.\n")
+            os.write(2, b"Interrupted.\n" if signum == signal.SIGINT else f"Interrupted by signal {signum}.\n".encode())
         finally:
             os._exit(128 + signum)
 

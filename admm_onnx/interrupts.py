@@ -72,8 +72,9 @@ def _repost(signum: int) -> None:
 
 def handler(signum, frame) -> None:
     global _pending
-    if _interrupting:  # one interrupt per command: a second one (``timeout`` signals the run, then
-        return  # its whole group) must not cut the first one's clean-up short (outputs given back)
+    if _interrupting or _finished:  # the command is ending: one interrupt per command (a second one,
+        return  # as ``timeout`` sends to the group, must not cut the first one's clean-up short), none
+        # once its last outputs are written (deferred(final=True))
     if _depth:
         if _pending is None:  # the first one counts (its exit code)
             _pending = signum
@@ -100,8 +101,7 @@ def deferred(final: bool = False) -> Iterator[None]:
     finally:
         _depth -= 1
         if ok and final:
-            _finished = True
-            _depth += 1  # from now on every signal is held, then dropped: the command is complete
+            _finished = True  # from now on every signal is dropped: the command is complete
             if _pending is not None:
                 logging.getLogger(__name__).warning(
                     "signal %d arrived while the last outputs were written; they are complete", _pending)
@@ -117,7 +117,7 @@ START_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP"
 
 
 @contextlib.contextmanager
-def children_without_sigint() -> Iterator[None]:
+def children_with_start_signals_blocked() -> Iterator[None]:
     """Start worker processes in this block: SIGINT, SIGTERM and SIGHUP are blocked in this
     thread meanwhile, and a child inherits the blocked mask across exec, so a signal sent to the
     whole process group (a terminal's Ctrl-C, a closed terminal, ``timeout``, ``kill -TERM
@@ -138,7 +138,7 @@ def children_without_sigint() -> Iterator[None]:
 
 
 def worker_started() -> None:
-    """In a worker started by :func:`children_without_sigint`, once it holds its start-up message:
+    """In a worker started by :func:`children_with_start_signals_blocked`, once it holds its start-up message:
     SIGINT is ignored for good (the process that owns the worker answers a Ctrl-C and stops it),
     SIGTERM and SIGHUP are unblocked (one that arrived meanwhile ends the worker now, as it
     would have before: its parent is no longer writing to it)."""
@@ -159,8 +159,7 @@ def finished() -> bool:
 
 
 def reset() -> None:
-    """Forget a completed final block (a new command in the same process, e.g. tests)."""
-    global _depth, _pending, _finished, _interrupting
-    if _finished:
-        _depth = max(0, _depth - 1)
+    """Forget a completed final block or a raised interrupt (a new command in the same
+    process, e.g. tests)."""
+    global _pending, _finished, _interrupting
     _finished, _pending, _interrupting = False, None, False

@@ -992,6 +992,15 @@ def _wrote(path: PathLike) -> None:
         _WRITTEN.add(ident)
 
 
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` onto ``target``: the earlier file kept aside first if a plan
+    asked for it, the new one then known as this run's. Call inside :func:`deferred` (an
+    interrupt in between would leave a file the take-back does not know)."""
+    _set_aside(target)
+    os.replace(tmp, target)
+    _wrote(target)
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success only.
@@ -1010,9 +1019,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         _take_mode(tmp_path, target)
         yield tmp_path
         with deferred():  # a signal waits until the file is known as this run's (an interrupt takes it back)
-            _set_aside(target)
-            os.replace(tmp_path, target)
-            _wrote(target)
+            _put_in_place(tmp_path, target)
     except OSError as exc:
         raise _disk_error(exc, target) from exc
     finally:
@@ -1077,12 +1084,8 @@ def save_model(
             with deferred():
                 if (tmp_dir / data_name).exists():
                     _take_mode(tmp_dir / data_name, data_target)
-                    _set_aside(data_target)
-                    os.replace(tmp_dir / data_name, data_target)
-                    _wrote(data_target)
-                _set_aside(path)
-                os.replace(tmp_model, path)
-                _wrote(path)
+                    _put_in_place(tmp_dir / data_name, data_target)
+                _put_in_place(tmp_model, path)
         finally:
             if tmp_dir is not None:
                 with deferred():  # a second signal must not cut the removal short

@@ -110,7 +110,7 @@ class WorkerPool:
     def __init__(self, directory: Path, checkpoint: Path, layout: Layout, workers: int, threads: int = 1):
         if workers < 2:
             raise ValueError("a WorkerPool needs at least 2 workers (the main process is one)")
-        from .interrupts import children_without_sigint, deferred
+        from .interrupts import children_with_start_signals_blocked, deferred
 
         self.workers = workers
         self.conns: List[Connection] = []
@@ -130,7 +130,7 @@ class WorkerPool:
             self.exchange = Exchange(self._path, layout, workers, create=True)
             # a signal waits until every worker has its whole start-up message; the workers never see
             # a terminal's Ctrl-C (this process answers it and closes them)
-            with deferred(), children_without_sigint():
+            with deferred(), children_with_start_signals_blocked():
                 for rank in range(1, workers):
                     self._start(rank, directory, checkpoint, layout, threads)
             for rank, conn in enumerate(self.conns, 1):

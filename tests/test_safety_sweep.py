@@ -911,16 +911,16 @@ def test_an_external_data_output_keeps_its_modes_and_a_read_only_data_file_is_re
 
 def test_workers_started_while_sigint_is_blocked_do_not_see_it():
     """A terminal's Ctrl-C reaches the whole process group: workers started inside
-    children_without_sigint inherit SIGINT blocked, so it cannot kill one while it starts up (the
+    children_with_start_signals_blocked inherit SIGINT blocked, so it cannot kill one while it starts up (the
     parent then waited forever on its start-up pipe)."""
     import signal
     import subprocess
     import sys
 
-    from admm_onnx.interrupts import children_without_sigint
+    from admm_onnx.interrupts import children_with_start_signals_blocked
 
     code = "import signal, sys; sys.stdout.write(str(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
-    with children_without_sigint():
+    with children_with_start_signals_blocked():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert out == "True"
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again here
@@ -972,7 +972,7 @@ if __name__ == "__main__":
 
 
 def test_the_sensitivity_pool_spawns_its_workers_with_the_signals_blocked(tmp_path):
-    """multiprocessing's resource tracker, started on first use inside children_without_sigint,
+    """multiprocessing's resource tracker, started on first use inside children_with_start_signals_blocked,
     unblocked SIGINT and SIGTERM again: the workers then started with only SIGHUP blocked (a
     fresh interpreter, where the tracker does not run yet)."""
     import ast
@@ -1543,9 +1543,9 @@ def _run_as_worker(code: str):
     import subprocess
     import sys
 
-    from admm_onnx.interrupts import children_without_sigint
+    from admm_onnx.interrupts import children_with_start_signals_blocked
 
-    with children_without_sigint():
+    with children_with_start_signals_blocked():
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 

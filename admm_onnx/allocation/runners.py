@@ -96,7 +96,7 @@ def _main_not_reimported():
             setattr(main, k, v)
 
 
-from ..interrupts import children_without_sigint, deferred, worker_started  # noqa: E402
+from ..interrupts import children_with_start_signals_blocked, deferred, worker_started  # noqa: E402
 
 
 def _start_resource_tracker() -> None:
@@ -125,7 +125,7 @@ def _worker_setup(parent: int, setup, setup_args) -> None:
 
     # Ctrl-C in a terminal reaches the whole process group: the run that owns the pool answers it
     # (one line) and stops the workers; they stay quiet. SIGTERM / SIGHUP, blocked while the
-    # worker started (children_without_sigint), end it again from here on.
+    # worker started (children_with_start_signals_blocked), end it again from here on.
     worker_started()
 
     def watch():
@@ -175,12 +175,12 @@ class ProcessRunner:
             # have their start-up message, then the shut-down below removes everything.
             with _main_not_reimported(), deferred():
                 # multiprocessing's resource tracker, started on first use, unblocks SIGINT and
-                # SIGTERM in the thread that starts it: started inside children_without_sigint
+                # SIGTERM in the thread that starts it: started inside children_with_start_signals_blocked
                 # it undid the block for every worker after it. It ignores SIGINT and SIGTERM
                 # but not SIGHUP: it starts with SIGHUP blocked, so a closed terminal does not
                 # kill it (the pool's tear-down then printed its relaunch warnings and tracebacks)
                 _start_resource_tracker()
-                with children_without_sigint():
+                with children_with_start_signals_blocked():
                     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
                                                initargs=(os.getpid(), setup, setup_args))
                     try:
